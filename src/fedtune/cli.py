@@ -1,0 +1,238 @@
+"""The `fedtune` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from fedtune import __version__
+from fedtune.errors import FedtuneError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("config", nargs=None if config_required else "?", metavar="CONFIG",
+                   help="TOML config file" + ("" if config_required else " (default: the embedded demo)"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 --set run.rounds=3 (repeatable)")
+
+
+def _load_config(args):
+    from fedtune import config as C
+
+    return C.load(args.config, args.overrides)
+
+
+def _new_run_dir(cfg, out: str | None) -> Path:
+    if out:
+        d = Path(out)
+        if (d / "metrics.jsonl").exists() or (d / "checkpoint").exists():
+            raise FedtuneError(f"{d} already holds a run; continue it with --resume {d}, or choose another --out")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    base = Path(cfg.run.out_dir) / cfg.run.name
+    d, i = base, 1
+    while d.exists() and any(d.iterdir()):
+        i += 1
+        d = base.with_name(f"{base.name}-{i}")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_run(args) -> int:
+    from fedtune import config as C
+    from fedtune.report import print_summary
+
+    console = _console()
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise FedtuneError(f"--resume {run_dir}: no config.toml there; is it a fedtune run folder?")
+        if args.config:
+            raise FedtuneError("--resume takes its config from the run folder; do not pass CONFIG")
+        cfg = C.load(run_dir / "config.toml", args.overrides)
+    else:
+        cfg = _load_config(args)
+        if args.engine:
+            cfg.run.engine = args.engine
+        run_dir = _new_run_dir(cfg, args.out)
+        C.save(cfg, run_dir / "config.toml")
+    if args.no_progress:
+        cfg.run.progress = False
+    console.print(f"run folder: {run_dir}")
+    summary = _dispatch(cfg, run_dir, resume=bool(args.resume), console=console)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary, console)
+    console.print(f"results in {run_dir} (metrics.jsonl, summary.json, adapter/)")
+    return 0
+
+
+def _dispatch(cfg, run_dir: Path, resume: bool, console) -> dict:
+    if cfg.run.engine != "simulator":
+        raise FedtuneError(f"run.engine = '{cfg.run.engine}' is not available yet in this version; use 'simulator'")
+    if cfg.run.algorithm == "fedit":
+        from fedtune.fedit import recipe
+
+        return recipe.run(cfg, run_dir, resume=resume, console=console)
+    raise FedtuneError(f"run.algorithm = '{cfg.run.algorithm}' is not available yet in this version")
+
+
+def cmd_partition(args) -> int:
+    from rich.table import Table
+
+    from fedtune.data import partition as P
+    from fedtune.data.instructions import write_jsonl
+    from fedtune.fedit.recipe import prepare_data
+
+    cfg = _load_config(args)
+    data = prepare_data(cfg)
+    out = Path(args.out)
+    cats = [r.category for r in data.rows]
+    table = Table(title=f"{len(data.parts)} clients · method {cfg.partition.method} · seed {cfg.run.seed}")
+    table.add_column("client")
+    table.add_column("rows", justify="right")
+    table.add_column("categories (rows)")
+    for cid, part in zip(data.client_ids(), data.parts):
+        write_jsonl([data.rows[i] for i in part], out / f"{cid}.jsonl")
+        table.add_row(cid, str(len(part)), ", ".join(f"{c} {n}" for c, n in P.category_mix(cats, part).items()))
+    write_jsonl(data.test, out / "global_test.jsonl")
+    console = _console()
+    console.print(table)
+    console.print(f"held-out global test set: {len(data.test)} rows · files in {out}/")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from fedtune import config as C
+    from fedtune.data.instructions import PromptFormatter, Row
+    from fedtune.fedit.evaluate import generate_answers
+    from fedtune.models import load_causal_lm
+
+    cfg_path = args.config
+    if cfg_path is None and args.adapter and (Path(args.adapter).parent / "config.toml").is_file():
+        cfg_path = Path(args.adapter).parent / "config.toml"  # the run's own model and template
+    cfg = C.load(cfg_path, args.overrides)
+    if args.model:
+        cfg.model.name = args.model
+    prompts = list(args.prompt or [])
+    if args.file:
+        p = Path(args.file)
+        if not p.is_file():
+            raise FedtuneError(f"prompt file not found: {p}")
+        prompts += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise FedtuneError("give at least one --prompt TEXT or --file FILE (one prompt per line)")
+    lm = load_causal_lm(cfg.model)
+    model = lm.model
+    if args.adapter:
+        from peft import PeftModel
+
+        ad = Path(args.adapter)
+        if not (ad / "adapter_config.json").is_file():
+            raise FedtuneError(f"{ad}: not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(ad))
+    fmt = PromptFormatter(args.template or cfg.data.template, lm.tokenizer)
+    rows = [Row(p, "", "", "all") for p in prompts]
+    answers = generate_answers(model, lm.tokenizer, fmt, rows, batch_size=8, max_new_tokens=args.max_new_tokens,
+                               device=lm.device, amp=lm.autocast)
+    for p, a in zip(prompts, answers):
+        print(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from fedtune import config as C
+
+    cfg = _load_config(args)
+    sys.stdout.write(C.to_toml(cfg, comments=True))
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune",
+        description="Federated fine-tuning of LLMs: FedIT (LoRA adapters) and FedBPT (black-box prompt tuning).",
+    )
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a federated job (no CONFIG: the embedded demo)",
+                       description="Run a federated job. With no CONFIG, runs the embedded offline demo.")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run folder (default: <run.out_dir>/<run.name>, numbered if taken)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--engine", choices=["simulator", "nvflare"], help="override run.engine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("partition", help="split data across clients and write one file per client",
+                       description="Hold out the global test set, partition the rest across clients, write "
+                                   "client_NNN.jsonl and global_test.jsonl, and print each client's size and "
+                                   "category mix.")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", default="data/clients", help="output folder (default: data/clients)")
+    p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("generate", help="answer prompts with the base model plus a saved adapter",
+                       description="Answer prompts with the base model, plus a saved global adapter if given.")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder (e.g. RUN_DIR/adapter)")
+    p.add_argument("--config", metavar="CONFIG", help="config for the model and template (default: the run's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--model", help="base model (overrides model.name)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument("--file", metavar="FILE", help="a text file with one prompt per line")
+    p.add_argument("--template", choices=["alpaca", "chat", "plain"], help="prompt template (default: the config's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("config", help="print the full config as TOML, every key commented",
+                       description="Print the resolved config (defaults, or CONFIG with --set overrides) as TOML.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # transformers missing is reported where it is needed
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except FedtuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Typed, validated configuration loaded from TOML.
+
+Every section is a dataclass; every field carries its documentation in `metadata["doc"]`
+so that `fedtune config` can print the whole default config with a comment on each key.
+Loading is strict: an unknown key or a wrong type is a `ConfigError` that names the key
+(`section.key`) and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from fedtune.errors import ConfigError
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A config field with a default and its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunSection:
+    algorithm: Literal["fedit", "fedbpt"] = opt("fedit", "fedit = federated LoRA instruction tuning; fedbpt = black-box prompt tuning with CMA-ES")
+    name: str = opt("demo", "run name; the run folder is <out_dir>/<name>")
+    out_dir: str = opt("runs", "parent folder of run folders")
+    seed: int = opt(42, "seeds partitioning, client selection, data order, LoRA init and CMA-ES")
+    rounds: int = opt(8, "number of communication rounds")
+    engine: Literal["simulator", "nvflare"] = opt("simulator", "simulator = embedded in-process engine; nvflare = NVIDIA FLARE simulator")
+    eval_every: int = opt(1, "evaluate the global model every N rounds (the last round is always evaluated)")
+    save_every_round: bool = opt(True, "save the global adapter/prompt after every round (rounds/round_NNN)")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class ModelSection:
+    name: str = opt("smollm2-135m", "'smollm2-135m' (embedded, offline), a Hugging Face id, a local folder, or a .gguf file")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto picks cuda when available, else cpu")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the frozen base weights")
+    autocast: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "mixed precision for compute; auto = bf16 on CPUs with AMX/AVX512-BF16 and on CUDA with bf16 support")
+    trust_remote_code: bool = opt(False, "passed to transformers when loading a Hugging Face model")
+
+
+@dataclass
+class DataSection:
+    path: str = opt("demo:skills", "instruction data: a .json/.jsonl file, a Hugging Face datasets id (hub:NAME), or demo:skills (generated offline)")
+    format: Literal["auto", "dolly", "alpaca", "columns"] = opt("auto", "record schema; auto detects Dolly (instruction/context/response) or Alpaca (instruction/input/output)")
+    columns: dict = opt({}, "with format='columns': map of instruction/input/output/category to your field names")
+    test_path: str = opt("", "optional separate held-out test file (same schema); its rows are removed from training")
+    template: Literal["alpaca", "chat", "plain"] = opt("alpaca", "prompt template: Shepherd's Alpaca template, the model's chat template, or plain 'instruction\\ninput\\n'")
+    cutoff_len: int = opt(256, "maximum tokens per example (prompt + response); longer examples are truncated")
+    too_long: Literal["error", "drop"] = opt("error", "a row whose prompt alone exceeds cutoff_len: error (names the row) or drop it")
+    train_on_inputs: bool = opt(False, "also train on the prompt tokens (Shepherd's default is true)")
+    max_rows: int = opt(0, "use at most this many rows of the data file (0 = all), taken with a seeded shuffle")
+    demo_rows_per_skill: int = opt(240, "demo:skills only: rows generated per skill")
+
+
+@dataclass
+class PartitionSection:
+    num_clients: int = opt(6, "number of clients")
+    method: Literal["iid", "shards", "dirichlet"] = opt("shards", "iid; shards = sorted by category, 2 shards per client (Shepherd diff_quantity 0); dirichlet over categories (diff_quantity 1)")
+    shards_per_client: int = opt(2, "shards: contiguous category-sorted shards per client")
+    alpha: float = opt(0.5, "dirichlet: concentration (smaller = more skewed)")
+    min_client_size: int = opt(40, "dirichlet: redraw until every client holds at least this many rows")
+    test_per_category: int = opt(10, "held-out global test rows per category (stratified; excluded from training)")
+
+
+@dataclass
+class ServerSection:
+    fraction: float = opt(1.0, "fraction of clients selected each round")
+    clients_per_round: int = opt(0, "if > 0, select exactly this many clients per round (overrides fraction)")
+    min_clients: int = opt(1, "a round needs at least this many successful client updates")
+    max_update_norm: float = opt(0.0, "reject a client update farther than this (L2) from the global arrays (0 = no bound)")
+    aggregation: Literal["fedavg", "fedavgm", "fedadam"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; fedadam = server Adam on the averaged update")
+    server_lr: float = opt(1.0, "fedavgm/fedadam: server learning rate")
+    momentum: float = opt(0.9, "fedavgm: server momentum; fedadam: beta1")
+    beta2: float = opt(0.99, "fedadam: beta2")
+    tau: float = opt(1e-3, "fedadam: adaptivity (epsilon)")
+
+
+@dataclass
+class LoraSection:
+    r: int = opt(8, "LoRA rank")
+    alpha: int = opt(16, "LoRA alpha (scale = alpha / r)")
+    dropout: float = opt(0.05, "LoRA dropout")
+    target_modules: list = opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
+
+
+@dataclass
+class TrainSection:
+    epochs: float = opt(1.0, "local epochs per round (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "if > 0, local optimizer steps per round (overrides epochs)")
+    batch_size: int = opt(8, "examples per optimizer step")
+    micro_batch_size: int = opt(8, "examples per forward/backward; batch_size / micro_batch_size = gradient accumulation")
+    lr: float = opt(3e-4, "AdamW peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "LR decay after warm-up, within each local round")
+    warmup_steps: int = opt(0, "linear warm-up steps at the start of each local round")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+
+
+@dataclass
+class EvalSection:
+    max_examples: int = opt(0, "evaluate on at most this many held-out rows (0 = all)")
+    batch_size: int = opt(16, "evaluation batch size")
+    generate: bool = opt(True, "after the last round (and for the base model), generate answers on the held-out set: exact match per category")
+    max_new_tokens: int = opt(32, "generation length for exact-match evaluation")
+    compare_base: bool = opt(True, "at the end, also evaluate the untuned base model and print base vs federated")
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTION_DOCS = {
+    "run": "What to run and where results go.",
+    "model": "The base model. It never moves: FedIT trains LoRA adapters on it; FedBPT only runs it forward.",
+    "data": "Instruction data (FedIT).",
+    "partition": "How the data is split across clients, and the held-out global test set.",
+    "server": "Client selection and aggregation.",
+    "lora": "LoRA adapter (FedIT).",
+    "train": "Local training on each client (FedIT).",
+    "eval": "Evaluation of the global model on the held-out set.",
+}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(options))})"
+
+
+def _check_value(where: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where} = {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(where, args[0], value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return list(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {hint} for {where}")
+
+
+def _build_section(cls: type, name: str, raw: dict, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'{_suggest(key, names)}")
+        kwargs[key] = _check_value(f"{source}: {name}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    sections = _sections()
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section '[{name}]'{_suggest(name, list(sections))}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{name}' must be a table ([{name}]), got {value!r}")
+        built[name] = _build_section(sections[name], name, value, source)
+    cfg = Config(**built)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Cross-field checks that a type alone cannot express."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{source}: {msg}")
+
+    need(cfg.run.rounds >= 1, f"run.rounds must be >= 1, got {cfg.run.rounds}")
+    need(cfg.run.eval_every >= 1, f"run.eval_every must be >= 1, got {cfg.run.eval_every}")
+    need(cfg.partition.num_clients >= 1, f"partition.num_clients must be >= 1, got {cfg.partition.num_clients}")
+    need(0.0 < cfg.server.fraction <= 1.0, f"server.fraction must be in (0, 1], got {cfg.server.fraction}")
+    need(cfg.server.clients_per_round >= 0, "server.clients_per_round must be >= 0")
+    need(cfg.server.clients_per_round <= cfg.partition.num_clients,
+         f"server.clients_per_round = {cfg.server.clients_per_round} exceeds partition.num_clients = {cfg.partition.num_clients}")
+    need(cfg.server.min_clients >= 1, "server.min_clients must be >= 1")
+    need(cfg.lora.r >= 1, f"lora.r must be >= 1, got {cfg.lora.r}")
+    need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    need(all(isinstance(m, str) for m in cfg.lora.target_modules) and cfg.lora.target_modules,
+         "lora.target_modules must be a non-empty list of module names")
+    need(cfg.train.batch_size >= 1 and cfg.train.micro_batch_size >= 1, "train.batch_size and train.micro_batch_size must be >= 1")
+    need(cfg.train.batch_size % cfg.train.micro_batch_size == 0,
+         f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batch_size ({cfg.train.micro_batch_size})")
+    need(cfg.train.lr > 0, "train.lr must be > 0")
+    need(cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
+    need(cfg.data.cutoff_len >= 8, f"data.cutoff_len must be >= 8, got {cfg.data.cutoff_len}")
+    need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client must be >= 1")
+    need(cfg.partition.alpha > 0, "partition.alpha must be > 0")
+    need(cfg.partition.test_per_category >= 0, "partition.test_per_category must be >= 0")
+    allowed_cols = {"instruction", "input", "output", "category"}
+    for k, v in cfg.data.columns.items():
+        need(k in allowed_cols, f"data.columns.{k} is not a column role{_suggest(k, sorted(allowed_cols))}")
+        need(isinstance(v, str), f"data.columns.{k} must be a field name (string), got {v!r}")
+    if cfg.data.format == "columns":
+        need("instruction" in cfg.data.columns and "output" in cfg.data.columns,
+             "data.format = 'columns' needs data.columns.instruction and data.columns.output")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML file (or the defaults when path is None) and apply `key=value` overrides."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        source = str(p)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(raw, source)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as TOML, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"--set {item!r}: the key must name a section, like train.lr=1e-4")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: '{p}' is not a table")
+    node[parts[-1]] = parsed
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Config, comments: bool = True) -> str:
+    lines: list[str] = []
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        if comments:
+            lines.append(f"# {SECTION_DOCS.get(sec.name, '')}")
+        lines.append(f"[{sec.name}]")
+        for f in dataclasses.fields(section):
+            if comments:
+                lines.append(f"# {f.metadata.get('doc', '')}")
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_toml(cfg, comments=True), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Data loading, templates, partitioning and the demo's generated skills."""

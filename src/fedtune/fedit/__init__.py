@@ -1,0 +1,1 @@
+"""FedIT: federated instruction tuning with LoRA adapters."""

@@ -1,0 +1,101 @@
+"""LoRA adapters as named arrays: attach, read (copied), write (strictly), initialise
+from a seed, and save in PEFT's own format.
+
+Wire keys are exactly PEFT's portable keys (`get_peft_model_state_dict`: the adapter
+name stripped), so a saved global adapter opens with `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from fedtune.core.arrays import Arrays
+from fedtune.errors import ConfigError, UpdateRejected
+
+ADAPTER = "default"
+
+
+def attach_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """Wrap a frozen causal LM with a trainable LoRA adapter (PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    unknown = [t for t in target_modules if t not in names]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules: {unknown} not found in the model; its linear layers are {linear}")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                     bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+class AdapterSlot:
+    """The live LoRA parameters of a PEFT model, addressed by PEFT's portable keys."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+        self.params: dict[str, torch.nn.Parameter] = {}
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                self.params[name.replace(f".{ADAPTER}.", ".")] = p
+
+    def keys(self) -> list[str]:
+        return sorted(self.params)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(p.shape) for k, p in self.params.items()}
+
+    def get(self) -> Arrays:
+        """A copy of the adapter (never a view of the live parameters)."""
+        return {k: p.detach().to("cpu", torch.float32).numpy().copy() for k, p in sorted(self.params.items())}
+
+    def set(self, arrays: Arrays) -> None:
+        """Load an adapter; raises on any missing or unexpected key or a shape mismatch."""
+        missing = sorted(set(self.params) - set(arrays))
+        unexpected = sorted(set(arrays) - set(self.params))
+        if missing or unexpected:
+            raise UpdateRejected(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                                 f" ({len(missing)} missing, {len(unexpected)} unexpected)")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                a = arrays[k]
+                if tuple(a.shape) != tuple(p.shape):
+                    raise UpdateRejected(f"adapter '{k}': shape {tuple(a.shape)}, model expects {tuple(p.shape)}")
+                p.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+
+
+def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Arrays:
+    """PEFT's default LoRA init, drawn with numpy from the run seed so that every engine
+    (and a server that never loads the model) builds the same initial adapter:
+    A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), B = 0."""
+    out = {}
+    for i, k in enumerate(sorted(shapes)):
+        shape = shapes[k]
+        if ".lora_A." in k:
+            bound = 1.0 / math.sqrt(shape[1])
+            rng = np.random.default_rng([seed, i])
+            out[k] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            out[k] = np.zeros(shape, dtype=np.float32)
+    return out
+
+
+def save_adapter(arrays: Arrays, peft_config, path: str | Path) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (PEFT format), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    peft_config.save_pretrained(str(tmp))  # adapter_config.json, as PEFT writes it
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.replace(path)
+    return path

