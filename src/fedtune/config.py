@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -82,11 +83,22 @@ class ServerSection:
     clients_per_round: int = opt(0, "if > 0, select exactly this many clients per round (overrides fraction)")
     min_clients: int = opt(1, "a round needs at least this many successful client updates")
     max_update_norm: float = opt(0.0, "reject a client update farther than this (L2) from the global arrays (0 = no bound)")
-    aggregation: Literal["fedavg", "fedavgm", "fedadam"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; fedadam = server Adam on the averaged update")
+    aggregation: Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; fedadam = server Adam on the averaged update; median = coordinate-wise median; trimmed_mean = coordinate-wise mean without the trim_fraction largest and smallest values (median and trimmed_mean resist malicious clients and ignore example counts)")
+    trim_fraction: float = opt(0.1, "trimmed_mean: fraction of clients dropped at each end, per coordinate, in [0, 0.5)")
+    clip_norm: float = opt(0.0, "before any aggregation, scale each client update down to this L2 distance from the global arrays (0 = off)")
+    client_timeout: float = opt(0.0, "seconds a client call may take before it is dropped from the round (0 = no limit)")
+    round_retries: int = opt(2, "a round with fewer than min_clients updates asks its missing clients again, at most this many times, then stops with an error")
     server_lr: float = opt(1.0, "fedavgm/fedadam: server learning rate")
     momentum: float = opt(0.9, "fedavgm: server momentum; fedadam: beta1")
     beta2: float = opt(0.99, "fedadam: beta2")
     tau: float = opt(1e-3, "fedadam: adaptivity (epsilon)")
+
+
+@dataclass
+class FaultsSection:
+    probability: float = opt(0.0, "simulator only, for testing: probability that a client call fails (0 = off)")
+    seed: int = opt(0, "seeds which calls fail; each draw depends only on (seed, round, attempt, client)")
+    kinds: list = opt(["raise", "timeout", "disappear"], "how a failing call fails: raise = the client raises; timeout = it hangs past server.client_timeout; disappear = its reply never arrives")
 
 
 @dataclass
@@ -126,6 +138,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     partition: PartitionSection = field(default_factory=PartitionSection)
     server: ServerSection = field(default_factory=ServerSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -139,7 +152,8 @@ SECTION_DOCS = {
     "model": "The base model. It never moves: FedIT trains LoRA adapters on it; FedBPT only runs it forward.",
     "data": "Instruction data (FedIT).",
     "partition": "How the data is split across clients, and the held-out global test set.",
-    "server": "Client selection and aggregation.",
+    "server": "Client selection, aggregation, and what a round does with failing clients.",
+    "faults": "Fault injection in the simulator, to test failing clients.",
     "lora": "LoRA adapter (FedIT).",
     "train": "Local training on each client (FedIT).",
     "eval": "Evaluation of the global model on the held-out set.",
@@ -177,6 +191,8 @@ def _check_value(where: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -238,6 +254,23 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.server.clients_per_round <= cfg.partition.num_clients,
          f"server.clients_per_round = {cfg.server.clients_per_round} exceeds partition.num_clients = {cfg.partition.num_clients}")
     need(cfg.server.min_clients >= 1, "server.min_clients must be >= 1")
+    per_round = cfg.server.clients_per_round or max(1, math.ceil(cfg.server.fraction * cfg.partition.num_clients - 1e-9))
+    need(cfg.server.min_clients <= per_round,
+         f"server.min_clients = {cfg.server.min_clients} exceeds the {per_round} client(s) selected per round "
+         "(server.fraction / server.clients_per_round): every round would fail")
+    need(0.0 <= cfg.server.trim_fraction < 0.5, f"server.trim_fraction must be in [0, 0.5), got {cfg.server.trim_fraction}")
+    need(cfg.server.clip_norm >= 0, f"server.clip_norm must be >= 0, got {cfg.server.clip_norm}")
+    need(cfg.server.max_update_norm >= 0, f"server.max_update_norm must be >= 0, got {cfg.server.max_update_norm}")
+    need(cfg.server.client_timeout >= 0, f"server.client_timeout must be >= 0, got {cfg.server.client_timeout}")
+    need(cfg.server.round_retries >= 0, f"server.round_retries must be >= 0, got {cfg.server.round_retries}")
+    need(0.0 <= cfg.faults.probability <= 1.0, f"faults.probability must be in [0, 1], got {cfg.faults.probability}")
+    fault_kinds = ["raise", "timeout", "disappear"]
+    need(bool(cfg.faults.kinds), "faults.kinds must name at least one of 'raise', 'timeout', 'disappear'")
+    for k in cfg.faults.kinds:
+        need(k in fault_kinds, f"faults.kinds: unknown kind {k!r}{_suggest(str(k), fault_kinds)}")
+    if cfg.faults.probability > 0 and "timeout" in cfg.faults.kinds:
+        need(cfg.server.client_timeout > 0, "faults.kinds has 'timeout': set server.client_timeout > 0 (the time "
+             "limit an injected hang exceeds), or leave 'timeout' out of faults.kinds")
     need(cfg.lora.r >= 1, f"lora.r must be >= 1, got {cfg.lora.r}")
     need(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     need(all(isinstance(m, str) for m in cfg.lora.target_modules) and cfg.lora.target_modules,

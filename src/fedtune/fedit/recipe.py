@@ -13,7 +13,8 @@ from fedtune.core.strategy import FitIns
 from fedtune.data import partition as P
 from fedtune.data import skills
 from fedtune.data.instructions import PromptFormatter, Row, load_rows, tokenize_rows
-from fedtune.engines.simulator import RunState, Simulator, SimulatorSettings, load_checkpoint
+from fedtune.engines.faults import FaultInjector
+from fedtune.engines.simulator import RunState, Simulator, SimulatorSettings, has_checkpoint, load_checkpoint
 from fedtune.errors import DataError
 from fedtune.fedit.client import FedITClientApp
 from fedtune.fedit.evaluate import exact_match, generate_answers, heldout_loss
@@ -129,7 +130,7 @@ class FedIT:
         return FedAvgStrategy(self.initial, seed=self.cfg.run.seed, fraction=s.fraction,
                               clients_per_round=s.clients_per_round, aggregation=s.aggregation,
                               server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
-                              max_update_norm=s.max_update_norm)
+                              max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction)
 
     def save(self, arrays, path: Path) -> Path:
         return save_adapter(arrays, self.peft_model.peft_config["default"], path)
@@ -165,10 +166,17 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, console=None) -> dict:
 
     sim = Simulator(strategy, fed.client_app(), list(fed.client_data),
                     SimulatorSettings(rounds=cfg.run.rounds, min_clients=cfg.server.min_clients,
+                                      client_timeout=cfg.server.client_timeout, round_retries=cfg.server.round_retries,
                                       eval_every=cfg.run.eval_every, progress=cfg.run.progress),
                     evaluate=lambda rnd, arrays: fed.evaluate(arrays, generate=cfg.eval.generate and rnd == cfg.run.rounds),
-                    on_round_end=on_round_end, run_dir=run_dir)
-    state = load_checkpoint(run_dir, strategy) if resume else None
+                    on_round_end=on_round_end, run_dir=run_dir,
+                    faults=FaultInjector(cfg.faults.probability, cfg.faults.seed, tuple(cfg.faults.kinds))
+                    if cfg.faults.probability > 0 else None)
+    state = load_checkpoint(run_dir, strategy) if resume and has_checkpoint(run_dir) else None
+    if resume and state is None:  # stopped before round 1 was checkpointed: start over
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if console:
+            console.print("no checkpoint yet (stopped during round 1): starting from round 1")
     if state and console:
         console.print(f"resuming after round {state.round}")
     state = sim.run(state)

@@ -1,5 +1,7 @@
 """FedIT server step: FedAvg of LoRA adapters weighted by example counts, optionally
-followed by a server optimizer (FedAvgM, FedAdam) on the averaged update (FedOpt)."""
+followed by a server optimizer (FedAvgM, FedAdam) on the averaged update (FedOpt), or a
+robust rule (coordinate-wise median, trimmed mean) in place of the mean. With clip_norm,
+each client's update is first clipped to that L2 distance from the global arrays."""
 
 from __future__ import annotations
 
@@ -7,17 +9,23 @@ import numpy as np
 
 from fedtune.core.aggregate import weighted_mean
 from fedtune.core.arrays import Arrays, copy
+from fedtune.core.robust import clip_to_norm, coordinate_median, trimmed_mean
 from fedtune.core.strategy import FitIns, FitRes, SelectingStrategy
+
+AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "median", "trimmed_mean")
 
 
 class FedAvgStrategy(SelectingStrategy):
     def __init__(self, initial: Arrays, *, seed: int, fraction: float = 1.0, clients_per_round: int = 0,
                  aggregation: str = "fedavg", server_lr: float = 1.0, momentum: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3, max_update_norm: float = 0.0,
-                 train_config: dict | None = None):
+                 clip_norm: float = 0.0, trim_fraction: float = 0.1, train_config: dict | None = None):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
-        if aggregation not in ("fedavg", "fedavgm", "fedadam"):
+        if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
+        if clip_norm < 0 or not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"need clip_norm >= 0 and 0 <= trim_fraction < 0.5, got {clip_norm}, {trim_fraction}")
+        self.clip_norm, self.trim_fraction = clip_norm, trim_fraction
         self._initial = copy(initial)
         self.aggregation = aggregation
         self.server_lr, self.momentum, self.beta2, self.tau = server_lr, momentum, beta2, tau
@@ -33,9 +41,19 @@ class FedAvgStrategy(SelectingStrategy):
         return {cid: FitIns(global_arrays, {"round": rnd, **self.train_config}) for cid in self.select(rnd, client_ids)}
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
-        avg = weighted_mean([(r.arrays, r.num_examples) for r in results])
+        updates = [r.arrays for r in results]
+        metrics: dict = {}
+        if self.clip_norm > 0:  # before any rule: no single update moves the global farther than clip_norm
+            clipped = [clip_to_norm(global_arrays, u, self.clip_norm) for u in updates]
+            updates = [u for u, _ in clipped]
+            metrics["clipped"] = [r.client_id for r, (_, norm) in zip(results, clipped) if norm > self.clip_norm]
+        if self.aggregation == "median":
+            return coordinate_median(updates), metrics
+        if self.aggregation == "trimmed_mean":
+            return trimmed_mean(updates, self.trim_fraction), metrics
+        avg = weighted_mean([(u, r.num_examples) for u, r in zip(updates, results)])
         if self.aggregation == "fedavg":
-            return avg, {}
+            return avg, metrics
         self.steps += 1
         out = {}
         for k, g in global_arrays.items():
@@ -50,7 +68,7 @@ class FedAvgStrategy(SelectingStrategy):
                 self.m[k], self.v[k] = m, v
                 step = m / (np.sqrt(v) + self.tau)
             out[k] = (g + self.server_lr * step).astype(g.dtype)
-        return out, {}
+        return out, metrics
 
     def state(self) -> tuple[Arrays, dict]:
         arrays = {f"m/{k}": np.asarray(v) for k, v in self.m.items()}
