@@ -74,6 +74,10 @@ def cmd_run(args) -> int:
     console.print(f"run folder: {run_dir}")
     summary = _dispatch(cfg, run_dir, resume=bool(args.resume), console=console)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not (run_dir / "report.md").is_file():  # recipes that write no report of their own
+        from fedtune.reporting import write_report
+
+        write_report(run_dir, summary)
     print_summary(summary, console)
     console.print(f"results in {run_dir} (metrics.jsonl, summary.json, adapter/)")
     return 0
@@ -152,6 +156,42 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from fedtune import config as C
+    from fedtune.compare import print_table, run_compare
+
+    console = _console()
+    cfg = _load_config(args)
+    if cfg.run.algorithm != "fedit":
+        raise FedtuneError(f"fedtune compare runs FedIT variants; run.algorithm = '{cfg.run.algorithm}'")
+    if args.no_progress:
+        cfg.run.progress = False
+    if args.out:
+        out = Path(args.out)
+        if (out / "compare.json").exists():
+            raise FedtuneError(f"{out} already holds a comparison; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        cfg.run.name = f"{cfg.run.name}-compare"
+        out = _new_run_dir(cfg, None)
+    C.save(cfg, out / "config.toml")
+    console.print(f"compare folder: {out}")
+    doc = run_compare(cfg, out, console)
+    print_table(doc, console)
+    console.print(f"table in {out / 'compare.md'} and {out / 'compare.json'}; each variant's run folder beside them")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fedtune.reporting import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "summary.json").is_file():
+        raise FedtuneError(f"{run_dir}: no metrics.jsonl or summary.json; is it a fedtune run folder?")
+    print(f"wrote {write_report(run_dir)}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from fedtune import config as C
 
@@ -199,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", choices=["alpaca", "chat", "plain"], help="prompt template (default: the config's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="base vs each client alone vs centralized vs federated, equal budgets",
+                       description="Run, with equal training budgets (the same optimizer steps and examples), the "
+                                   "base model, each client alone (local-only), centralized (all client data pooled) "
+                                   "and federated; print and save the held-out table per category and overall "
+                                   "(compare.md, compare.json). With no CONFIG, uses the embedded demo.")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="compare folder (default: <run.out_dir>/<run.name>-compare)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="(re)write report.md with plots for a run folder",
+                       description="Write RUN_DIR/report.md (resolved config, results table, PNG plots) from its "
+                                   "config.toml, metrics.jsonl and summary.json.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="print the full config as TOML, every key commented",
                        description="Print the resolved config (defaults, or CONFIG with --set overrides) as TOML.")

@@ -132,6 +132,24 @@ class EvalSection:
 
 
 @dataclass
+class CompareSection:
+    variants: list = opt(["base", "local", "centralized", "federated"], "fedtune compare: which variants to run (base = no tuning, local = each client alone, centralized = all client data pooled, federated)")
+    local_clients: int = opt(0, "fedtune compare: run the local-only baseline for the first N clients only (0 = every client)")
+
+
+@dataclass
+class JudgeSection:
+    endpoint: str = opt("", "OpenAI-compatible base URL for an LLM judge, e.g. http://127.0.0.1:8000/v1 ('' = judge off)")
+    model: str = opt("", "judge model name sent to the endpoint")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable that holds the endpoint's API key (sent as a Bearer token; never stored)")
+    questions: str = opt("", "question file for the judge (Vicuna/MT-Bench question.jsonl); '' = the held-out rows' instructions")
+    max_questions: int = opt(80, "judge at most this many questions (0 = all)")
+    max_new_tokens: int = opt(256, "answer length when generating answers to the judge's questions")
+    max_tokens: int = opt(512, "the judge's own reply length")
+    timeout_s: float = opt(120.0, "seconds to wait for one judge reply")
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -142,6 +160,8 @@ class Config:
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    compare: CompareSection = field(default_factory=CompareSection)
+    judge: JudgeSection = field(default_factory=JudgeSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,6 +177,8 @@ SECTION_DOCS = {
     "lora": "LoRA adapter (FedIT).",
     "train": "Local training on each client (FedIT).",
     "eval": "Evaluation of the global model on the held-out set.",
+    "compare": "fedtune compare: base model, each client alone, centralized and federated, at equal training budgets.",
+    "judge": "Optional LLM judge (single-answer score 1-10 and pairwise comparison) over an OpenAI-compatible endpoint.",
 }
 
 
@@ -284,6 +306,15 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client must be >= 1")
     need(cfg.partition.alpha > 0, "partition.alpha must be > 0")
     need(cfg.partition.test_per_category >= 0, "partition.test_per_category must be >= 0")
+    known_variants = ["base", "local", "centralized", "federated"]
+    for v in cfg.compare.variants:
+        need(v in known_variants, f"compare.variants: unknown variant {v!r}{_suggest(str(v), known_variants)}")
+    need(cfg.compare.local_clients >= 0, "compare.local_clients must be >= 0")
+    if cfg.judge.endpoint:
+        need(cfg.judge.endpoint.startswith(("http://", "https://")),
+             f"judge.endpoint must be an http(s) URL, got {cfg.judge.endpoint!r}")
+        need(bool(cfg.judge.model), "judge.endpoint is set: also set judge.model (the judge model's name)")
+    need(cfg.judge.timeout_s > 0, "judge.timeout_s must be > 0")
     allowed_cols = {"instruction", "input", "output", "category"}
     for k, v in cfg.data.columns.items():
         need(k in allowed_cols, f"data.columns.{k} is not a column role{_suggest(k, sorted(allowed_cols))}")

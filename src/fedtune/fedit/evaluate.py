@@ -1,5 +1,5 @@
-"""Held-out evaluation of the global adapter: token loss and greedy-generation exact match,
-overall and per category."""
+"""Held-out evaluation of the global adapter: token loss per category and greedy generation.
+Scores on generated answers (ROUGE-L, exact match) live in `fedtune.eval.metrics`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections import defaultdict
 import torch
 
 from fedtune.data.instructions import PromptFormatter, Row, Tokenized
-from fedtune.data.skills import normalize_answer
 from fedtune.fedit.train import causal_lm_loss, collate
 
 
@@ -65,15 +64,3 @@ def generate_answers(model, tokenizer, formatter: PromptFormatter, rows: list[Ro
     finally:
         tokenizer.padding_side = old_side
     return answers
-
-
-def exact_match(rows: list[Row], answers: list[str]) -> dict:
-    hits: dict[str, list[int]] = defaultdict(list)
-    for r, a in zip(rows, answers):
-        ok = int(normalize_answer(a) == normalize_answer(r.output))
-        hits["all"].append(ok)
-        hits[r.category].append(ok)
-    return {
-        "exact_match": sum(hits["all"]) / max(len(hits["all"]), 1),
-        "exact_match_by_category": {c: sum(v) / len(v) for c, v in sorted(hits.items()) if c != "all"},
-    }

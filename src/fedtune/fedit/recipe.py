@@ -17,10 +17,12 @@ from fedtune.engines.faults import FaultInjector
 from fedtune.engines.simulator import RunState, Simulator, SimulatorSettings, has_checkpoint, load_checkpoint
 from fedtune.errors import DataError
 from fedtune.fedit.client import FedITClientApp
-from fedtune.fedit.evaluate import exact_match, generate_answers, heldout_loss
+from fedtune.eval.metrics import generation_scores
+from fedtune.fedit.evaluate import generate_answers, heldout_loss
 from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter, save_adapter
 from fedtune.fedit.strategy import FedAvgStrategy
 from fedtune.models import load_causal_lm
+from fedtune.reporting import write_report
 
 
 @dataclass
@@ -100,12 +102,14 @@ class FedIT:
             answers = generate_answers(self.peft_model, self.lm.tokenizer, self.formatter, self.test,
                                        batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                        device=self.lm.device, amp=self.amp)
-            out.update(exact_match(self.test, answers))
+            out.update(generation_scores(answers, [r.output for r in self.test], [r.category for r in self.test]))
             out["samples"] = [{"instruction": r.instruction, "expected": r.output, "answer": a}
                               for r, a in list(zip(self.test, answers))[:3]]
         return out
 
-    def client_app(self) -> FedITClientApp:
+    def client_app(self, data: dict | None = None, train_cfg=None) -> FedITClientApp:
+        """The client app over this run's client shards, or over `data` ({client id:
+        tokenized rows}) with `train_cfg` in place of cfg.train (fedtune compare)."""
         def bar_factory(cid: str, total: int):
             from tqdm.auto import tqdm
 
@@ -121,7 +125,8 @@ class FedIT:
 
             return _Cb()
 
-        return FedITClientApp(self.slot, self.client_data, self.cfg.train, seed=self.cfg.run.seed,
+        return FedITClientApp(self.slot, self.client_data if data is None else data,
+                              self.cfg.train if train_cfg is None else train_cfg, seed=self.cfg.run.seed,
                               pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.amp,
                               progress_factory=bar_factory)
 
@@ -187,4 +192,5 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, console=None) -> dict:
     if cfg.eval.compare_base:
         summary["base"] = fed.evaluate(fed.initial, generate=cfg.eval.generate)  # B = 0: the initial adapter is the base model exactly
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    write_report(run_dir, summary)  # report.md + plots/ (cli.cmd_run then writes summary.json beside it)
     return summary

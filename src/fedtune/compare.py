@@ -1,0 +1,326 @@
+"""`fedtune compare`: FedIT's central question in one command.
+
+Does federated tuning over diverse clients beat each client tuning alone, and how close
+does it come to pooling all the data? Four variants, trained with the same budget:
+
+- base: the untuned model (the initial adapter has B = 0, so it is the base model exactly);
+- local: each client alone, on its own rows only;
+- centralized: one client holding every client's rows;
+- federated: the configured federated run.
+
+Equal budget: the federated plan fixes how many optimizer steps (of train.batch_size
+examples) are taken in each round, summed over the selected clients. Every single-client
+variant takes exactly that many steps in each round (the same number of rounds, the same
+batch size, learning rate and schedule), so all trained variants see the same number of
+examples and the same number of optimizer steps. Each variant is its own run folder
+(metrics.jsonl, summary.json, report.md, adapter/) under the compare folder, which gets
+compare.md and compare.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from fedtune import config as C
+from fedtune.config import Config
+from fedtune.core.strategy import FitIns, FitRes
+from fedtune.engines.simulator import Simulator, SimulatorSettings
+from fedtune.fedit.recipe import FedIT, prepare_data
+from fedtune.fedit.strategy import FedAvgStrategy
+from fedtune.fedit.train import local_steps
+from fedtune.reporting import fmt, md_table, write_report
+
+METRICS = (("loss", "held-out loss (lower is better)"), ("rouge_l", "ROUGE-L"), ("exact_match", "exact match"))
+
+
+def federated_plan(cfg: Config, fed: FedIT) -> list[dict[str, int]]:
+    """Per round: {selected client: local optimizer steps}, as the federated run will do it."""
+    strategy = fed.strategy()
+    ids = list(fed.client_data)
+    return [{cid: local_steps(len(fed.client_data[cid]), cfg.train) for cid in strategy.select(rnd, ids)}
+            for rnd in range(1, cfg.run.rounds + 1)]
+
+
+class ScheduledClient:
+    """A client app whose local steps follow a per-round schedule (the equal budget)."""
+
+    def __init__(self, fed: FedIT, data: dict, steps_by_round: list[int]):
+        self.steps_by_round = steps_by_round
+        self.apps = {s: fed.client_app(data, dataclasses.replace(fed.cfg.train, max_steps=s))
+                     for s in sorted(set(steps_by_round))}
+
+    def fit(self, client_id: str, ins: FitIns) -> FitRes:
+        return self.apps[self.steps_by_round[int(ins.config["round"]) - 1]].fit(client_id, ins)
+
+
+def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Path, console) -> dict:
+    """One trained variant as its own run folder; `sizes` = {client id: training rows}."""
+    cfg = fed.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    C.save(cfg, out / "config.toml")
+    t0 = time.perf_counter()
+    last = cfg.run.rounds
+
+    def on_round_end(rnd, arrays, record):
+        if console:
+            losses = [c["train_loss"] for c in record["clients"]]
+            ev = record.get("eval", {})
+            msg = f"  {name} round {rnd:>3}: train loss {sum(losses) / len(losses):.4f}"
+            if "loss" in ev:
+                msg += f" · held-out loss {ev['loss']:.4f}"
+            console.print(msg + f" · {record['round_seconds']:.1f}s")
+
+    sim = Simulator(strategy, app, list(sizes),
+                    SimulatorSettings(rounds=last, min_clients=1, eval_every=cfg.run.eval_every,
+                                      progress=cfg.run.progress),
+                    evaluate=lambda rnd, arrays: fed.evaluate(arrays, generate=cfg.eval.generate and rnd == last),
+                    on_round_end=on_round_end, run_dir=out)
+    state = sim.run()
+    fed.save(state.global_arrays, out / "adapter")
+    clients = [c for rec in state.history for c in rec["clients"]]
+    summary = {"algorithm": "fedit", "variant": name, "rounds": state.round, "final": state.history[-1].get("eval", {}),
+               "client_sizes": dict(sizes),
+               "budget": {"optimizer_steps": sum(c["steps"] for c in clients),
+                          "examples": sum(c["examples_seen"] for c in clients),
+                          "tokens": sum(c["tokens"] for c in clients),
+                          "train_seconds": round(sum(c["train_seconds"] for c in clients), 1)},
+               "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, summary)
+    summary["arrays"] = state.global_arrays  # kept in memory for the judge, not written
+    return summary
+
+
+def run_compare(cfg: Config, out: Path, console=None) -> dict:
+    """Run every configured variant at an equal budget; write compare.md / compare.json."""
+    t0 = time.perf_counter()
+    data = prepare_data(cfg)
+    fed = FedIT(cfg, data, progress=cfg.run.progress)
+    ids = list(fed.client_data)
+    plan = federated_plan(cfg, fed)
+    steps_by_round = [sum(p.values()) for p in plan]
+    budget = {"rounds": cfg.run.rounds, "optimizer_steps": sum(steps_by_round), "steps_by_round": steps_by_round,
+              "batch_size": cfg.train.batch_size, "examples": sum(steps_by_round) * cfg.train.batch_size}
+    variants = cfg.compare.variants
+    local_ids = ids[: cfg.compare.local_clients] if cfg.compare.local_clients else ids
+    n_train = (("local" in variants) * len(local_ids) + ("centralized" in variants) + ("federated" in variants))
+    if console:
+        console.print(f"[bold]fedtune compare[/] · {len(ids)} clients · {len(fed.test)} held-out rows · "
+                      f"budget per trained variant: {budget['optimizer_steps']} optimizer steps of "
+                      f"{cfg.train.batch_size} examples over {cfg.run.rounds} rounds · {n_train} training run(s)")
+    results: dict[str, dict] = {}
+
+    if "base" in variants:
+        if console:
+            console.print("  base: evaluating the untuned model")
+        t = time.perf_counter()
+        ev = fed.evaluate(fed.initial, generate=cfg.eval.generate)
+        results["base"] = {"variant": "base", "final": ev, "budget": {"optimizer_steps": 0, "examples": 0},
+                           "seconds": round(time.perf_counter() - t, 1), "arrays": fed.initial}
+    if "local" in variants:
+        for cid in local_ids:
+            single = FedAvgStrategy(fed.initial, seed=cfg.run.seed)
+            app = ScheduledClient(fed, {cid: fed.client_data[cid]}, steps_by_round)
+            results[f"local {cid}"] = _train(fed, f"local {cid}", single, app, {cid: len(fed.client_data[cid])},
+                                             out / f"local_{cid}", console)
+    if "centralized" in variants:
+        pooled = {"pooled": [t for cid in ids for t in fed.client_data[cid]]}
+        app = ScheduledClient(fed, pooled, steps_by_round)
+        results["centralized"] = _train(fed, "centralized", FedAvgStrategy(fed.initial, seed=cfg.run.seed), app,
+                                        {"pooled": len(pooled["pooled"])}, out / "centralized", console)
+    if "federated" in variants:
+        results["federated"] = _train(fed, "federated", fed.strategy(), fed.client_app(),
+                                      {cid: len(t) for cid, t in fed.client_data.items()}, out / "federated", console)
+
+    judged = judge_variants(cfg, fed, results, console) if cfg.judge.endpoint else None
+    table = build_table(results, [r.category for r in fed.test])
+    doc = {"budget": budget, "clients": {cid: len(t) for cid, t in fed.client_data.items()},
+           "held_out_rows": len(fed.test), "variants": {k: {kk: vv for kk, vv in v.items() if kk != "arrays"}
+                                                         for k, v in results.items()},
+           "table": table, "judge": judged, "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "compare.json").write_text(json.dumps(doc, indent=2))
+    (out / "compare.md").write_text(compare_markdown(cfg, doc, out), encoding="utf-8")
+    return doc
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def build_table(results: dict[str, dict], categories: list[str]) -> dict:
+    """{metric: {variant: {category or 'all': value}}}, plus the mean over local-only clients."""
+    cats = sorted(set(categories))
+    table: dict[str, dict] = {}
+    for key, _ in METRICS:
+        rows = {}
+        for name, res in results.items():
+            ev = res.get("final", {})
+            if key not in ev:
+                continue
+            row = {c: ev.get(f"{key}_by_category", {}).get(c) for c in cats}
+            row["all"] = ev[key]
+            rows[name] = row
+        local = [n for n in rows if n.startswith("local ")]
+        if len(local) > 1:
+            mean_row = {}
+            for c in cats + ["all"]:
+                vals = [rows[n][c] for n in local if rows[n][c] is not None]
+                mean_row[c] = sum(vals) / len(vals) if vals else None
+            # keep the order: base, each local, local mean, centralized, federated
+            ordered = {}
+            for n, r in rows.items():
+                ordered[n] = r
+                if n == local[-1]:
+                    ordered["local (mean)"] = mean_row
+            rows = ordered
+        if rows:
+            table[key] = rows
+    return table
+
+
+def print_table(doc: dict, console) -> None:
+    from rich.table import Table
+
+    for key, title in METRICS:
+        rows = doc["table"].get(key)
+        if not rows:
+            continue
+        cats = [c for c in next(iter(rows.values())) if c != "all"]
+        t = Table(title=f"{title} on {doc['held_out_rows']} held-out rows")
+        t.add_column("variant", no_wrap=True)
+        for c in cats:
+            t.add_column(c, justify="right", overflow="fold")
+        t.add_column("all", justify="right", style="bold")
+        for name, row in rows.items():
+            t.add_row(name, *[fmt(row[c], key) for c in cats], fmt(row["all"], key))
+        # a pipe or a file has no width of its own: print the whole table rather than fold it
+        wide = 24 + 10 * (len(cats) + 1) + max(len(c) for c in cats + ["all"])
+        if console.is_terminal or console.width >= wide:
+            console.print(t)
+        else:
+            from rich.console import Console
+
+            Console(width=wide, highlight=False, file=console.file).print(t)
+    b = doc["budget"]
+    console.print(f"budget per trained variant: {b['optimizer_steps']} optimizer steps x {b['batch_size']} examples "
+                  f"= {b['examples']} examples, over {b['rounds']} rounds")
+    if doc.get("judge"):
+        console.print(f"judge: {json.dumps(doc['judge'].get('scores'))}")
+
+
+def compare_markdown(cfg: Config, doc: dict, out: Path) -> str:
+    b = doc["budget"]
+    lines = ["# fedtune compare", "",
+             f"Model `{cfg.model.name}` · data `{cfg.data.path}` · {len(doc['clients'])} clients "
+             f"({cfg.partition.method}) · {doc['held_out_rows']} held-out rows (never trained on) · "
+             f"{doc['seconds']:.0f} s in all.", "",
+             f"Equal budget: every trained variant takes {b['optimizer_steps']} optimizer steps of {b['batch_size']} "
+             f"examples ({b['examples']} examples) over {b['rounds']} rounds (per round: {b['steps_by_round']}).", ""]
+    for key, title in METRICS:
+        rows = doc["table"].get(key)
+        if not rows:
+            continue
+        cats = [c for c in next(iter(rows.values())) if c != "all"]
+        lines += [f"## {title}", "", md_table(["variant"] + cats + ["**all**"],
+                                                [[n] + [fmt(r[c], key) for c in cats] + [f"**{fmt(r['all'], key)}**"]
+                                                 for n, r in rows.items()]), ""]
+    lines += ["## Budget actually used", "",
+              md_table(["variant", "optimizer steps", "examples", "tokens", "train s"],
+                       [[n, fmt(v["budget"].get("optimizer_steps")), fmt(v["budget"].get("examples")),
+                         fmt(v["budget"].get("tokens")), fmt(v["budget"].get("train_seconds"))]
+                        for n, v in doc["variants"].items()]), ""]
+    if doc.get("judge"):
+        j = doc["judge"]
+        lines += [f"## LLM judge ({j['model']}, {j['questions']} questions)", "",
+                  md_table(["variant", "mean score (1-10)", "scored", "unparsed"],
+                           [[n, fmt(s["judge_score"]), str(s["judge_scored"]), str(s["judge_errors"])]
+                            for n, s in j["scores"].items()]), ""]
+        if j.get("pairwise"):
+            lines += ["Pairwise, federated against each variant (both orders; a verdict that flips is a tie):", "",
+                      md_table(["federated vs", "win", "tie", "loss", "judged", "errors"],
+                               [[n, fmt(p["win"], "win"), fmt(p["tie"], "tie"), fmt(p["loss"], "win"),
+                                 str(p["judged"]), str(p["errors"])] for n, p in j["pairwise"].items()]), ""]
+    lines += ["Each trained variant's run folder (report.md with plots, metrics.jsonl, adapter/): " +
+              ", ".join(f"[{n}]({_folder(n)}/report.md)" for n in doc["variants"] if n != "base"), ""]
+    plot = plot_variants(doc, out)
+    if plot:
+        lines += ["## Held-out loss per round, every variant", "", f"![held-out loss per round]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _folder(name: str) -> str:
+    return name.replace("local ", "local_")
+
+
+def plot_variants(doc: dict, out: Path) -> str | None:
+    from fedtune.reporting import _plt, read_metrics
+
+    curves = {}
+    for name in doc["variants"]:
+        if name == "base":
+            continue
+        recs = read_metrics(out / _folder(name))
+        pts = [(r["round"], r["eval"]["loss"]) for r in recs if "loss" in r.get("eval", {})]
+        if pts:
+            curves[name] = pts
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in curves.items():
+        local = name.startswith("local ")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.9 if local else 2.2, alpha=0.5 if local else 1,
+                color="grey" if local else None, label=None if local else name, marker=None if local else "o")
+    base = doc["variants"].get("base", {}).get("final", {}).get("loss")
+    if base is not None:
+        ax.axhline(base, color="black", ls="--", lw=1, label="base (untuned)")
+    if any(n.startswith("local ") for n in curves):
+        ax.plot([], [], color="grey", label="local-only (each client)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    fig.savefig(out / "plots" / "compare_loss.png", dpi=110)
+    plt.close(fig)
+    return "plots/compare_loss.png"
+
+
+# ----------------------------------------------------------------------------- the judge
+
+
+def judge_variants(cfg: Config, fed: FedIT, results: dict[str, dict], console) -> dict:
+    """Single-answer scores for every variant and federated-vs-each pairwise verdicts."""
+    from tqdm.auto import tqdm
+
+    from fedtune.data.instructions import Row
+    from fedtune.eval import judge as J
+    from fedtune.fedit.evaluate import generate_answers
+
+    judge = J.Judge.from_config(cfg.judge)
+    if cfg.judge.questions:
+        questions = J.load_questions(cfg.judge.questions, cfg.judge.max_questions)
+        rows = [Row(q, "", "", "all") for q in questions]
+    else:
+        rows = fed.test[: cfg.judge.max_questions] if cfg.judge.max_questions else list(fed.test)
+        questions = [f"{r.instruction}\n\n{r.input}" if r.input.strip() else r.instruction for r in rows]
+    answers = {}
+    for name, res in results.items():
+        fed.slot.set(res["arrays"])
+        answers[name] = generate_answers(fed.peft_model, fed.lm.tokenizer, fed.formatter, rows,
+                                         batch_size=cfg.eval.batch_size, max_new_tokens=cfg.judge.max_new_tokens,
+                                         device=fed.lm.device, amp=fed.amp)
+    n_pairs = (len(answers) - 1) if "federated" in answers else 0
+    bar = tqdm(total=len(rows) * (len(answers) + n_pairs), desc="judge", disable=not cfg.run.progress, leave=False)
+    scores = {name: J.score_answers(judge, questions, a, progress=bar.update) for name, a in answers.items()}
+    pairwise = {}
+    if "federated" in answers:
+        for name, a in answers.items():
+            if name != "federated":
+                pairwise[name] = J.compare_answers(judge, questions, answers["federated"], a, progress=bar.update)
+    bar.close()
+    return {"model": cfg.judge.model, "questions": len(rows), "scores": scores, "pairwise": pairwise,
+            "samples": {name: a[:2] for name, a in answers.items()}}

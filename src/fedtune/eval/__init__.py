@@ -1,0 +1,1 @@
+"""Evaluation: metrics on a held-out set and an optional LLM judge."""

@@ -1,0 +1,104 @@
+"""`fedtune compare` on a tiny random Llama: every variant, equal budgets, the table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedtune import config as C
+from fedtune.compare import build_table, run_compare
+
+
+def _tiny(model, *extra):
+    return [f"model.name={json.dumps(str(model))}", "model.autocast='off'", "data.demo_rows_per_skill=16",
+            "partition.num_clients=3", "partition.test_per_category=2", "train.batch_size=2",
+            "train.micro_batch_size=2", "eval.max_new_tokens=3", "run.progress=false", *extra]
+
+
+def test_compare_command_runs_every_variant_at_an_equal_budget(tiny_llama, tmp_path):
+    out = tmp_path / "cmp"
+    args = []
+    for o in _tiny(tiny_llama, "run.rounds=2", "train.max_steps=2"):
+        args += ["--set", o]
+    r = subprocess.run([sys.executable, "-m", "fedtune.cli", "compare", "--out", str(out), *args, "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the printed table: a row per variant, a column per category and overall
+    for name in ("base", "local client_000", "local client_002", "local (mean)", "centralized", "federated"):
+        assert name in r.stdout
+    assert "held-out loss" in r.stdout and "ROUGE-L" in r.stdout and "arithmetic" in r.stdout
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["budget"]["optimizer_steps"] == 2 * 3 * 2 and doc["budget"]["steps_by_round"] == [6, 6]
+    trained = {k: v for k, v in doc["variants"].items() if k != "base"}
+    assert sorted(trained) == ["centralized", "federated", "local client_000", "local client_001",
+                               "local client_002"]
+    for name, v in trained.items():  # equal budgets: the same optimizer steps and examples
+        assert v["budget"]["optimizer_steps"] == 12 and v["budget"]["examples"] == 24, name
+    assert doc["variants"]["base"]["budget"]["optimizer_steps"] == 0
+    # per category and overall, for each metric, every variant
+    loss = doc["table"]["loss"]
+    assert set(loss["federated"]) == {"arithmetic", "date_format", "sort_numbers", "to_json", "unit_conversion",
+                                      "uppercase", "all"}
+    assert loss["local (mean)"]["all"] == pytest.approx(
+        sum(loss[f"local client_00{i}"]["all"] for i in range(3)) / 3)
+    assert "rouge_l" in doc["table"] and "exact_match" in doc["table"]
+    md = (out / "compare.md").read_text()
+    assert "## held-out loss" in md and "| federated |" in md and "12 optimizer steps of 2" in md
+    assert (out / "plots" / "compare_loss.png").is_file()
+    for folder in ("federated", "centralized", "local_client_001"):
+        assert (out / folder / "report.md").is_file() and (out / folder / "adapter" / "adapter_config.json").is_file()
+        recs = [json.loads(x) for x in (out / folder / "metrics.jsonl").read_text().splitlines()]
+        assert [x["round"] for x in recs] == [1, 2]
+    # local-only trains one client on its own rows only; centralized on all rows pooled
+    s_local = json.loads((out / "local_client_001" / "summary.json").read_text())
+    s_central = json.loads((out / "centralized" / "summary.json").read_text())
+    assert list(s_local["client_sizes"]) == ["client_001"]
+    assert s_central["client_sizes"]["pooled"] == sum(doc["clients"].values())
+
+
+def test_equal_budget_with_partial_participation_and_epochs(tiny_llama, tmp_path):
+    """Clients of unequal size, 2 of 3 per round, epochs-based local steps: the per-round
+    step count varies, and every trained variant follows it exactly."""
+    cfg = C.load(None, _tiny(tiny_llama, "run.rounds=2", "train.epochs=0.1", "partition.method='dirichlet'",
+                             "partition.min_client_size=5", "server.clients_per_round=2",
+                             "compare.variants=['local', 'centralized', 'federated']", "compare.local_clients=1",
+                             "eval.generate=false"))
+    doc = run_compare(cfg, tmp_path)
+    b = doc["budget"]
+    assert len(b["steps_by_round"]) == 2 and sum(b["steps_by_round"]) == b["optimizer_steps"]
+    assert sorted(doc["variants"]) == ["centralized", "federated", "local client_000"]
+    for name, v in doc["variants"].items():
+        assert v["budget"]["optimizer_steps"] == b["optimizer_steps"], name
+    fed_recs = [json.loads(x) for x in (tmp_path / "federated" / "metrics.jsonl").read_text().splitlines()]
+    assert [sum(c["steps"] for c in r["clients"]) for r in fed_recs] == b["steps_by_round"]
+    assert all(len(r["clients"]) == 2 for r in fed_recs)
+    assert "rouge_l" not in doc["table"] and "loss" in doc["table"]
+
+
+def test_build_table_orders_variants_and_averages_locals():
+    fin = lambda x: {"final": {"loss": x, "loss_by_category": {"a": x, "b": x + 1}}}
+    t = build_table({"base": fin(3.0), "local c0": fin(2.0), "local c1": fin(1.0), "federated": fin(0.5)}, ["a", "b"])
+    assert list(t["loss"]) == ["base", "local c0", "local c1", "local (mean)", "federated"]
+    assert t["loss"]["local (mean)"] == {"a": 1.5, "b": 2.5, "all": 1.5}
+
+
+def test_compare_with_the_llm_judge_on_a_fake_endpoint(tiny_llama, tmp_path):
+    from test_eval_judge import FakeJudge
+
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps({"question_id": i, "turns": [f"Question {i}?"]}) + "\n" for i in range(3)))
+    with FakeJudge() as srv:
+        cfg = C.load(None, _tiny(tiny_llama, "run.rounds=1", "train.max_steps=1", "eval.generate=false",
+                                 "compare.variants=['base', 'federated']", f"judge.endpoint='{srv.url}'",
+                                 "judge.model='fake'", f"judge.questions='{qfile}'", "judge.max_new_tokens=3"))
+        doc = run_compare(cfg, tmp_path / "cmp")
+        n_requests = len(srv.requests)
+    j = doc["judge"]
+    assert j["questions"] == 3 and set(j["scores"]) == {"base", "federated"}
+    for s in j["scores"].values():  # the tiny model never writes 'good': every answer rated 3
+        assert s == {"judge_score": 3.0, "judge_scored": 3, "judge_errors": 0}
+    assert j["pairwise"] == {"base": {"win": 0.0, "tie": 1.0, "loss": 0.0, "judged": 3, "errors": 0}}
+    assert n_requests == 3 * 2 + 3 * 2  # single: 3 per variant; pairwise: 3 questions x both orders
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "## LLM judge (fake, 3 questions)" in md and "| base | 0.0% | 100.0% | 0.0% | 3 | 0 |" in md
