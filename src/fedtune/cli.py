@@ -84,6 +84,10 @@ def cmd_run(args) -> int:
 
 
 def _dispatch(cfg, run_dir: Path, resume: bool, console) -> dict:
+    if cfg.run.engine == "nvflare":  # FLARE's simulator; the same algorithms, see docs/nvflare.md
+        from fedtune.engines import nvflare
+
+        return nvflare.run(cfg, run_dir, resume=resume, console=console)
     if cfg.run.engine != "simulator":
         raise FedtuneError(f"run.engine = '{cfg.run.engine}' is not available yet in this version; use 'simulator'")
     if cfg.run.algorithm == "fedit":
@@ -91,6 +95,18 @@ def _dispatch(cfg, run_dir: Path, resume: bool, console) -> dict:
 
         return recipe.run(cfg, run_dir, resume=resume, console=console)
     raise FedtuneError(f"run.algorithm = '{cfg.run.algorithm}' is not available yet in this version")
+
+
+def cmd_nvflare_export(args) -> int:
+    from fedtune.engines import nvflare
+
+    cfg = _load_config(args)
+    console = _console()
+    out = nvflare.export(cfg, args.out, console)
+    console.print(f"FLARE job folder: {out}")
+    console.print("each site names its data in its own site config (<site>/local/fedtune_site.toml or "
+                  "$FEDTUNE_SITE_CONFIG); then: nvflare job submit -j " + str(out) + " --startup-kit ADMIN_KIT")
+    return 0
 
 
 def cmd_partition(args) -> int:
@@ -255,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config.toml, metrics.jsonl and summary.json.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("nvflare", help="NVIDIA FLARE: export a job for a POC or production deployment",
+                       description="NVIDIA FLARE engine. `fedtune run CONFIG --engine nvflare` runs in FLARE's "
+                                   "simulator; `fedtune nvflare export` writes a job folder for "
+                                   "`nvflare job submit -j JOB_DIR`. See docs/nvflare.md.")
+    nv = p.add_subparsers(dest="nvflare_command", metavar="SUBCOMMAND", required=True)
+    q = nv.add_parser("export", help="write a FLARE job folder for a config",
+                      description="Write a FLARE job folder (server controller, site script, the config and the "
+                                  "initial arrays; no data) that `nvflare job submit -j JOB_DIR` accepts. Each site "
+                                  "reads its data path from its own site config.")
+    _add_config_args(q)
+    q.add_argument("--out", metavar="JOB_DIR", required=True, help="job folder to write (new or empty)")
+    q.set_defaults(func=cmd_nvflare_export)
 
     p = sub.add_parser("config", help="print the full config as TOML, every key commented",
                        description="Print the resolved config (defaults, or CONFIG with --set overrides) as TOML.")

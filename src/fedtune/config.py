@@ -150,6 +150,15 @@ class JudgeSection:
 
 
 @dataclass
+class NvflareSection:
+    threads: int = opt(0, "FLARE simulator: sites that run at the same time (0 = all). Below the number of sites, FLARE's simulator swaps sites in and out and relaunches each site's process (reloading its model) every round")
+    workspace: str = opt("", "FLARE simulator workspace ('' = <run folder>/nvflare/workspace); must be empty")
+    python: str = opt("", "command that starts the site script on each site ('' = this Python in the simulator, 'python3 -u' in exported jobs)")
+    job_name: str = opt("", "FLARE job name ('' = run.name)")
+    launch_timeout: float = opt(300.0, "seconds a site script may take to start and connect (loading the model included)")
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -162,6 +171,7 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     compare: CompareSection = field(default_factory=CompareSection)
     judge: JudgeSection = field(default_factory=JudgeSection)
+    nvflare: NvflareSection = field(default_factory=NvflareSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,6 +189,7 @@ SECTION_DOCS = {
     "eval": "Evaluation of the global model on the held-out set.",
     "compare": "fedtune compare: base model, each client alone, centralized and federated, at equal training budgets.",
     "judge": "Optional LLM judge (single-answer score 1-10 and pairwise comparison) over an OpenAI-compatible endpoint.",
+    "nvflare": "NVIDIA FLARE engine (run.engine = 'nvflare', fedtune nvflare export): simulator and job settings. Sites name their data in their own site config (docs/nvflare.md).",
 }
 
 
@@ -315,6 +326,8 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"judge.endpoint must be an http(s) URL, got {cfg.judge.endpoint!r}")
         need(bool(cfg.judge.model), "judge.endpoint is set: also set judge.model (the judge model's name)")
     need(cfg.judge.timeout_s > 0, "judge.timeout_s must be > 0")
+    need(cfg.nvflare.threads >= 0, f"nvflare.threads must be >= 0, got {cfg.nvflare.threads}")
+    need(cfg.nvflare.launch_timeout > 0, f"nvflare.launch_timeout must be > 0, got {cfg.nvflare.launch_timeout}")
     allowed_cols = {"instruction", "input", "output", "category"}
     for k, v in cfg.data.columns.items():
         need(k in allowed_cols, f"data.columns.{k} is not a column role{_suggest(k, sorted(allowed_cols))}")

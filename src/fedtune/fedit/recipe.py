@@ -63,6 +63,16 @@ def prepare_data(cfg: Config) -> FederatedData:
     return FederatedData(rows, test, parts)
 
 
+def build_strategy(cfg: Config, initial) -> FedAvgStrategy:
+    """The FedIT server step from a config and the initial adapter (no data, no model):
+    what every engine's server runs, the embedded simulator's and NVIDIA FLARE's."""
+    s = cfg.server
+    return FedAvgStrategy(initial, seed=cfg.run.seed, fraction=s.fraction,
+                          clients_per_round=s.clients_per_round, aggregation=s.aggregation,
+                          server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
+                          max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction)
+
+
 class FedIT:
     """Everything a FedIT run holds in memory: one base model, one adapter slot, the
     tokenized client shards and the held-out set."""
@@ -131,11 +141,7 @@ class FedIT:
                               progress_factory=bar_factory)
 
     def strategy(self) -> FedAvgStrategy:
-        s = self.cfg.server
-        return FedAvgStrategy(self.initial, seed=self.cfg.run.seed, fraction=s.fraction,
-                              clients_per_round=s.clients_per_round, aggregation=s.aggregation,
-                              server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
-                              max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction)
+        return build_strategy(self.cfg, self.initial)
 
     def save(self, arrays, path: Path) -> Path:
         return save_adapter(arrays, self.peft_model.peft_config["default"], path)

@@ -1,0 +1,181 @@
+"""The site side of a FLARE job: site-local config, and the client loop.
+
+A site reads its own data path from its own site config, never from the job: the job that
+the server distributes carries the fedtune config and the initial arrays, and no data path
+is used from it. The site config is a small TOML file, looked up in this order:
+
+1. the file named by the environment variable FEDTUNE_SITE_CONFIG;
+2. `<site workspace>/local/fedtune_site.toml` (the `local/` folder of the site's startup kit).
+
+It holds a table per site (a file may serve several simulated sites), or top-level keys
+that apply to whichever site reads it:
+
+    [sites."site-1"]
+    data_path = "/srv/data/site1.jsonl"   # required
+    format = "auto"                       # optional: overrides data.format for this file
+    model = "/srv/models/SmolLM2-135M"    # optional: this site's copy of the base model
+
+The client script (`fedtune_site.py` in the job) calls `main()`: it is launched once per
+run and keeps the model loaded across rounds. Each round it receives named numpy arrays
+and a JSON config, runs the algorithm's ClientApp, and sends back named numpy arrays and
+JSON-encoded numbers. A site that cannot load its data answers every task with the reason,
+so the server drops it (naming the site and the path) and the run goes on if enough sites
+remain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedtune.errors import ConfigError, DataError, FedtuneError
+
+SITE_CONFIG_ENV = "FEDTUNE_SITE_CONFIG"
+SITE_CONFIG_FILE = "fedtune_site.toml"
+SITE_KEYS = ("data_path", "format", "model")
+
+# keys of the task and reply meta (all values are strings or numbers)
+META_CONFIG = "fedtune_config"  # JSON: the FitIns config
+META_INDEX = "fedtune_client_index"  # this site's position among the job's sorted site names
+META_EXAMPLES = "fedtune_num_examples"
+META_METRICS = "fedtune_metrics"  # JSON: the FitRes metrics
+META_SECONDS = "fedtune_seconds"
+META_ERROR = "fedtune_error"  # the reason a site could not produce an update
+
+
+@dataclass
+class SiteSettings:
+    site: str
+    data_path: Path
+    format: str | None  # None: the job's data.format
+    model: str | None  # None: the job's model.name
+    source: str  # the site config file these came from
+
+
+def find_site_config(site_workspace: Path | None) -> Path | None:
+    env = os.environ.get(SITE_CONFIG_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    if site_workspace is not None:
+        p = site_workspace / "local" / SITE_CONFIG_FILE
+        if p.is_file():
+            return p
+    return None
+
+
+def read_site_settings(site: str, site_workspace: Path | None) -> SiteSettings:
+    """This site's settings from its site config; DataError naming the site and file otherwise."""
+    path = find_site_config(site_workspace)
+    where = (f"${SITE_CONFIG_ENV}" if os.environ.get(SITE_CONFIG_ENV, "").strip()
+             else f"{site_workspace}/local/{SITE_CONFIG_FILE}" if site_workspace else SITE_CONFIG_FILE)
+    if path is None:
+        raise DataError(f"site '{site}': no site config: write {where} with [sites.\"{site}\"] data_path = \"...\" "
+                        f"(or point ${SITE_CONFIG_ENV} at one)")
+    if not path.is_file():
+        raise DataError(f"site '{site}': site config {path} (from {where}) does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"site '{site}': {path}: invalid TOML: {e}") from None
+    sites = raw.get("sites", {})
+    if not isinstance(sites, dict):
+        raise ConfigError(f"site '{site}': {path}: 'sites' must be a table of site names")
+    entry = sites.get(site)
+    if entry is None:
+        entry = {k: v for k, v in raw.items() if k != "sites"}
+    if not isinstance(entry, dict) or "data_path" not in entry:
+        known = ", ".join(sorted(sites)) or "none"
+        raise DataError(f"site '{site}': {path} names no data_path for this site "
+                        f"(add [sites.\"{site}\"] data_path = \"...\"; sites in the file: {known})")
+    unknown = sorted(set(entry) - set(SITE_KEYS))
+    if unknown:
+        raise ConfigError(f"site '{site}': {path}: unknown key(s) {unknown} (valid: {', '.join(SITE_KEYS)})")
+    for k in SITE_KEYS:
+        if k in entry and not isinstance(entry[k], str):
+            raise ConfigError(f"site '{site}': {path}: {k} must be a string, got {entry[k]!r}")
+    data_path = Path(entry["data_path"]).expanduser()
+    if not data_path.is_absolute():
+        data_path = (path.parent / data_path).resolve()
+    return SiteSettings(site, data_path, entry.get("format"), entry.get("model"), str(path))
+
+
+def check_data_path(s: SiteSettings) -> None:
+    """A clear error for a missing or empty data path, naming the site and the path."""
+    p = s.data_path
+    if not p.exists():
+        raise DataError(f"site '{s.site}': data path {p} does not exist (from {s.source})")
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(f"site '{s.site}': data path {p} is empty (from {s.source})")
+    if p.is_dir() and not any(p.iterdir()):
+        raise DataError(f"site '{s.site}': data path {p} is an empty folder (from {s.source})")
+
+
+# ----------------------------------------------------------------------------- the client loop
+
+
+def _plain_arrays(params) -> dict[str, np.ndarray]:
+    if not isinstance(params, dict):
+        raise TypeError(f"expected named arrays, got {type(params).__name__}")
+    out = {}
+    for k, v in params.items():
+        if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype == object:
+            raise TypeError(f"payload entry {k!r} is {type(v).__name__}, not a numeric numpy array")
+        out[k] = v
+    return out
+
+
+def main(app_dir: str | Path) -> None:
+    """The client loop of the job's site script; runs until FLARE ends the job."""
+    import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from fedtune.core.strategy import FitIns
+    from fedtune.engines.nvflare.job import read_job_files
+
+    flare.init()
+    site = flare.get_site_name()
+    app_dir = Path(app_dir).resolve()
+    site_workspace = app_dir.parents[1] if len(app_dir.parents) > 1 else None  # <site>/<job_id>/app_<site>
+    client, startup_error = None, None
+    try:
+        cfg, algorithm, _ = read_job_files(app_dir)
+        settings = read_site_settings(site, site_workspace)
+        check_data_path(settings)
+        print(f"fedtune site {site}: data {settings.data_path} (site config {settings.source})", flush=True)
+        client = algorithm.site_client(cfg, settings)
+    except FedtuneError as e:
+        startup_error = str(e) if site in str(e) else f"site '{site}': {e}"
+    except Exception as e:  # anything else at start-up: report it to the server with where it came from
+        startup_error = f"site '{site}': {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+    if startup_error:
+        print(f"fedtune site {site}: cannot take part: {startup_error}", flush=True)
+
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        if startup_error:
+            flare.send(FLModel(params={}, meta={META_ERROR: startup_error}))
+            continue
+        try:
+            meta = model.meta or {}
+            ins = FitIns(_plain_arrays(model.params or {}), json.loads(meta[META_CONFIG]))
+            t0 = time.perf_counter()
+            res = client.fit(site, ins, int(meta[META_INDEX]))
+            seconds = time.perf_counter() - t0
+            arrays = _plain_arrays(res.arrays)
+            reply = FLModel(params=arrays, meta={META_EXAMPLES: int(res.num_examples),
+                                                 META_METRICS: json.dumps(res.metrics),
+                                                 META_SECONDS: float(seconds)})
+        except Exception as e:  # this round fails for this site; the server records the reason
+            reason = f"site '{site}': {type(e).__name__}: {e}"
+            print(f"fedtune site {site}: {reason}\n{traceback.format_exc(limit=6)}", flush=True)
+            reply = FLModel(params={}, meta={META_ERROR: reason})
+        flare.send(reply)

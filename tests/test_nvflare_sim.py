@@ -1,0 +1,178 @@
+"""The NVIDIA FLARE engine in FLARE's simulator, on a tiny random Llama: parity with the
+embedded simulator (same config and seed, same global adapter), site-local data with clear
+errors for a missing or empty data path, and the site config rules."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import write_jsonl
+
+pytest.importorskip("nvflare")
+
+from fedtune import config as C  # noqa: E402
+from fedtune.core import arrays as A  # noqa: E402
+from fedtune.engines.nvflare import site as S  # noqa: E402
+from fedtune.errors import ConfigError, DataError  # noqa: E402
+
+
+def _tiny(model, *extra):
+    return [f"model.name={json.dumps(str(model))}", "model.autocast='off'", "data.demo_rows_per_skill=24",
+            "partition.num_clients=3", "partition.test_per_category=2", "train.max_steps=2", "train.batch_size=4",
+            "train.micro_batch_size=2", "eval.generate=false", "eval.compare_base=false", "run.rounds=2",
+            "run.progress=false", "run.save_every_round=false", *extra]
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, tmp_path):
+    from fedtune.engines import nvflare
+    from fedtune.fedit import recipe
+
+    overrides = _tiny(tiny_llama, "server.clients_per_round=2")  # selection must match too
+    emb, flr = tmp_path / "embedded", tmp_path / "flare"
+    emb.mkdir(), flr.mkdir()
+    recipe.run(C.load(None, overrides), emb)
+    summary = nvflare.run(C.load(None, overrides), flr)
+    assert summary["engine"] == "nvflare" and summary["rounds"] == 2
+
+    a = load_file(str(emb / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(flr / "adapter" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    assert any(np.any(v != 0) for k, v in b.items() if "lora_B" in k)  # training moved B off zero
+
+    ra = [json.loads(x) for x in (emb / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
+    assert [r["selected"] for r in ra] == [r["selected"] for r in rb]
+    assert len(rb[0]["selected"]) == 2
+    for x, y in zip(ra, rb):
+        assert [c["id"] for c in x["clients"]] == [c["id"] for c in y["clients"]]
+        assert [c["examples"] for c in x["clients"]] == [c["examples"] for c in y["clients"]]
+        np.testing.assert_allclose([c["train_loss"] for c in y["clients"]], [c["train_loss"] for c in x["clients"]],
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(y["eval"]["loss"], x["eval"]["loss"], rtol=0, atol=1e-6)
+        assert y["bytes_down"] == x["bytes_down"] and y["bytes_up"] == x["bytes_up"]
+    # each simulated site was launched once and kept its model across rounds
+    log = (flr / "nvflare" / "simulator.log").read_text()
+    for site in ("client_000", "client_001", "client_002"):
+        assert log.count(f"fedtune site {site}: data ") == 1
+    # the job the server ran carries no data path
+    job = json.loads(next((flr / "nvflare" / "workspace" / "server").rglob("fedtune_job.json")).read_text())
+    assert job["config"]["data"]["path"] == ""
+
+
+# ----------------------------------------------------------------------------- site-local data
+
+
+def _run_job(tmp_path, model, sites: dict[str, Path], min_clients: int):
+    """Build the job as `fedtune nvflare export` does and run it in FLARE's simulator with a
+    site config naming each site's data path (as a deployment's sites do)."""
+    from fedtune.engines.nvflare import job as J
+    from fedtune.engines.nvflare.algorithms import get_algorithm
+
+    cfg = C.load(None, _tiny(model, f"server.min_clients={min_clients}", "server.round_retries=0"))
+    initial = get_algorithm("fedit").initial_arrays(cfg)
+    site_cfg = tmp_path / "sites.toml"
+    site_cfg.write_text("".join(f'[sites."{s}"]\ndata_path = {json.dumps(str(p))}\n' for s, p in sites.items()))
+    job, stage = J.build_job(cfg, initial, f"{sys.executable} -u")
+    ws = tmp_path / "ws"
+    rc = J.simulate(job, ws, list(sites), len(sites), dict(os.environ, FEDTUNE_SITE_CONFIG=str(site_cfg)),
+                    tmp_path / "sim.log", timeout=300)
+    return ws / "server" / "simulate_job" / "fedtune", initial, rc
+
+
+def _rows(n, seed=0):
+    from fedtune.data import skills
+
+    return [r.to_json() for r in skills.generate(n, seed)]
+
+
+def test_a_site_without_data_is_dropped_with_site_and_path_and_the_run_goes_on(tiny_llama, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", _rows(6))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    missing = tmp_path / "nowhere" / "b.jsonl"
+    results, initial, rc = _run_job(tmp_path, tiny_llama, {"site-a": good, "site-b": missing, "site-c": empty},
+                                    min_clients=1)
+    assert (results / "done.json").is_file(), (tmp_path / "sim.log").read_text()[-3000:]
+    recs = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2]
+    for r in recs:
+        assert [c["id"] for c in r["clients"]] == ["site-a"]
+        reasons = {d["id"]: d["reason"] for d in r["dropped"]}
+        assert f"site 'site-b': data path {missing} does not exist" in reasons["site-b"]
+        assert f"site 'site-c': data path {empty} is empty" in reasons["site-c"]
+    final = A.unpack((results / "global.safetensors").read_bytes())
+    assert any(not np.array_equal(final[k], initial[k]) for k in initial)  # site-a's updates were aggregated
+
+
+def test_too_few_sites_with_data_stops_the_run_with_a_clear_error(tiny_llama, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", _rows(6))
+    missing = tmp_path / "missing.jsonl"
+    results, _, _ = _run_job(tmp_path, tiny_llama, {"site-a": good, "site-b": missing}, min_clients=2)
+    err = (results / "error.txt").read_text()
+    assert "round 1: 1 site update(s) arrived" in err and "server.min_clients = 2" in err
+    assert f"site-b: site 'site-b': data path {missing} does not exist" in err
+    assert not (results / "done.json").exists()
+
+
+# ----------------------------------------------------------------------------- site config rules
+
+
+def test_site_config_lookup_and_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv(S.SITE_CONFIG_ENV, raising=False)
+    ws = tmp_path / "site-1"
+    (ws / "local").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"site 'site-1': no site config: write .*site-1/local/fedtune_site.toml"):
+        S.read_site_settings("site-1", ws)
+    # the startup kit's local/ folder; a relative data path is relative to the file
+    (ws / "local" / S.SITE_CONFIG_FILE).write_text('[sites."site-1"]\ndata_path = "../data/x.jsonl"\n')
+    s = S.read_site_settings("site-1", ws)
+    assert s.data_path == (ws / "data" / "x.jsonl").resolve() and s.format is None
+    with pytest.raises(DataError, match=r"site 'site-1': data path .*x.jsonl does not exist"):
+        S.check_data_path(s)
+    # another site's entry is not this site's
+    with pytest.raises(DataError, match=r"site 'site-2': .* names no data_path for this site .*sites in the file: site-1"):
+        S.read_site_settings("site-2", ws)
+    # the environment variable wins; top-level keys serve whichever site reads the file
+    other = tmp_path / "one.toml"
+    other.write_text('data_path = "/srv/d.jsonl"\nformat = "dolly"\n')
+    monkeypatch.setenv(S.SITE_CONFIG_ENV, str(other))
+    s = S.read_site_settings("site-9", ws)
+    assert s.data_path == Path("/srv/d.jsonl") and s.format == "dolly" and s.source == str(other)
+    other.write_text('data_path = "/srv/d.jsonl"\nbatch = 3\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['batch'\]"):
+        S.read_site_settings("site-9", ws)
+    monkeypatch.setenv(S.SITE_CONFIG_ENV, str(tmp_path / "absent.toml"))
+    with pytest.raises(DataError, match=r"site config .*absent.toml .* does not exist"):
+        S.read_site_settings("site-9", ws)
+
+
+def test_replies_must_be_plain_arrays_and_numbers():
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from fedtune.engines.nvflare.controller import reply_to_fitres
+    from fedtune.errors import UpdateRejected
+
+    ok = FLModel(params={"w": np.ones(3, np.float32)},
+                 meta={S.META_EXAMPLES: 4, S.META_METRICS: json.dumps({"train_loss": 1.5}), S.META_SECONDS: 0.1})
+    res, seconds = reply_to_fitres("s", ok)
+    assert res.num_examples == 4 and res.metrics == {"train_loss": 1.5} and seconds == 0.1
+    for bad, msg in [({"w": [1.0, 2.0]}, "not a numeric numpy array"),
+                     ({"w": np.array([object()], dtype=object)}, "not a numeric numpy array")]:
+        with pytest.raises(UpdateRejected, match=msg):
+            reply_to_fitres("s", FLModel(params=bad, meta=ok.meta))
+    with pytest.raises(UpdateRejected, match="num_examples must be an integer"):
+        reply_to_fitres("s", FLModel(params=ok.params, meta={S.META_EXAMPLES: "4"}))
+    with pytest.raises(UpdateRejected, match="metrics must be numbers or strings"):
+        reply_to_fitres("s", FLModel(params=ok.params, meta={S.META_EXAMPLES: 4, S.META_METRICS: '{"x": [1]}'}))
+    with pytest.raises(RuntimeError, match="site 's': boom"):
+        reply_to_fitres("s", FLModel(params={}, meta={S.META_ERROR: "site 's': boom"}))
