@@ -79,7 +79,8 @@ def cmd_run(args) -> int:
 
         write_report(run_dir, summary)
     print_summary(summary, console)
-    console.print(f"results in {run_dir} (metrics.jsonl, summary.json, adapter/)")
+    saved = "prompt/" if cfg.run.algorithm == "fedbpt" else "adapter/"
+    console.print(f"results in {run_dir} (metrics.jsonl, summary.json, {saved})")
     return 0
 
 
@@ -94,6 +95,10 @@ def _dispatch(cfg, run_dir: Path, resume: bool, console) -> dict:
         from fedtune.fedit import recipe
 
         return recipe.run(cfg, run_dir, resume=resume, console=console)
+    if cfg.run.algorithm == "fedbpt":
+        from fedtune.fedbpt import recipe as bpt
+
+        return bpt.run(cfg, run_dir, resume=resume, console=console)
     raise FedtuneError(f"run.algorithm = '{cfg.run.algorithm}' is not available yet in this version")
 
 
@@ -208,6 +213,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    from fedtune import config as C
+    from fedtune.fedbpt.classify import classify, read_inputs
+    from fedtune.fedbpt.prompt import load_prompt
+    from fedtune.fedbpt.tasks import TaskSpec
+
+    _, _, meta = load_prompt(Path(args.prompt_dir))
+    rows = read_inputs(TaskSpec.from_json(meta["task"]), args.text or [], args.file)
+    cfg = C.load(args.config, args.overrides)  # model.device / dtype / autocast
+    for r in classify(args.prompt_dir, rows, cfg.model, model_name=args.model):
+        print(json.dumps(r, ensure_ascii=False))
+    return 0
+
+
 def cmd_config(args) -> int:
     from fedtune import config as C
 
@@ -284,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.add_argument("--out", metavar="JOB_DIR", required=True, help="job folder to write (new or empty)")
     q.set_defaults(func=cmd_nvflare_export)
+
+    p = sub.add_parser("classify", help="label text with a saved FedBPT global prompt",
+                       description="Label text with a saved FedBPT global prompt (RUN_DIR/prompt): the model it "
+                                   "was tuned on runs forward with the prompt; prints one JSON line per text with "
+                                   "the label, its verbalizer word and the class probabilities.")
+    p.add_argument("prompt_dir", metavar="PROMPT_DIR", help="a saved prompt folder, e.g. RUN_DIR/prompt")
+    p.add_argument("--text", action="append", metavar="TEXT", help="a text to label (repeatable; one-field tasks)")
+    p.add_argument("--file", metavar="FILE", help=".txt (one text per line) or .csv/.tsv/.jsonl with the task's text columns")
+    p.add_argument("--model", help="run another copy of the model (default: the one in prompt.json)")
+    p.add_argument("--config", metavar="CONFIG", help="config for model.device/dtype/autocast (default: defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("config", help="print the full config as TOML, every key commented",
                        description="Print the resolved config (defaults, or CONFIG with --set overrides) as TOML.")

@@ -159,6 +159,50 @@ class NvflareSection:
 
 
 @dataclass
+class TaskSection:
+    name: str = opt("sst2", "FedBPT classification task: a built-in (sst2, yelp, agnews, mrpc, rte, snli, dbpedia) with BBT's template and verbalizer, or 'custom' (then set text_columns, template and verbalizer)")
+    train_path: str = opt("", "training file (.csv, .tsv, .jsonl, .json; header/fields name the columns), or hub:DATASET[@CONFIG]:SPLIT; '' = the built-in task's Hugging Face dataset")
+    test_path: str = opt("", "test file, same format; '' = the built-in task's Hugging Face test split. Never used for selection")
+    text_columns: list = opt([], "override: text columns, each filled into the template as {column}")
+    label_column: str = opt("", "override: label column ('' = the task's, 'label' for custom)")
+    template: str = opt("", "override: template with {column} fields, the prompt slot <P> (default: at the start) and the answer slot <mask>; for causal LMs the label word is the next token after the text before <mask>")
+    verbalizer: dict = opt({}, "override: label value -> one-token word, e.g. {\"0\" = \"bad\", \"1\" = \"great\"}; its order is the class order")
+    metric: str = opt("", "override: 'accuracy' or 'f1' (binary F1 of the second class; macro F1 for more classes)")
+    skip_labels: list = opt([], "override: label values dropped when loading (SNLI's -1)")
+    k_shot: int = opt(16, "training rows per class, drawn from the training file (0 = all rows left after the dev split)")
+    dev_shots: int = opt(16, "dev rows per class, drawn from the training file, disjoint from the training rows; the global prompt is selected on them")
+    test_max_rows: int = opt(0, "evaluate the test set on a fixed class-balanced subset of this many rows (0 = all)")
+
+
+@dataclass
+class FedBPTSection:
+    mode: Literal["improved", "reference"] = opt("improved", "reference = FedBPT's server exactly (rank recombination, its sigma rule, one ES seed for all, covariance on the wire); improved = each defect fixed by the switches below (ignored in reference mode)")
+    model_kind: Literal["auto", "causal", "masked"] = opt("auto", "causal (label = next token after the template) or masked (label at <mask>); auto reads the model config")
+    intrinsic_dim: int = opt(500, "dimension d of the space CMA-ES searches (z)")
+    n_prompt_tokens: int = opt(50, "prompt length in tokens; A maps z to n_prompt_tokens x hidden embeddings")
+    prompt_mode: Literal["add", "cat"] = opt("add", "add = A z added to placeholder-token embeddings; cat = A z (+ init_prompt) inserted as the prompt embeddings")
+    init_prompt: str = opt("", "cat mode: text whose token embeddings form the initial prompt p0 (cycled to n_prompt_tokens); '' = zero")
+    proj_alpha: float = opt(1.0, "projection: A ~ N(0, std^2), std = proj_alpha * word-embedding std / (sqrt(d) * proj_sigma)")
+    proj_sigma: float = opt(1.0, "projection: the sigma in A's std rule")
+    sigma0: float = opt(1.0, "initial CMA-ES step size")
+    popsize: int = opt(5, "local CMA-ES population size")
+    local_iter: int = opt(8, "local CMA-ES generations per round")
+    loss: Literal["ce", "hinge", "perf"] = opt("ce", "ce = cross-entropy over verbalizer logits; hinge = multi-class margin 2; perf = -accuracy")
+    perturb: bool = opt(True, "perturbation objective: fitness = loss(clean) / loss(copy with perturb_rate of the text tokens replaced by random ones)")
+    perturb_rate: float = opt(0.5, "fraction of text tokens replaced in the perturbed copy")
+    bound: float = opt(0.0, "if > 0, CMA-ES searches within [-bound, bound] per coordinate")
+    batch_population: bool = opt(True, "evaluate a whole CMA-ES population in one batched forward pass (false = one candidate at a time)")
+    max_forward_rows: int = opt(512, "at most this many rows (candidates x examples) per forward pass")
+    max_seq_len: int = opt(256, "tokens per row (prompt included); the longest text field is cut to fit")
+    distinct_seeds: bool = opt(True, "improved: each client gets its own CMA-ES seed each round (reference: one seed for all)")
+    weight_by_size: bool = opt(True, "improved: average client means weighted by shard size (false: CMA rank weights by fitness, as the reference)")
+    sigma_decay: float = opt(0.9, "improved: sigma is multiplied by this each round down to sigma_min (1.0 = no annealing)")
+    sigma_min: float = opt(0.05, "improved: floor of the annealed sigma")
+    prompt_norm_max: float = opt(1.0, "improved: scale the global z back to norm <= prompt_norm_max * sqrt(d) (0 = off; 1 = entries of A z at word-embedding scale)")
+    select_on_dev: bool = opt(True, "improved: keep the best global prompt by dev metric (false: the final round's); both are reported on the test set")
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -172,6 +216,8 @@ class Config:
     compare: CompareSection = field(default_factory=CompareSection)
     judge: JudgeSection = field(default_factory=JudgeSection)
     nvflare: NvflareSection = field(default_factory=NvflareSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    fedbpt: FedBPTSection = field(default_factory=FedBPTSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +236,8 @@ SECTION_DOCS = {
     "compare": "fedtune compare: base model, each client alone, centralized and federated, at equal training budgets.",
     "judge": "Optional LLM judge (single-answer score 1-10 and pairwise comparison) over an OpenAI-compatible endpoint.",
     "nvflare": "NVIDIA FLARE engine (run.engine = 'nvflare', fedtune nvflare export): simulator and job settings. Sites name their data in their own site config (docs/nvflare.md).",
+    "task": "Classification task (FedBPT): data files, template, verbalizer, metric, k-shot train and dev splits.",
+    "fedbpt": "Black-box prompt tuning (FedBPT): projection, local CMA-ES, objective, and the server mode with its fixes.",
 }
 
 
@@ -335,6 +383,39 @@ def validate(cfg: Config, source: str = "config") -> None:
     if cfg.data.format == "columns":
         need("instruction" in cfg.data.columns and "output" in cfg.data.columns,
              "data.format = 'columns' needs data.columns.instruction and data.columns.output")
+    if cfg.run.algorithm == "fedbpt":
+        _validate_fedbpt(cfg, need)
+
+
+def _validate_fedbpt(cfg: Config, need) -> None:
+    """[fedbpt] and [task], checked only for FedBPT runs."""
+    fb, t = cfg.fedbpt, cfg.task
+    need(fb.intrinsic_dim >= 1, f"fedbpt.intrinsic_dim must be >= 1, got {fb.intrinsic_dim}")
+    need(fb.n_prompt_tokens >= 1, f"fedbpt.n_prompt_tokens must be >= 1, got {fb.n_prompt_tokens}")
+    need(fb.popsize >= 2, f"fedbpt.popsize must be >= 2, got {fb.popsize}")
+    need(fb.local_iter >= 1, f"fedbpt.local_iter must be >= 1, got {fb.local_iter}")
+    need(fb.sigma0 > 0, f"fedbpt.sigma0 must be > 0, got {fb.sigma0}")
+    need(fb.proj_alpha > 0 and fb.proj_sigma > 0, "fedbpt.proj_alpha and fedbpt.proj_sigma must be > 0")
+    need(0.0 < fb.perturb_rate <= 1.0, f"fedbpt.perturb_rate must be in (0, 1], got {fb.perturb_rate}")
+    need(not (fb.perturb and fb.loss == "perf"),
+         "fedbpt.loss = 'perf' (= -accuracy) cannot be divided by a perturbed loss; set fedbpt.perturb = false")
+    need(fb.bound >= 0, f"fedbpt.bound must be >= 0, got {fb.bound}")
+    need(fb.max_forward_rows >= 1, f"fedbpt.max_forward_rows must be >= 1, got {fb.max_forward_rows}")
+    need(fb.max_seq_len >= fb.n_prompt_tokens + 4,
+         f"fedbpt.max_seq_len = {fb.max_seq_len} leaves no room for text after {fb.n_prompt_tokens} prompt tokens")
+    need(not fb.init_prompt or fb.prompt_mode == "cat", "fedbpt.init_prompt is only used with fedbpt.prompt_mode = 'cat'")
+    need(0.0 < fb.sigma_decay <= 1.0, f"fedbpt.sigma_decay must be in (0, 1], got {fb.sigma_decay}")
+    need(fb.sigma_min >= 0, f"fedbpt.sigma_min must be >= 0, got {fb.sigma_min}")
+    need(fb.prompt_norm_max >= 0, f"fedbpt.prompt_norm_max must be >= 0, got {fb.prompt_norm_max}")
+    need(t.k_shot >= 0, f"task.k_shot must be >= 0, got {t.k_shot}")
+    need(t.dev_shots >= 1, f"task.dev_shots must be >= 1 (the dev split selects the global prompt), got {t.dev_shots}")
+    need(t.test_max_rows >= 0, f"task.test_max_rows must be >= 0, got {t.test_max_rows}")
+    from fedtune.fedbpt.tasks import task_from_config
+
+    try:
+        task_from_config(t)  # template, columns, verbalizer and metric fit together
+    except ConfigError as e:
+        need(False, str(e))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -41,4 +41,27 @@ def print_summary(summary: dict, console) -> None:
             row(c, "exact_match_by_category", "loss_by_category", lambda d, k: d.get(k, {}).get(c))
         row("[bold]all[/]", "exact_match", "loss", lambda d, k: d.get(k))
         console.print(table)
+    if summary.get("algorithm") == "fedbpt":
+        _print_fedbpt(summary, console)
     console.print(f"total time {summary.get('seconds', 0):.0f}s")
+
+
+def _print_fedbpt(summary: dict, console) -> None:
+    """Zero prompt vs best-by-dev vs final-round prompt, dev and test, and bytes on the wire."""
+    from rich.table import Table
+
+    metric = summary.get("metric", "accuracy")
+    table = Table(title=f"FedBPT ({summary.get('mode')}) on {summary.get('task')}: {metric}, "
+                        f"{summary['rounds']} rounds (saved prompt: {summary.get('selected')})")
+    for col in ("prompt", "round", f"dev {metric}", "dev loss", f"test {metric}", "test loss"):
+        table.add_column(col, justify="left" if col == "prompt" else "right")
+    for name, key in (("zero prompt", "zero_prompt"), ("best by dev", "best"), ("final round", "final")):
+        r = summary.get(key) or {}
+        dev, test = r.get("dev") or {}, r.get("test") or {}
+        table.add_row(name, str(r.get("round", 0)), _fmt(dev.get("score"), pct=True), _fmt(dev.get("loss")),
+                      _fmt(test.get("score"), pct=True), _fmt(test.get("loss")))
+    console.print(table)
+    comm = summary.get("communication") or {}
+    if comm:
+        console.print(f"bytes per client per round: down {comm['bytes_down_per_client_round_max']:,}, "
+                      f"up {comm['bytes_up_per_client_round_max']:,} (max over the run)")

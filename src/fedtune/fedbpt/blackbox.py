@@ -1,0 +1,371 @@
+"""The black-box model boundary: the only thing FedBPT client code may call.
+
+A `BlackBoxLM` takes text in (it owns tokenization, as an inference API does) and, for a
+population of prompt embeddings, returns the logits of the verbalizer words at the answer
+slot. Nothing else crosses: no gradients (every call runs under `torch.inference_mode`),
+no parameters, no hidden states. Besides `encode`, `perturb` and `logits`, it publishes a
+few facts an API would publish: hidden size, vocabulary size and the standard deviation of
+its word-embedding matrix (which sets the scale of the random projection).
+
+Two kinds of model sit behind it:
+- masked LMs (RoBERTa, BERT): the answer slot is the `<mask>` token; logits are read there.
+- causal LMs (Llama family, SmolLM2): the template is cut at the answer slot and the label
+  word is the next token after it; logits are read at the last token of the context.
+
+The prompt occupies `n_prompt_tokens` slots at the template's `<P>` (after the model's
+leading special token, if any). In `add` mode the slots hold placeholder tokens and the
+prompt is added to their embeddings (BBT's default); in `cat` mode the slots hold the
+prompt itself, plus an optional initial prompt p0 (the embeddings of a text), which is the
+same as prepending it to the input embeddings with the attention mask extended.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedtune.errors import ConfigError, ModelError
+from fedtune.fedbpt.tasks import Rendered
+
+PLACEHOLDER_OFFSET = 1000  # BBT fills add-mode prompt slots with the token ids 1000, 1001, ...
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A batch of rows as token ids, right-padded. Client code treats it as opaque."""
+
+    input_ids: np.ndarray  # (B, T) int64
+    attention_mask: np.ndarray  # (B, T) int64
+    slot_start: np.ndarray  # (B,) first prompt slot of each row
+    answer_pos: np.ndarray  # (B,) where the verbalizer logits are read
+    free: np.ndarray  # (B, T) bool: text tokens (what perturbation may replace)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def concat(a: Encoded, b: Encoded, pad_id: int) -> Encoded:
+    """Stack two encoded batches row-wise (right-padding the shorter one)."""
+    t = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def pad(x, value):
+        return np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=value)
+
+    return Encoded(np.concatenate([pad(a.input_ids, pad_id), pad(b.input_ids, pad_id)]),
+                   np.concatenate([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
+                   np.concatenate([a.slot_start, b.slot_start]), np.concatenate([a.answer_pos, b.answer_pos]),
+                   np.concatenate([pad(a.free, False), pad(b.free, False)]))
+
+
+def detect_kind(path) -> str:
+    """'masked' or 'causal', from the model's config (architectures, else model_type)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the model config at {path}: {e}") from None
+    archs = cfg.architectures or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "masked"
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal"
+    if cfg.model_type in ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert", "albert"):
+        return "masked"
+    return "causal"
+
+
+class BlackBoxLM:
+    """Forward-only access to a frozen language model for prompt tuning."""
+
+    def __init__(self, model, tokenizer, kind: str, device, amp_dtype, *, n_prompt_tokens: int, prompt_mode: str,
+                 init_prompt: str = "", max_seq_len: int = 256, max_forward_rows: int = 512, name: str = ""):
+        import torch
+
+        if kind not in ("causal", "masked"):
+            raise ValueError(f"unknown model kind {kind!r}")
+        if prompt_mode not in ("add", "cat"):
+            raise ValueError(f"unknown prompt mode {prompt_mode!r}")
+        self._model = model.eval().requires_grad_(False)
+        self._device = device
+        self._amp_dtype = amp_dtype
+        self.tokenizer = tokenizer  # text in: tokenization is part of the service
+        self.kind = kind
+        self.name = name
+        self.n_prompt_tokens = n_prompt_tokens
+        self.prompt_mode = prompt_mode
+        self.init_prompt = init_prompt
+        self.max_seq_len = max_seq_len
+        self.max_forward_rows = max(1, max_forward_rows)
+        emb = model.get_input_embeddings().weight
+        self.vocab_size = int(emb.shape[0])
+        self.hidden_size = int(emb.shape[1])
+        with torch.no_grad():
+            self.embedding_std = float(emb.detach().float().std())  # BBT's std_hat
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._prefix, self._suffix = _special_affixes(tokenizer)
+        if kind == "causal":
+            self._suffix = []  # the label word is the next token: nothing may follow the context
+            head = model.get_output_embeddings()
+            if head is None:
+                raise ModelError(f"model '{name}' has no output embeddings to read next-token logits from")
+            self._head = head
+        else:
+            if tokenizer.mask_token_id is None:
+                raise ModelError(f"model '{name}' is a masked LM but its tokenizer has no mask token")
+            self._head = getattr(model, "lm_head", None) or getattr(model, "cls", None)
+            if self._head is None:
+                raise ModelError(f"masked LM '{name}': no 'lm_head' or 'cls' module to read the mask logits from")
+        specials = set(tokenizer.all_special_ids)
+        self.placeholder_ids = _placeholder_ids(len(tokenizer), n_prompt_tokens, specials)
+        with torch.inference_mode():
+            table = model.get_input_embeddings()
+            if prompt_mode == "add":
+                base = table(torch.tensor(self.placeholder_ids, device=device))
+            elif init_prompt:
+                ids = tokenizer(init_prompt, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ConfigError(f"fedbpt.init_prompt = {init_prompt!r} has no tokens")
+                ids = (ids * (n_prompt_tokens // len(ids) + 1))[:n_prompt_tokens]
+                base = table(torch.tensor(ids, device=device))
+            else:
+                base = torch.zeros(n_prompt_tokens, self.hidden_size, device=device, dtype=emb.dtype)
+        self._slot_base = base.float().clone()  # (n, H): what the prompt is added to
+        self.forward_calls = 0  # forward passes run (for benchmarks and tests)
+        self.rows_forwarded = 0
+
+    # ------------------------------------------------------------------ facts an API would publish
+
+    def info(self) -> dict:
+        return {"model": self.name, "kind": self.kind, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+                "embedding_std": self.embedding_std, "n_prompt_tokens": self.n_prompt_tokens,
+                "prompt_mode": self.prompt_mode, "init_prompt": self.init_prompt}
+
+    # ------------------------------------------------------------------ text in
+
+    def label_token_ids(self, words: list[str], space_before: list[bool] | bool = True,
+                        where: str = "task.verbalizer") -> list[int]:
+        """The single token of each verbalizer word, as it follows the context; an error names
+        a word that is not one token and what it tokenizes to."""
+        if isinstance(space_before, bool):
+            space_before = [space_before] * len(words)
+        out = []
+        for w, sp in zip(words, space_before):
+            text = (" " + w) if sp else w
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                pieces = self.tokenizer.convert_ids_to_tokens(ids)
+                raise ConfigError(f"{where}: word {w!r} is not one token for model '{self.name}': {text!r} tokenizes "
+                                  f"to {len(ids)} tokens {pieces}; pick a word that is a single token")
+            out.append(int(ids[0]))
+        if len(set(out)) != len(out):
+            raise ConfigError(f"{where}: two words map to the same token for model '{self.name}': {words}")
+        return out
+
+    def encode(self, rows: list[Rendered]) -> Encoded:
+        """Token ids for rendered rows: [specials] text [prompt slots] text [<mask> text] [specials].
+        The space before the answer slot belongs to the label word, so it is cut here."""
+        tok = self.tokenizer
+        n = self.n_prompt_tokens
+        seqs, slots, answers, frees = [], [], [], []
+        for r in rows:
+            a = tok(r.before_prompt, add_special_tokens=False)["input_ids"] if r.before_prompt else []
+            b_text = r.before_answer.rstrip()
+            b = tok(b_text, add_special_tokens=False)["input_ids"] if b_text else []
+            ids = list(self._prefix) + a
+            free = [False] * len(self._prefix) + [True] * len(a)
+            slot = len(ids)
+            ids += self.placeholder_ids if self.prompt_mode == "add" else [self.pad_id] * n
+            free += [False] * n
+            ids += b
+            free += [True] * len(b)
+            if self.kind == "causal":
+                answer = len(ids) - 1  # the next token after the whole context is the label word
+            else:
+                answer = len(ids)
+                c = tok(r.after_answer, add_special_tokens=False)["input_ids"] if r.after_answer.strip() else []
+                ids += [tok.mask_token_id] + c
+                free += [False] + [True] * len(c)
+            ids += self._suffix
+            free += [False] * len(self._suffix)
+            if len(ids) > self.max_seq_len:
+                raise _TooLong(len(ids))
+            seqs.append(ids)
+            slots.append(slot)
+            answers.append(answer)
+            frees.append(free)
+        t = max(len(s) for s in seqs)
+        input_ids = np.full((len(seqs), t), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), t), dtype=np.int64)
+        free_m = np.zeros((len(seqs), t), dtype=bool)
+        for i, (s, f) in enumerate(zip(seqs, frees)):
+            input_ids[i, :len(s)] = s
+            mask[i, :len(s)] = 1
+            free_m[i, :len(s)] = f
+        return Encoded(input_ids, mask, np.array(slots, dtype=np.int64), np.array(answers, dtype=np.int64), free_m)
+
+    def encode_texts(self, spec, texts_list: list, truncate: bool = True) -> Encoded:
+        """Render and encode rows of text fields, cutting the longest field until a row fits
+        in max_seq_len tokens."""
+        from fedtune.fedbpt.tasks import render
+
+        rows = []
+        for texts in texts_list:
+            texts = list(texts)
+            while True:
+                try:
+                    self.encode([render(spec, texts)])
+                    break
+                except _TooLong as e:
+                    if not truncate:
+                        raise ConfigError(f"a row is {e.n} tokens, over fedbpt.max_seq_len = {self.max_seq_len}") from None
+                    lens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+                    j = int(np.argmax(lens))
+                    keep = lens[j] - (e.n - self.max_seq_len)
+                    if keep < 1:
+                        raise ConfigError(f"fedbpt.max_seq_len = {self.max_seq_len} leaves no room for the text "
+                                          f"(template and {self.n_prompt_tokens} prompt tokens take the rest)") from None
+                    ids = self.tokenizer(texts[j], add_special_tokens=False)["input_ids"][:keep]
+                    texts[j] = self.tokenizer.decode(ids)
+            rows.append(render(spec, texts))
+        return self.encode(rows)
+
+    def perturb(self, enc: Encoded, rate: float, seed: int) -> Encoded:
+        """A copy with each text token replaced, with probability `rate`, by a random vocabulary
+        id (FedBPT's perturbed copy). Prompt slots, the answer slot and special tokens stay."""
+        rng = np.random.default_rng(seed)
+        replace = enc.free & (rng.random(enc.input_ids.shape) < rate)
+        random_ids = rng.integers(0, len(self.tokenizer), size=enc.input_ids.shape)
+        return Encoded(np.where(replace, random_ids, enc.input_ids), enc.attention_mask.copy(), enc.slot_start.copy(),
+                       enc.answer_pos.copy(), enc.free.copy())
+
+    # ------------------------------------------------------------------ the forward pass
+
+    def logits(self, prompts: np.ndarray | None, enc: Encoded, label_ids: list[int]) -> np.ndarray:
+        """Verbalizer logits, shape (P, B, C), for P prompts (P, n_prompt_tokens, hidden) on B rows.
+
+        All P x B rows go through the model together (in forwards of at most max_forward_rows
+        rows): evaluating a whole CMA-ES population costs one batched pass, not P. `prompts`
+        None means the zero prompt (the untuned model with its placeholder slots).
+        """
+        import torch
+
+        n, h = self.n_prompt_tokens, self.hidden_size
+        if prompts is None:
+            prompts = np.zeros((1, n, h), dtype=np.float32)
+        prompts = np.asarray(prompts, dtype=np.float32)
+        if prompts.ndim != 3 or prompts.shape[1:] != (n, h):
+            raise ValueError(f"prompts must have shape (P, {n}, {h}), got {prompts.shape}")
+        p_count, b_count = prompts.shape[0], len(enc)
+        dev = self._device
+        out = np.empty((p_count * b_count, len(label_ids)), dtype=np.float32)
+        with torch.inference_mode():
+            ids = torch.as_tensor(enc.input_ids, device=dev)
+            mask = torch.as_tensor(enc.attention_mask, device=dev)
+            slot_idx = torch.as_tensor(enc.slot_start, device=dev)[:, None] + torch.arange(n, device=dev)  # (B, n)
+            answer = torch.as_tensor(enc.answer_pos, device=dev)
+            tok_emb = self._model.get_input_embeddings()(ids).float()  # (B, T, H)
+            slots = self._slot_base.to(dev)[None] + torch.as_tensor(prompts, device=dev)  # (P, n, H)
+            label = torch.as_tensor(label_ids, device=dev)
+            total = p_count * b_count
+            for start in range(0, total, self.max_forward_rows):
+                r = torch.arange(start, min(total, start + self.max_forward_rows), device=dev)
+                p, b = r // b_count, r % b_count  # (rows,) candidate and row of each forward row
+                x = tok_emb[b].clone()  # (rows, T, H)
+                x[torch.arange(len(r), device=dev)[:, None], slot_idx[b]] = slots[p]
+                with self._autocast():
+                    x = x.to(self._model.dtype) if self._amp_dtype is None else x
+                    hidden = self._body(x, mask[b])  # (rows, T, H)
+                    last = hidden[torch.arange(len(r), device=dev), answer[b]]  # (rows, H)
+                    logits = self._verbalize(last, label)
+                out[start:start + len(r)] = logits.float().cpu().numpy()
+                self.forward_calls += 1
+                self.rows_forwarded += len(r)
+        return out.reshape(p_count, b_count, len(label_ids))
+
+    def _autocast(self):
+        from fedtune.models import autocast
+
+        return autocast(self._device, self._amp_dtype)
+
+    def _body(self, inputs_embeds, attention_mask):
+        kw = {"use_cache": False} if self.kind == "causal" else {}
+        return self._model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw).last_hidden_state
+
+    def _verbalize(self, last, label):
+        if self.kind == "causal":  # a linear head: only the verbalizer rows are needed
+            w = self._head.weight[label]
+            out = last @ w.to(last.dtype).T
+            bias = getattr(self._head, "bias", None)
+            return out + bias[label].to(out.dtype) if bias is not None else out
+        return self._head(last)[:, label]
+
+
+class _TooLong(Exception):
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.n = n
+
+
+def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (e.g. <s> ... </s>)."""
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return list(full[:i]), list(full[i + len(plain):])
+    return [], []
+
+
+def _placeholder_ids(vocab: int, n: int, specials: set[int]) -> list[int]:
+    """n distinct non-special token ids from PLACEHOLDER_OFFSET up (lower for tiny vocabularies)."""
+    start = PLACEHOLDER_OFFSET if vocab > PLACEHOLDER_OFFSET + n + len(specials) else 0
+    ids, i = [], start
+    while len(ids) < n and i < start + vocab:
+        t = i % vocab
+        if t not in specials:
+            ids.append(t)
+        i += 1
+    if len(ids) < n:
+        raise ConfigError(f"fedbpt.n_prompt_tokens = {n} exceeds the model's {vocab - len(specials)} ordinary tokens")
+    return ids
+
+
+def load_blackbox(model_cfg, fb) -> BlackBoxLM:
+    """Load the configured model behind the boundary (`fb` is the [fedbpt] section)."""
+    from fedtune.models import autocast_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+
+    path = resolve_model_path(model_cfg.name)
+    kind = fb.model_kind if fb.model_kind != "auto" else detect_kind(path)
+    common = dict(n_prompt_tokens=fb.n_prompt_tokens, prompt_mode=fb.prompt_mode, init_prompt=fb.init_prompt,
+                  max_seq_len=fb.max_seq_len, max_forward_rows=fb.max_forward_rows, name=model_cfg.name)
+    if kind == "causal":
+        lm = load_causal_lm(model_cfg)
+        return BlackBoxLM(lm.model, lm.tokenizer, "causal", lm.device, lm.amp_dtype, **common)
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    device = pick_device(model_cfg.device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(path, dtype=dtypes[model_cfg.dtype],
+                                                     trust_remote_code=model_cfg.trust_remote_code)
+        tok = load_tokenizer(path, model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load masked LM '{model_cfg.name}' (resolved to {path}): {e}") from None
+    model.to(device)
+    return BlackBoxLM(model, tok, "masked", device, autocast_dtype(model_cfg.autocast, device), **common)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None

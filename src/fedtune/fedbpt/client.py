@@ -1,0 +1,128 @@
+"""FedBPT client: local CMA-ES in the intrinsic space, evaluated through the black box only.
+
+Each round a client starts a CMA-ES (the `cma` library) at the global mean with the global
+step size (and the global covariance, when the server sends one), runs up to `local_iter`
+generations of `popsize` candidates on its own rows, and replies with the final local mean,
+that mean's fitness, and the step sizes it used. A whole generation is evaluated in one
+batched forward pass through the black box (the clean rows and the perturbed copy
+together): candidates x rows in, verbalizer logits out.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtune.core.seeds import derive_seed
+from fedtune.core.strategy import FitIns, FitRes
+from fedtune.fedbpt import objective as O
+from fedtune.fedbpt.blackbox import Encoded, concat
+from fedtune.fedbpt.prompt import Projection
+
+PERTURB_STREAM = 0x9E  # seed stream of a client's perturbed copy, per round
+
+
+@dataclass
+class Shard:
+    enc: Encoded
+    labels: np.ndarray  # (B,) class indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class LocalSettings:
+    popsize: int = 5
+    local_iter: int = 8
+    loss: str = "ce"
+    perturb: bool = True
+    perturb_rate: float = 0.5
+    batch_population: bool = True
+    bound: float = 0.0
+
+
+def make_local_es(mean: np.ndarray, sigma: float, seed: int, s: LocalSettings, covariance: np.ndarray | None = None):
+    """The client's CMA-ES, with the options the reference gives it (`_copy_light` of the
+    global ES with seed, popsize and maxiter replaced, CMA_mu reset)."""
+    import cma
+
+    opts = {"seed": int(seed) or 1, "popsize": s.popsize, "maxiter": s.local_iter, "verbose": -9, "CMA_mu": None}
+    if s.bound > 0:
+        opts["bounds"] = [-s.bound, s.bound]
+    es = cma.CMAEvolutionStrategy(np.asarray(mean, dtype=np.float64), float(sigma), opts)
+    if covariance is not None:  # as cma's _set_C_from: take C, then make B and D consistent with it
+        es.sm.C = np.array(covariance, dtype=np.float64)
+        es.sm.update_now(-1)
+        es._updateBDfromSM()
+    return es
+
+
+class FedBPTClientApp:
+    def __init__(self, box, projection: Projection, shards: dict[str, Shard], label_ids: list[int],
+                 settings: LocalSettings, *, seed: int):
+        self.box = box  # the black box: encode / perturb / logits, nothing else
+        self.projection = projection
+        self.shards = shards
+        self.label_ids = list(label_ids)
+        self.s = settings
+        self.seed = seed
+        self.client_index = {cid: i for i, cid in enumerate(sorted(shards))}
+
+    # ------------------------------------------------------------------ evaluating candidates
+
+    def evaluate(self, z: np.ndarray, shard: Shard, perturbed: Encoded | None) -> np.ndarray:
+        """Fitness of each row of z (P, d) on the shard: one forward for the whole population
+        (batch_population), or one forward per candidate."""
+        prompts = self.projection(z)  # (P, n, H)
+        rows = shard.enc if perturbed is None else concat(shard.enc, perturbed, self.box.pad_id)
+        b = len(shard)
+        if self.s.batch_population:
+            logits = self.box.logits(prompts, rows, self.label_ids)  # (P, B or 2B, C)
+        else:
+            logits = np.concatenate([self.box.logits(p[None], rows, self.label_ids) for p in prompts])
+        clean, pert = logits[:, :b], (logits[:, b:] if perturbed is not None else None)
+        return O.fitness(self.s.loss, clean, shard.labels, pert)
+
+    # ------------------------------------------------------------------ one round
+
+    def fit(self, client_id: str, ins: FitIns) -> FitRes:
+        shard = self.shards.get(client_id)
+        if shard is None:
+            raise KeyError(f"client '{client_id}' holds no data in this process")
+        rnd = int(ins.config.get("round", 0))
+        mean = ins.arrays["mean"]
+        sigma = float(ins.arrays["sigma"][0])
+        es_seed = int(ins.config["es_seed"])
+        perturbed = None
+        if self.s.perturb:
+            perturbed = self.box.perturb(shard.enc, self.s.perturb_rate,
+                                         derive_seed(self.seed, rnd, self.client_index[client_id], PERTURB_STREAM))
+        t0 = time.perf_counter()
+        calls0 = self.box.forward_calls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cma's notes on injected solutions and flat fitness
+            es = make_local_es(mean, sigma, es_seed, self.s, ins.arrays.get("C"))
+            sigmas, evals, t_eval = [], 0, 0.0
+            while not es.stop():
+                sigmas.append(float(es.sigma))
+                z = np.array(es.ask())  # (popsize, d)
+                t1 = time.perf_counter()
+                f = self.evaluate(z, shard, perturbed)
+                t_eval += time.perf_counter() - t1
+                evals += len(z)
+                es.tell(list(z), f.tolist())
+            final = np.array(es.mean, dtype=np.float64)
+        f_final = float(self.evaluate(final[None], shard, perturbed)[0])
+        seconds = time.perf_counter() - t0
+        reply = {"mean": final.astype(mean.dtype), "fitness": np.array([f_final], dtype=np.float64),
+                 "sigmas": np.array(sigmas, dtype=np.float64)}
+        return FitRes(client_id, reply, len(shard), {
+            "train_loss": f_final, "generations": len(sigmas), "candidates": evals,
+            "forward_calls": self.box.forward_calls - calls0, "candidates_per_s": round(evals / max(t_eval, 1e-9), 3),
+            "local_sigma_last": float(es.sigma), "mean_norm": float(np.linalg.norm(final)),
+            "compute_seconds": round(seconds, 3),
+        })

@@ -1,0 +1,81 @@
+"""Losses over verbalizer logits, the perturbation objective, and the task metrics.
+
+All functions take logits of shape (P, B, C) (P candidate prompts, B rows, C classes) and
+labels (B,), and return one number per candidate. Lower fitness is better (CMA-ES minimizes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HINGE_MARGIN = 2.0  # BBT's multi-class hinge margin
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def ce_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy over the verbalizer words, mean over rows."""
+    x = logits.astype(np.float64)
+    picked = np.take_along_axis(x, labels[None, :, None].repeat(len(x), 0), axis=-1)[..., 0]
+    return (_logsumexp(x) - picked).mean(axis=1)
+
+
+def hinge_loss(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:
+    """Multi-class margin loss (as torch.nn.MultiMarginLoss): mean over rows of
+    sum_{j != y} max(0, margin - x_y + x_j) / C."""
+    x = logits.astype(np.float64)
+    c = x.shape[-1]
+    picked = np.take_along_axis(x, labels[None, :, None].repeat(len(x), 0), axis=-1)  # (P, B, 1)
+    viol = np.maximum(0.0, margin - picked + x)
+    viol[:, np.arange(x.shape[1]), labels] = 0.0
+    return (viol.sum(axis=-1) / c).mean(axis=1)
+
+
+def predictions(logits: np.ndarray) -> np.ndarray:
+    return logits.argmax(axis=-1)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return (predictions(logits) == labels[None]).mean(axis=1)
+
+
+def f1(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary F1 of the second class (MRPC's 'paraphrase') for two classes; macro F1 otherwise."""
+    pred = predictions(logits)
+    c = logits.shape[-1]
+    classes = [1] if c == 2 else list(range(c))
+    scores = []
+    for k in classes:
+        tp = ((pred == k) & (labels[None] == k)).sum(axis=1)
+        fp = ((pred == k) & (labels[None] != k)).sum(axis=1)
+        fn = ((pred != k) & (labels[None] == k)).sum(axis=1)
+        denom = 2 * tp + fp + fn
+        scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
+    return np.mean(scores, axis=0)
+
+
+def metric(name: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return f1(logits, labels) if name == "f1" else accuracy(logits, labels)
+
+
+def loss(kind: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`ce`, `hinge`, or `perf` (= -accuracy), one value per candidate."""
+    if kind == "ce":
+        return ce_loss(logits, labels)
+    if kind == "hinge":
+        return hinge_loss(logits, labels)
+    if kind == "perf":
+        return -accuracy(logits, labels)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def fitness(kind: str, clean: np.ndarray, labels: np.ndarray, perturbed: np.ndarray | None = None) -> np.ndarray:
+    """FedBPT's objective: the loss on the clean rows, divided by the loss on a perturbed copy
+    when one is given (a prompt that also fits noise is penalized)."""
+    f = loss(kind, clean, labels)
+    if perturbed is None:
+        return f
+    return f / np.maximum(loss(kind, perturbed, labels), 1e-12)

@@ -1,0 +1,323 @@
+"""Classification tasks for black-box prompt tuning: a data file, its text and label
+columns, a template with the prompt slot `<P>` and the answer slot `<mask>`, verbalizer
+words (one per label) and a metric.
+
+A new task needs a config, not code: `[task]` names a built-in definition (the
+templates and verbalizers of BBT / FedBPT) and overrides any part of it, or spells out
+a custom one. Rows carry their source (`file:line`) so that a bad label points back at it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from fedtune.errors import ConfigError, DataError
+
+PROMPT_SLOT = "<P>"
+ANSWER_SLOT = "<mask>"
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_ #]*)\}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    text_columns: tuple[str, ...]
+    label_column: str
+    template: str  # with {column} fields, an optional <P> (default: at the start) and one <mask>
+    verbalizer: dict  # label value (as a string) -> word; its order fixes the class order
+    metric: str = "accuracy"  # accuracy | f1
+    hub: tuple[str, str, str, str] = ("", "", "train", "validation")  # (dataset, config, train split, test split)
+    skip_labels: tuple[str, ...] = ()  # label values dropped on load (SNLI's -1: no gold label)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verbalizer)
+
+    @property
+    def words(self) -> list[str]:
+        return list(self.verbalizer.values())
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "text_columns": list(self.text_columns), "label_column": self.label_column,
+                "template": self.template, "verbalizer": dict(self.verbalizer), "metric": self.metric,
+                "skip_labels": list(self.skip_labels)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TaskSpec":
+        return cls(d["name"], tuple(d["text_columns"]), d["label_column"], d["template"], dict(d["verbalizer"]),
+                   d.get("metric", "accuracy"), skip_labels=tuple(d.get("skip_labels", ())))
+
+
+# BBT's templates and verbalizers (txsun1997/Black-Box-Tuning, as used by FedBPT); column names are
+# those of the Hugging Face datasets, so hub ids and exported files load as they are.
+BUILTIN: dict[str, TaskSpec] = {
+    "sst2": TaskSpec("sst2", ("sentence",), "label", "<P> . {sentence} . It was <mask> .",
+                     {"0": "bad", "1": "great"}, hub=("glue", "sst2", "train", "validation")),
+    "yelp": TaskSpec("yelp", ("text",), "label", "<P> . {text} . It was <mask> .",
+                     {"0": "bad", "1": "great"}, hub=("yelp_polarity", "plain_text", "train", "test")),
+    "agnews": TaskSpec("agnews", ("text",), "label", "<P> . <mask> News: {text}",
+                       {"0": "World", "1": "Sports", "2": "Business", "3": "Tech"},
+                       hub=("ag_news", "default", "train", "test")),
+    "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), "label", "<P> . {sentence1} ? <mask> , {sentence2}",
+                     {"0": "No", "1": "Yes"}, metric="f1", hub=("glue", "mrpc", "train", "validation")),
+    "rte": TaskSpec("rte", ("sentence1", "sentence2"), "label", "<P> . {sentence1} ? <mask> , {sentence2}",
+                    {"0": "Yes", "1": "No"}, hub=("glue", "rte", "train", "validation")),
+    "snli": TaskSpec("snli", ("premise", "hypothesis"), "label", "<P> . {premise} ? <mask> , {hypothesis}",
+                     {"0": "Yes", "1": "Maybe", "2": "No"}, hub=("snli", "", "train", "test"), skip_labels=("-1",)),
+    "dbpedia": TaskSpec("dbpedia", ("content",), "label", "<P> [ Category: <mask> ] {content}",
+                        {"0": "Company", "1": "Education", "2": "Artist", "3": "Athlete", "4": "Office",
+                         "5": "Transportation", "6": "Building", "7": "Natural", "8": "Village", "9": "Animal",
+                         "10": "Plant", "11": "Album", "12": "Film", "13": "Written"},
+                        hub=("dbpedia_14", "", "train", "test")),
+}
+
+
+def task_from_config(t) -> TaskSpec:
+    """Build the task from the `[task]` section: a built-in definition with overrides, or a
+    custom one (name = 'custom') that must spell out columns, template and verbalizer."""
+    if t.name in BUILTIN:
+        spec = BUILTIN[t.name]
+    elif t.name == "custom":
+        missing = [k for k in ("text_columns", "template", "verbalizer") if not getattr(t, k)]
+        if missing:
+            raise ConfigError(f"task.name = 'custom' needs task.{', task.'.join(missing)}")
+        spec = TaskSpec("custom", (), "label", "", {})
+    else:
+        raise ConfigError(f"task.name = '{t.name}' is not a built-in task "
+                          f"({', '.join(sorted(BUILTIN))}) or 'custom'")
+    over = {}
+    if t.text_columns:
+        over["text_columns"] = tuple(t.text_columns)
+    if t.label_column:
+        over["label_column"] = t.label_column
+    if t.template:
+        over["template"] = t.template
+    if t.verbalizer:
+        over["verbalizer"] = {str(k): v for k, v in t.verbalizer.items()}
+    if t.metric:
+        over["metric"] = t.metric
+    if t.skip_labels:
+        over["skip_labels"] = tuple(str(x) for x in t.skip_labels)
+    spec = replace(spec, **over)
+    check_spec(spec, "task")
+    return spec
+
+
+def check_spec(spec: TaskSpec, where: str = "task") -> None:
+    """The template, columns and verbalizer fit together; each problem is its own error."""
+    if not spec.text_columns or not all(isinstance(c, str) and c for c in spec.text_columns):
+        raise ConfigError(f"{where}.text_columns must name at least one text column")
+    fields = _FIELD.findall(spec.template)
+    if not fields:
+        raise ConfigError(f"{where}.template = {spec.template!r} has no text placeholder; "
+                          f"put {{{spec.text_columns[0]}}} where the text goes")
+    for c in spec.text_columns:
+        if c not in fields:
+            raise ConfigError(f"{where}.template = {spec.template!r} has no placeholder {{{c}}} for text column '{c}'")
+    for f in fields:
+        if f not in spec.text_columns:
+            raise ConfigError(f"{where}.template: placeholder {{{f}}} is not one of {where}.text_columns "
+                              f"({', '.join(spec.text_columns)})")
+    if spec.template.count(ANSWER_SLOT) != 1:
+        raise ConfigError(f"{where}.template = {spec.template!r} must hold the answer slot {ANSWER_SLOT} exactly once")
+    if spec.template.count(PROMPT_SLOT) > 1:
+        raise ConfigError(f"{where}.template = {spec.template!r} holds the prompt slot {PROMPT_SLOT} more than once")
+    if PROMPT_SLOT in spec.template and spec.template.index(PROMPT_SLOT) > spec.template.index(ANSWER_SLOT):
+        raise ConfigError(f"{where}.template = {spec.template!r}: the prompt slot {PROMPT_SLOT} must come before "
+                          f"the answer slot {ANSWER_SLOT}")
+    if len(spec.verbalizer) < 2:
+        raise ConfigError(f"{where}.verbalizer needs at least two labels, got {dict(spec.verbalizer)}")
+    for label, word in spec.verbalizer.items():
+        if not isinstance(word, str) or not word.strip() or word != word.strip():
+            raise ConfigError(f"{where}.verbalizer: label {label!r} maps to {word!r}; expected one word without spaces")
+    dup = [w for w, n in Counter(spec.verbalizer.values()).items() if n > 1]
+    if dup:
+        raise ConfigError(f"{where}.verbalizer: word {dup[0]!r} is used for more than one label")
+    if spec.metric not in ("accuracy", "f1"):
+        raise ConfigError(f"{where}.metric = {spec.metric!r} is not 'accuracy' or 'f1'")
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Example:
+    texts: tuple[str, ...]  # one per text column, in order
+    label: int  # index into the verbalizer
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One example laid out around the two slots: text before the prompt, between the
+    prompt and the answer, and after the answer."""
+
+    before_prompt: str
+    before_answer: str
+    after_answer: str
+
+
+def render(spec: TaskSpec, texts: tuple[str, ...] | list[str]) -> Rendered:
+    """Fill the template's fields and cut it at the prompt slot and the answer slot."""
+    values = dict(zip(spec.text_columns, texts))
+    filled = _FIELD.sub(lambda m: values[m.group(1)], spec.template)
+    if PROMPT_SLOT not in spec.template:
+        filled = PROMPT_SLOT + filled
+    head, _, rest = filled.partition(PROMPT_SLOT)
+    mid, _, tail = rest.partition(ANSWER_SLOT)
+    return Rendered(head, mid, tail)
+
+
+def check_text(text: str, where: str) -> str:
+    """Text fields may not hold the slot markers (the template would become ambiguous)."""
+    for marker in (PROMPT_SLOT, ANSWER_SLOT):
+        if marker in text:
+            raise DataError(f"{where}: the text holds the literal marker {marker}, which the template reserves")
+    return text
+
+
+def _read_table(path: Path) -> list[tuple[str, dict]]:
+    """(source, record) pairs from a .csv/.tsv (header row) or .jsonl/.json file."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if suffix in (".csv", ".tsv"):
+        # TSV files such as GLUE's are unquoted (a sentence may start with a quote mark)
+        reader = (csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
+                  else csv.reader(text.splitlines()))
+        rows = list(reader)
+        header = rows[0]
+        out = []
+        for lineno, r in enumerate(rows[1:], start=2):
+            if not r or all(not c.strip() for c in r):
+                continue
+            if len(r) != len(header):
+                raise DataError(f"{path}:{lineno}: {len(r)} fields, the header has {len(header)}")
+            out.append((f"{path}:{lineno}", dict(zip(header, r))))
+        return out
+    if suffix == ".jsonl":
+        out = []
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            out.append((f"{path}:{lineno}", rec))
+        return out
+    if suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        return [(f"{path}[{i}]", r) for i, r in enumerate(obj)]
+    raise DataError(f"{path}: expected a .csv, .tsv, .jsonl or .json file (or hub:NAME)")
+
+
+def hub_path(spec: TaskSpec, which: str) -> str:
+    """The task's own Hugging Face dataset as a `hub:` path (used when no file is given)."""
+    ds, cfg, train, test = spec.hub
+    if not ds:
+        raise ConfigError(f"task '{spec.name}' has no Hugging Face dataset; give task.train_path and task.test_path")
+    return f"hub:{ds}{'@' + cfg if cfg else ''}:{train if which == 'train' else test}"
+
+
+def load_examples(spec: TaskSpec, path: str) -> list[Example]:
+    """Read a data file into Examples; every label must be one of the verbalizer's."""
+    if path.startswith("hub:"):
+        name, _, split = path[4:].partition(":")  # hub:DATASET[@CONFIG][:SPLIT]
+        ds, _, cfg = name.partition("@")
+        records = _load_hub_records(ds, cfg or None, split or "train", path)
+    else:
+        records = _read_table(Path(path).expanduser())
+    label_index = {lab: i for i, lab in enumerate(spec.labels)}
+    out = []
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object with fields, got {type(rec).__name__}")
+        if spec.label_column not in rec:
+            raise DataError(f"{where}: missing label column '{spec.label_column}' "
+                            f"(fields: {', '.join(map(str, rec))}); set task.label_column")
+        raw = rec[spec.label_column]
+        label = str(int(raw)) if isinstance(raw, (int, float)) and not isinstance(raw, bool) and float(raw).is_integer() \
+            else str(raw).strip()
+        if label in spec.skip_labels:
+            continue
+        if label not in label_index:
+            raise DataError(f"{where}: label {label!r} is not in task.verbalizer "
+                            f"(labels: {', '.join(repr(x) for x in spec.labels)})")
+        texts = []
+        for c in spec.text_columns:
+            if c not in rec:
+                raise DataError(f"{where}: missing text column '{c}' (fields: {', '.join(map(str, rec))}); "
+                                "set task.text_columns")
+            v = rec[c]
+            if not isinstance(v, str):
+                raise DataError(f"{where}: field '{c}' must be text, got {type(v).__name__}")
+            # GLUE keeps a trailing space; Yelp has literal \n
+            texts.append(check_text(" ".join(v.replace("\\n", " ").split()), where))
+        out.append(Example(tuple(texts), label_index[label], where))
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
+
+
+def _load_hub_records(name: str, config: str | None, split: str, path: str) -> list[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"'{path}' needs the 'datasets' package: pip install 'fedtune[hub]'") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # network, missing dataset, auth: all user-fixable
+        raise DataError(f"cannot load Hugging Face dataset '{path}': {e}") from None
+    return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
+
+
+# ----------------------------------------------------------------------------- few-shot splits
+
+
+@dataclass
+class FewShot:
+    train: list[Example]
+    dev: list[Example]
+    counts: dict = field(default_factory=dict)  # label index -> rows available
+
+
+def few_shot(examples: list[Example], spec: TaskSpec, k_shot: int, dev_shots: int, seed: int,
+             source: str = "") -> FewShot:
+    """k_shot rows per class for training and dev_shots more per class for the dev split, disjoint,
+    drawn with a seeded shuffle (BBT's true few-shot setting). k_shot = 0 keeps every row for
+    training except dev_shots per class."""
+    rng = np.random.default_rng([seed, 0xF5])
+    by_label: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_label.setdefault(ex.label, []).append(i)
+    train, dev = [], []
+    for li, label in enumerate(spec.labels):
+        idx = by_label.get(li, [])
+        need = (k_shot if k_shot > 0 else 1) + dev_shots
+        if len(idx) < need:
+            raise DataError(f"{source or 'training data'}: class {label!r} ({spec.verbalizer[label]}) has {len(idx)} "
+                            f"rows; task.k_shot = {k_shot} plus task.dev_shots = {dev_shots} need {need}")
+        perm = [idx[j] for j in rng.permutation(len(idx))]
+        dev += perm[:dev_shots]
+        train += perm[dev_shots:dev_shots + k_shot] if k_shot > 0 else perm[dev_shots:]
+    return FewShot([examples[i] for i in sorted(train)], [examples[i] for i in sorted(dev)],
+                   {spec.labels[k]: len(v) for k, v in by_label.items()})

@@ -1,0 +1,237 @@
+"""The black box on tiny random models (a causal Llama and a masked RoBERTa), the projection,
+task files and few-shot splits, and the client's local CMA-ES."""
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune import config as C
+from fedtune.core.strategy import FitIns
+from fedtune.errors import ConfigError, DataError
+from fedtune.fedbpt.blackbox import concat, load_blackbox
+from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
+from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt, save_prompt
+from fedtune.fedbpt.tasks import BUILTIN, Example, check_spec, few_shot, load_examples, render
+
+# the tiny tokenizer has few merges: " is" and " the" are single tokens, " bad" is not
+SPEC = replace(BUILTIN["sst2"], verbalizer={"0": "is", "1": "the"})
+TEXTS = [("the movie was great",), ("a dull film, long and slow",), ("It was fine",)]
+
+
+def _box(path, mode="add", n=3, init=""):
+    cfg = C.load(None, [f"model.name={str(path)!r}", "model.autocast='off'"])
+    fb = SimpleNamespace(model_kind="auto", n_prompt_tokens=n, prompt_mode=mode, init_prompt=init, max_seq_len=64,
+                         max_forward_rows=7)  # 7: a population's rows are split over several forwards
+    return load_blackbox(cfg.model, fb)
+
+
+@pytest.fixture(scope="module")
+def llama_box(tiny_llama):
+    return _box(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def roberta_box(tiny_roberta):
+    return _box(tiny_roberta)
+
+
+# ----------------------------------------------------------------------------- the boundary
+
+
+def test_causal_logits_are_the_next_token_after_the_template(llama_box, tiny_llama):
+    """Zero prompt in add mode = the plain model on the same ids: logits of the verbalizer words
+    at the last context token."""
+    from transformers import AutoModelForCausalLM
+
+    box = llama_box
+    assert box.kind == "causal"
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(SPEC, TEXTS)
+    got = box.logits(None, enc, ids)[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    for i in range(len(TEXTS)):
+        n_tok = int(enc.attention_mask[i].sum())
+        assert enc.answer_pos[i] == n_tok - 1
+        with torch.no_grad():
+            ref = model(torch.tensor(enc.input_ids[i:i + 1, :n_tok])).logits[0, -1, ids].numpy()
+        np.testing.assert_allclose(got[i], ref, atol=1e-4)
+
+
+def test_masked_logits_are_read_at_the_mask(roberta_box, tiny_roberta):
+    from transformers import AutoModelForMaskedLM
+
+    box = roberta_box
+    assert box.kind == "masked"
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(SPEC, TEXTS)
+    got = box.logits(None, enc, ids)[0]
+    model = AutoModelForMaskedLM.from_pretrained(tiny_roberta).eval()
+    with torch.no_grad():
+        full = model(torch.tensor(enc.input_ids), attention_mask=torch.tensor(enc.attention_mask)).logits
+    for i in range(len(TEXTS)):
+        assert enc.input_ids[i, enc.answer_pos[i]] == box.tokenizer.mask_token_id
+        np.testing.assert_allclose(got[i], full[i, enc.answer_pos[i], ids].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["llama_box", "roberta_box"])
+def test_population_in_one_pass_equals_one_at_a_time(which, request):
+    box = request.getfixturevalue(which)
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(SPEC, TEXTS)
+    prompts = np.random.default_rng(0).standard_normal((4, 3, box.hidden_size)).astype(np.float32) * 0.5
+    calls = box.forward_calls
+    batched = box.logits(prompts, enc, ids)  # 12 rows, max_forward_rows = 7: two forwards
+    assert box.forward_calls - calls == 2 and batched.shape == (4, 3, 2)
+    single = np.concatenate([box.logits(p[None], enc, ids) for p in prompts])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1])  # the prompt reaches the answer
+    assert not any(p.requires_grad for p in box._model.parameters())
+
+
+def test_cat_mode_equals_prepending_embeddings(tiny_llama):
+    """cat: A z sits in the prompt slots; the same as building inputs_embeds by concatenation
+    (text before <P>, the prompt, the rest) with the attention mask extended."""
+    from transformers import AutoModelForCausalLM
+
+    box = _box(tiny_llama, mode="cat")
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(SPEC, TEXTS[:1])
+    prompt = np.random.default_rng(1).standard_normal((1, 3, box.hidden_size)).astype(np.float32)
+    got = box.logits(prompt, enc, ids)[0, 0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    n_tok, s = int(enc.attention_mask[0].sum()), int(enc.slot_start[0])
+    text_ids = np.concatenate([enc.input_ids[0, :s], enc.input_ids[0, s + 3:n_tok]])
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(torch.tensor(text_ids))
+        x = torch.cat([emb[:s], torch.tensor(prompt[0]), emb[s:]])[None]
+        ref = model(inputs_embeds=x, attention_mask=torch.ones(1, x.shape[1], dtype=torch.long)).logits[0, -1, ids]
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-4)
+    # with an initial prompt p0, the zero z already differs from the zero-embedding prompt
+    box_p0 = _box(tiny_llama, mode="cat", init="the movie")
+    assert not np.allclose(box_p0.logits(None, enc, ids), box.logits(None, enc, ids))
+
+
+def test_verbalizer_word_of_several_tokens_is_named(llama_box):
+    with pytest.raises(ConfigError, match=r"word 'bad' is not one token .* ' bad' tokenizes to 2 tokens"):
+        llama_box.label_token_ids(["is", "bad"], True)
+
+
+def test_perturb_replaces_only_text_tokens(llama_box):
+    enc = llama_box.encode_texts(SPEC, TEXTS)
+    same = llama_box.perturb(enc, 0.0, seed=1)
+    assert np.array_equal(same.input_ids, enc.input_ids)
+    p = llama_box.perturb(enc, 1.0, seed=1)
+    fixed = ~enc.free
+    assert np.array_equal(p.input_ids[fixed], enc.input_ids[fixed])  # slots, specials, padding stay
+    assert (p.input_ids[enc.free] != enc.input_ids[enc.free]).mean() > 0.8
+    both = concat(enc, p, llama_box.pad_id)
+    assert len(both) == 2 * len(enc)
+
+
+def test_long_text_is_cut_to_max_seq_len(llama_box):
+    enc = llama_box.encode_texts(SPEC, [("word " * 200,)])
+    assert enc.attention_mask.sum() <= llama_box.max_seq_len
+    assert enc.input_ids[0, enc.answer_pos[0]] != llama_box.pad_id
+
+
+# ----------------------------------------------------------------------------- projection
+
+
+def test_projection_std_rule_and_rebuild(tmp_path):
+    spec = ProjectionSpec(seed=5, intrinsic_dim=200, n_prompt_tokens=4, hidden_size=50, embedding_std=0.3)
+    a, b = Projection(spec), Projection(spec)
+    assert np.array_equal(a.A, b.A)  # every party rebuilds the same A from the seed
+    assert not np.array_equal(a.A, Projection(replace(spec, seed=6)).A)
+    assert spec.std == pytest.approx(0.3 / np.sqrt(200))
+    assert a.A.std() == pytest.approx(spec.std, rel=0.02)
+    # z ~ N(0, I): entries of A z have the word-embedding scale
+    z = np.random.default_rng(0).standard_normal((64, 200))
+    assert a(z).std() == pytest.approx(0.3, rel=0.05)
+    assert a(z).shape == (64, 4, 50)
+    save_prompt(tmp_path / "p", z[0], a, {"model": "m"})
+    z2, emb, meta = load_prompt(tmp_path / "p")
+    np.testing.assert_allclose(emb, a(z[0])[0], rtol=1e-6)
+    assert meta["projection"]["seed"] == 5 and meta["projection"]["std"] == pytest.approx(spec.std)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def test_task_files_and_few_shot(tmp_path):
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"text {i} \t{i % 2}\n" for i in range(40)))
+    csv_ = tmp_path / "t.csv"
+    csv_.write_text("sentence,label\n" + "".join(f"\"text, {i}\",{i % 2}\n" for i in range(10)))
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(f'{{"sentence": "text {i}", "label": {i % 2}}}\n' for i in range(10)))
+    rows = load_examples(SPEC, str(tsv))
+    assert len(rows) == 40 and rows[0].texts == ("text 0",) and rows[1].label == 1  # trailing space stripped
+    assert load_examples(SPEC, str(csv_))[3].texts == ("text, 3",)
+    assert len(load_examples(SPEC, str(jsonl))) == 10
+    fs = few_shot(rows, SPEC, k_shot=5, dev_shots=3, seed=0)
+    assert len(fs.train) == 10 and len(fs.dev) == 6
+    assert {r.source for r in fs.train}.isdisjoint({r.source for r in fs.dev})
+    assert [sum(r.label == c for r in fs.train) for c in (0, 1)] == [5, 5]
+    assert few_shot(rows, SPEC, 5, 3, seed=0).train == fs.train  # seeded
+    with pytest.raises(DataError, match=r"class '0' \(is\) has 20 rows; task.k_shot = 18 plus task.dev_shots = 3 need 21"):
+        few_shot(rows, SPEC, k_shot=18, dev_shots=3, seed=0)
+
+
+def test_label_outside_the_verbalizer_names_the_line(tmp_path):
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("sentence\tlabel\na\t0\nb\t2\n")
+    with pytest.raises(DataError, match=r"t.tsv:3: label '2' is not in task.verbalizer"):
+        load_examples(SPEC, str(tsv))
+
+
+def test_builtin_tasks_are_consistent():
+    for spec in BUILTIN.values():
+        check_spec(spec)
+        r = render(spec, ["x"] * len(spec.text_columns))
+        assert r.before_prompt == "" and "x" in (r.before_answer + r.after_answer)
+    with pytest.raises(ConfigError, match="no text placeholder"):
+        check_spec(replace(SPEC, template="<P> It was <mask> ."))
+    with pytest.raises(ConfigError, match="answer slot"):
+        check_spec(replace(SPEC, template="{sentence} It was"))
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+def _client(box, batch=True, perturb=True, d=16):
+    proj = Projection(ProjectionSpec(3, d, box.n_prompt_tokens, box.hidden_size, box.embedding_std))
+    rows = [Example(t, i % 2) for i, t in enumerate(TEXTS * 2)]
+    shard = Shard(box.encode_texts(SPEC, [r.texts for r in rows]), np.array([r.label for r in rows]))
+    s = LocalSettings(popsize=4, local_iter=3, perturb=perturb, batch_population=batch)
+    return FedBPTClientApp(box, proj, {"client_000": shard}, box.label_token_ids(SPEC.words, True), s, seed=1)
+
+
+def test_client_fit_one_forward_per_generation(llama_box):
+    d = 16
+    ins = FitIns({"mean": np.zeros(d, np.float32), "sigma": np.array([1.0], np.float32)}, {"round": 1, "es_seed": 9})
+    llama_box.max_forward_rows = 512
+    try:
+        a = _client(llama_box, batch=True).fit("client_000", ins)
+        b = _client(llama_box, batch=False).fit("client_000", ins)
+    finally:
+        llama_box.max_forward_rows = 7
+    assert sorted(a.arrays) == ["fitness", "mean", "sigmas"] and a.arrays["mean"].dtype == np.float32
+    assert a.num_examples == 6 and len(a.arrays["sigmas"]) == a.metrics["generations"] == 3
+    assert a.metrics["forward_calls"] == 3 + 1  # one per generation (clean + perturbed rows together), + the final mean
+    assert b.metrics["forward_calls"] == 3 * 4 + 1
+    # the same ES seed and the same fitness values: the same local search
+    np.testing.assert_allclose(a.arrays["mean"], b.arrays["mean"], atol=1e-4)
+    assert np.isfinite(a.arrays["fitness"]).all() and np.linalg.norm(a.arrays["mean"]) > 0
+
+
+def test_client_starts_from_the_global_covariance(llama_box):
+    from fedtune.fedbpt.client import make_local_es
+
+    d = 6
+    cov = np.diag([4.0, 1, 1, 1, 1, 0.25])
+    es = make_local_es(np.zeros(d), 1.0, 3, LocalSettings(popsize=200, local_iter=1), cov)
+    x = np.array(es.ask())
+    np.testing.assert_allclose(x.std(0)[[0, 5]], [2.0, 0.5], rtol=0.2)

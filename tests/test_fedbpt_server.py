@@ -1,0 +1,192 @@
+"""FedBPT server step against numpy oracles; checkpoint state round trips; reply checks;
+the wire budget. No model is loaded."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fedtune.core.arrays import pack
+from fedtune.core.strategy import FitIns, FitRes
+from fedtune.errors import FedtuneError, UpdateRejected
+from fedtune.fedbpt import objective as O
+from fedtune.fedbpt.strategy import FedBPTStrategy, Fixes, improved_step, local_mu, rank_weights
+
+
+def _strategy(mode, d=40, clients=10, fixes=None, **kw):
+    args = dict(mode=mode, intrinsic_dim=d, sigma0=1.0, seed=1234, rounds=50, num_clients=clients, popsize=5,
+                local_iter=8, fixes=fixes)
+    args.update(kw)
+    return FedBPTStrategy(**args)
+
+
+def _results(rng, global_mean, k, d, step=0.05, sizes=None, dtype=np.float64, n_sigmas=8):
+    out = []
+    for i in range(k):
+        mean = (global_mean + step * rng.standard_normal(d)).astype(dtype)
+        sig = np.abs(1.0 + 0.1 * rng.standard_normal(n_sigmas))
+        out.append(FitRes(f"c{i}", {"mean": mean, "fitness": np.array([rng.random()]), "sigmas": sig},
+                          sizes[i] if sizes else 4))
+    return out
+
+
+def test_rank_weights_are_the_references():
+    w = rank_weights(10)
+    assert w.shape == (10,) and abs(w.sum() - 1) < 1e-12 and np.all(np.diff(w) < 0)
+    np.testing.assert_allclose(w[[0, 1, 2, -1]], [0.2796, 0.1972, 0.1490, 0.0058], atol=1e-4)
+    assert local_mu(5) == 2 and local_mu(20) == 10
+
+
+def test_reference_step_matches_the_numpy_oracle():
+    """One reference round, recomputed by hand: sigma_g from the clients' sigmas, the new mean
+    = rank-weighted client means (small steps: cma does not repair them), C on the wire."""
+    d, k = 40, 10
+    rng = np.random.default_rng(0)
+    s = _strategy("reference", d=d, clients=k)
+    g = s.initial_arrays()
+    assert set(g) == {"mean", "sigma", "C"} and g["mean"].dtype == np.float64 and g["C"].shape == (d, d)
+    res = _results(rng, g["mean"], k, d)
+    new, metrics = s.aggregate_fit(1, g, res)
+    sq = sum(float(np.sum(r.arrays["sigmas"] ** 2)) for r in res)
+    assert metrics["global_sigma"] == pytest.approx(math.sqrt(sq / k / local_mu(5)), rel=1e-12)
+    fit = np.array([r.arrays["fitness"][0] for r in res])
+    order = np.argsort(fit)
+    oracle = sum(w * res[i].arrays["mean"] for w, i in zip(rank_weights(k), order))
+    np.testing.assert_allclose(new["mean"], oracle, atol=1e-12)
+    assert np.allclose(new["C"], np.eye(d), atol=0.02)  # covariance learning rates are small: C stays ~ I
+
+
+def test_reference_sigma_floor_never_holds():
+    """FedBPT's 0.5 floor is undone by the next line: once the carried sigma falls below 0.5 it
+    stays there (we drive it down with client sigmas far below the current one)."""
+    d, k = 40, 10
+    rng = np.random.default_rng(1)
+    s = _strategy("reference", d=d, clients=k)
+    g = s.initial_arrays()
+    sent = []
+    for rnd in range(1, 30):
+        res = _results(rng, g["mean"], k, d, step=1e-4, n_sigmas=8)
+        g, _ = s.aggregate_fit(rnd, g, res)
+        sent.append(float(g["sigma"][0]))
+    assert min(sent) < 0.5  # no floor
+
+
+def test_improved_step_oracle():
+    rng = np.random.default_rng(2)
+    means = rng.standard_normal((4, 30))
+    fit = np.array([0.3, 0.1, 0.4, 0.2])
+    sizes = np.array([1.0, 2.0, 3.0, 4.0])
+    off = Fixes(weight_by_size=True, sigma_decay=0.5, sigma_min=0.2, prompt_norm_max=0.0)
+    mean, sigma, w = improved_step(means, fit, sizes, 1.0, off)
+    np.testing.assert_allclose(mean, (sizes / sizes.sum()) @ means, atol=1e-12)
+    assert sigma == 0.5 and improved_step(means, fit, sizes, 0.3, off)[1] == 0.2  # anneals, the floor holds
+    # rank weights: best fitness gets the largest weight
+    mean, _, w = improved_step(means, fit, sizes, 1.0, Fixes(weight_by_size=False, prompt_norm_max=0.0))
+    np.testing.assert_allclose(w[[1, 3, 0, 2]], rank_weights(4))
+    # the norm ball: radius prompt_norm_max * sqrt(d)
+    big = means * 100
+    mean, _, _ = improved_step(big, fit, sizes, 1.0, Fixes(prompt_norm_max=0.5))
+    assert np.linalg.norm(mean) == pytest.approx(0.5 * math.sqrt(30))
+    # sigma_decay = 1: no annealing
+    assert improved_step(means, fit, sizes, 0.7, Fixes(sigma_decay=1.0))[1] == 0.7
+
+
+def test_seeds_same_for_all_in_reference_distinct_in_improved():
+    ids = [f"client_{i:03d}" for i in range(5)]
+    ref = _strategy("reference", clients=5)
+    imp = _strategy("improved", clients=5)
+    r1 = ref.configure_fit(1, ref.initial_arrays(), ids)
+    assert {ins.config["es_seed"] for ins in r1.values()} == {1234}
+    seeds = [ins.config["es_seed"] for rnd in (1, 2) for ins in imp.configure_fit(rnd, imp.initial_arrays(), ids).values()]
+    assert len(set(seeds)) == 10
+
+
+@pytest.mark.parametrize("mode", ["reference", "improved"])
+def test_state_round_trip_continues_bit_for_bit(mode):
+    d, k = 30, 6
+    a = _strategy(mode, d=d, clients=k)
+    rng = np.random.default_rng(3)
+    g = a.initial_arrays()
+    replies = [_results(rng, np.zeros(d), k, d, step=0.3, dtype=g["mean"].dtype) for _ in range(6)]
+    for rnd in range(1, 4):
+        g, _ = a.aggregate_fit(rnd, g, replies[rnd - 1])
+    arrays, meta = a.state()
+    arrays = {key: np.array(v) for key, v in arrays.items()}
+    import json
+
+    b = _strategy(mode, d=d, clients=k)
+    b.load_state(arrays, json.loads(json.dumps(meta)))  # through JSON, as a checkpoint stores it
+    ga, gb = g, {key: v.copy() for key, v in g.items()}
+    for rnd in range(4, 7):
+        ga, _ = a.aggregate_fit(rnd, ga, replies[rnd - 1])
+        gb, _ = b.aggregate_fit(rnd, gb, replies[rnd - 1])
+        for key in ga:
+            assert np.array_equal(ga[key], gb[key]), (rnd, key)
+
+
+def test_checkpoint_of_another_mode_is_refused():
+    a = _strategy("improved")
+    arrays, meta = a.state()
+    with pytest.raises(FedtuneError, match="mode"):
+        _strategy("reference").load_state(arrays, meta)
+
+
+def test_reference_needs_all_clients():
+    s = _strategy("reference", d=20, clients=10)
+    res = _results(np.random.default_rng(0), np.zeros(20), 7, 20)
+    with pytest.raises(FedtuneError, match="needs all 10"):
+        s.aggregate_fit(1, s.initial_arrays(), res)
+
+
+def test_check_reply_rejects_bad_replies():
+    s = _strategy("improved", d=10)
+    ins = FitIns(s.initial_arrays(), {})
+    good = {"mean": np.zeros(10, np.float32), "fitness": np.array([0.5]), "sigmas": np.ones(3)}
+    s.check_reply(ins, FitRes("c", good, 3))
+    bad_cases = {
+        "keys": {**good, "extra": np.zeros(1)},
+        "shape": {**good, "mean": np.zeros(11, np.float32)},
+        "dtype": {**good, "mean": np.zeros(10, np.float64)},
+        "nan": {**good, "mean": np.full(10, np.nan, np.float32)},
+        "sigmas": {**good, "sigmas": np.ones(9)},
+        "negative": {**good, "sigmas": -np.ones(2)},
+        "fitness": {**good, "fitness": np.array([1.0, 2.0])},
+    }
+    for name, arrays in bad_cases.items():
+        with pytest.raises(UpdateRejected):
+            s.check_reply(ins, FitRes("c", arrays, 3))
+    with pytest.raises(UpdateRejected, match="num_examples"):
+        s.check_reply(ins, FitRes("c", good, 0))
+
+
+def test_improved_wire_is_under_8_kb_each_way_at_d_500():
+    s = _strategy("improved", d=500)
+    down = len(pack(s.initial_arrays()))
+    up = len(pack({"mean": np.zeros(500, np.float32), "fitness": np.zeros(1), "sigmas": np.ones(8)}))
+    assert down <= 8192 and up <= 8192, (down, up)
+    ref = _strategy("reference", d=500)
+    assert len(pack(ref.initial_arrays())) > 1_000_000  # the reference ships its covariance matrix
+
+
+def test_losses_against_torch():
+    import torch
+
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((3, 7, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, 7)
+    for p in range(3):
+        t, y = torch.tensor(logits[p]), torch.tensor(labels)
+        assert O.ce_loss(logits, labels)[p] == pytest.approx(float(torch.nn.functional.cross_entropy(t, y)), rel=1e-5)
+        assert O.hinge_loss(logits, labels)[p] == pytest.approx(
+            float(torch.nn.functional.multi_margin_loss(t, y, margin=2.0)), rel=1e-5)
+        assert O.loss("perf", logits, labels)[p] == pytest.approx(-float((t.argmax(1) == y).float().mean()))
+    f = O.fitness("ce", logits, labels, logits[::-1].copy())
+    np.testing.assert_allclose(f, O.ce_loss(logits, labels) / O.ce_loss(logits[::-1], labels))
+
+
+def test_f1_binary_and_macro():
+    labels = np.array([1, 1, 0, 0, 1])
+    logits = np.zeros((1, 5, 2))
+    logits[0, [0, 2, 3], 1] = 1.0  # predict 1 on rows 0, 2, 3
+    # tp = 1 (row 0), fp = 2 (rows 2, 3), fn = 2 (rows 1, 4): F1 = 2 / (2 + 2 + 2)
+    assert O.f1(logits, labels)[0] == pytest.approx(2 / 6)
