@@ -1,8 +1,11 @@
 """A real NVIDIA FLARE deployment on localhost: `nvflare poc prepare` provisions a server and
-two sites (certificates for mutual TLS), the test starts each as a process of its own, writes
-each site's own site config (its data path), exports the job with `fedtune nvflare export`,
-submits it with the admin startup kit, waits, downloads and checks the result. It stops only
-the processes it started, in `finally`, and the whole test is bounded in time.
+three sites (certificates for mutual TLS), the test starts each as a process of its own, writes
+each site's own site config (its data path; site-3's path does not exist), exports a two-round
+FedBPT job on a tiny model with `fedtune nvflare export`, submits it with the admin startup
+kit, waits, downloads the result and collects it with `fedtune nvflare collect`. site-3 is
+dropped each round with its name and path, and the run goes on with the two others
+(server.min_clients = 2). The test stops only the processes it started, in `finally`, and
+the whole test is bounded in time.
 
 The server listens on a free loopback port (the server is provisioned under the name
 `localhost`, so FLARE binds 127.0.0.1 only); HOME and the POC workspace are temporary, so
@@ -49,6 +52,9 @@ participants:
   - name: site-2
     type: client
     org: fedtune
+  - name: site-3
+    type: client
+    org: fedtune
 builders:
   - path: nvflare.lighter.impl.workspace.WorkspaceBuilder
   - path: nvflare.lighter.impl.static_file.StaticFileBuilder
@@ -71,11 +77,17 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_poc_deployment_two_sites_mutual_tls(tiny_llama, tmp_path):
-    from fedtune.data import skills
+def _task_rows(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    pos, neg = ["the movie was great", "It was good", "good movie"], ["the movie was terrible", "It was bad", "bad news"]
+    return [r for _ in range(n) for r in ({"sentence": str(rng.choice(pos)), "label": 1},
+                                          {"sentence": str(rng.choice(neg)), "label": 0})]
 
+
+def test_poc_deployment_fedbpt_mutual_tls(tiny_llama, tmp_path):
     deadline = time.monotonic() + HARD_LIMIT
     bin_dir = str(Path(sys.executable).parent)
+    nvflare = str(Path(bin_dir) / "nvflare")
     env = dict(os.environ, HOME=str(tmp_path / "home"), NVFLARE_POC_WORKSPACE=str(tmp_path / "poc"),
                PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     env.pop("FEDTUNE_SITE_CONFIG", None)  # each site must find its own config in its startup kit
@@ -87,26 +99,30 @@ def test_poc_deployment_two_sites_mutual_tls(tiny_llama, tmp_path):
         assert r.returncode == 0, f"{args}: {r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         return r.stdout + r.stderr
 
-    # --- provision: server + 2 sites + an admin, each with its certificate (mutual TLS)
+    # --- provision: server + 3 sites + an admin, each with its certificate (mutual TLS)
     port = _free_port()
     (tmp_path / "project.yml").write_text(PROJECT.format(port=port))
-    cli(str(Path(bin_dir) / "nvflare"), "poc", "prepare", "-i", str(tmp_path / "project.yml"), "--force")
+    cli(nvflare, "poc", "prepare", "-i", str(tmp_path / "project.yml"), "--force")
     prod = tmp_path / "poc" / "fedtune_poc" / "prod_00"
-    server, sites, admin = prod / "localhost", [prod / "site-1", prod / "site-2"], prod / "admin@fedtune.test"
+    server, admin = prod / "localhost", prod / "admin@fedtune.test"
+    sites = [prod / "site-1", prod / "site-2", prod / "site-3"]
     assert json.loads((server / "startup" / "fed_server.json").read_text())["servers"][0]["connection_security"] == "mtls"
     for kit in [server, *sites, admin]:
         assert (kit / "startup" / "rootCA.pem").is_file()
 
-    # --- each site's own data and own site config (the job names no data)
-    rows = [r.to_json() for r in skills.generate(8, 1)]
-    for i, kit in enumerate(sites):
-        data = write_jsonl(tmp_path / f"data_{kit.name}.jsonl", rows[i::2])
-        (kit / "local" / "fedtune_site.toml").write_text(f'[sites."{kit.name}"]\ndata_path = {json.dumps(str(data))}\n')
+    # --- each site's own data, named in its own site config; site-3's file is not there
+    paths = {"site-1": write_jsonl(tmp_path / "site1.jsonl", _task_rows(4, 1)),
+             "site-2": write_jsonl(tmp_path / "site2.jsonl", _task_rows(3, 2)),
+             "site-3": tmp_path / "site3" / "missing.jsonl"}
+    for kit in sites:
+        (kit / "local" / "fedtune_site.toml").write_text(
+            f'[sites."{kit.name}"]\ndata_path = {json.dumps(str(paths[kit.name]))}\n')
 
-    # --- the job, exported by fedtune's CLI
+    # --- the job: two rounds of FedBPT on the tiny model, exported by fedtune's CLI
     config = tmp_path / "job.toml"
     config.write_text(f"""
 [run]
+algorithm = "fedbpt"
 name = "poc-test"
 rounds = 2
 [model]
@@ -114,17 +130,25 @@ name = {json.dumps(str(tiny_llama))}
 autocast = "off"
 [server]
 min_clients = 2
-[train]
-max_steps = 2
-batch_size = 4
-micro_batch_size = 2
+round_retries = 0
+[task]
+name = "custom"
+text_columns = ["sentence"]
+template = "<P> . {{sentence}} . It was <mask> ."
+verbalizer = {{"0" = "was", "1" = "the"}}
+[fedbpt]
+intrinsic_dim = 8
+n_prompt_tokens = 4
+popsize = 4
+local_iter = 2
+max_seq_len = 32
 """)
     cli(sys.executable, "-m", "fedtune.cli", "nvflare", "export", str(config), "--out", str(tmp_path / "job"))
 
     started: list[subprocess.Popen] = []
     logs = {}
     try:
-        # --- start the server, then the two sites: three processes of their own
+        # --- start the server, then the three sites: four processes of their own
         for kit in [server, *sites]:
             logs[kit.name] = open(tmp_path / f"{kit.name}.log", "w")
             started.append(subprocess.Popen(["bash", str(kit / "startup" / "sub_start.sh"), "--once"], env=env,
@@ -136,11 +160,11 @@ micro_batch_size = 2
 
         # --- submit, wait, download
         kit = ["--startup-kit", str(admin)]
-        out = cli(str(Path(bin_dir) / "nvflare"), "job", "submit", "-j", str(tmp_path / "job"), *kit)
+        out = cli(nvflare, "job", "submit", "-j", str(tmp_path / "job"), *kit)
         job_id = re.search(r"job_id:\s*(\S+)", out).group(1)
-        out = cli(str(Path(bin_dir) / "nvflare"), "job", "wait", job_id, "--timeout", "150", *kit, timeout=170)
+        out = cli(nvflare, "job", "wait", job_id, "--timeout", "150", *kit, timeout=170)
         assert "FINISHED:COMPLETED" in out, out
-        cli(str(Path(bin_dir) / "nvflare"), "job", "download", job_id, "-o", str(tmp_path / "result"), *kit)
+        cli(nvflare, "job", "download", job_id, "-o", str(tmp_path / "result"), *kit)
     finally:
         for p in started:  # only what this test started, with everything below it
             kill_tree(p.pid)
@@ -148,16 +172,30 @@ micro_batch_size = 2
             f.close()
     assert all(p.poll() is not None for p in started)
 
-    # --- the result: two rounds, both sites in each, the global adapter moved
+    # --- the result: two rounds from site-1 and site-2; site-3 dropped with its name and path
     results = tmp_path / "result" / job_id / "workspace" / "fedtune"
     recs = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in recs] == [1, 2]
     for r in recs:
-        assert sorted(c["id"] for c in r["clients"]) == ["site-1", "site-2"] and not r["dropped"]
-        assert all(c["examples"] > 0 and np.isfinite(c["train_loss"]) for c in r["clients"])
+        assert sorted(c["id"] for c in r["clients"]) == ["site-1", "site-2"]
+        assert [c["examples"] for c in sorted(r["clients"], key=lambda c: c["id"])] == [8, 6]
+        assert all(np.isfinite(c["train_loss"]) for c in r["clients"])
+        (drop,) = r["dropped"]
+        assert drop["id"] == "site-3" and f"site 'site-3': data path {paths['site-3']} does not exist" in drop["reason"]
     initial = A.unpack((tmp_path / "job" / "app" / "custom" / "fedtune_initial.safetensors").read_bytes())
     final = A.unpack((results / "global.safetensors").read_bytes())
-    assert sorted(final) == sorted(initial)
-    assert any(not np.array_equal(final[k], initial[k]) for k in initial)
-    site_log = (tmp_path / "site-1.log").read_text()
-    assert site_log.count("fedtune site site-1: data ") == 1  # launched once, kept across both rounds
+    assert sorted(final) == sorted(initial) == ["mean", "sigma"]
+    assert np.linalg.norm(final["mean"]) > 0 and final["sigma"][0] < initial["sigma"][0]  # moved and annealed
+    assert (tmp_path / "site-1.log").read_text().count("fedtune site site-1: data ") == 1  # launched once
+    # the job carried no data path; the sites named theirs
+    job = json.loads((tmp_path / "job" / "app" / "custom" / "fedtune_job.json").read_text())
+    assert job["config"]["task"]["train_path"] == "" and job["config"]["data"]["path"] == ""
+
+    # --- collect: the global prompt as a run folder, usable by `fedtune classify`
+    cli(sys.executable, "-m", "fedtune.cli", "nvflare", "collect", str(tmp_path / "result" / job_id),
+        "--out", str(tmp_path / "run"))
+    from fedtune.fedbpt.prompt import load_prompt
+
+    z, _, meta = load_prompt(tmp_path / "run" / "prompt")
+    np.testing.assert_array_equal(z, final["mean"].astype(np.float32))
+    assert meta["round"] == 2 and json.loads((tmp_path / "run" / "summary.json").read_text())["dropped"] == 2

@@ -89,37 +89,17 @@ def _run_job(tmp_path, model, sites: dict[str, Path], min_clients: int):
     return ws / "server" / "simulate_job" / "fedtune", initial, rc
 
 
-def _rows(n, seed=0):
-    from fedtune.data import skills
-
-    return [r.to_json() for r in skills.generate(n, seed)]
-
-
-def test_a_site_without_data_is_dropped_with_site_and_path_and_the_run_goes_on(tiny_llama, tmp_path):
-    good = write_jsonl(tmp_path / "good.jsonl", _rows(6))
+def test_too_few_sites_with_data_stops_the_run_with_a_clear_error(tiny_llama, tmp_path):
+    """Each site without data fails with its name and path; below server.min_clients the run
+    stops with one error naming every site's reason. (A site without data in a run that goes
+    on is in test_nvflare_poc.py, on a real deployment.)"""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     missing = tmp_path / "nowhere" / "b.jsonl"
-    results, initial, rc = _run_job(tmp_path, tiny_llama, {"site-a": good, "site-b": missing, "site-c": empty},
-                                    min_clients=1)
-    assert (results / "done.json").is_file(), (tmp_path / "sim.log").read_text()[-3000:]
-    recs = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in recs] == [1, 2]
-    for r in recs:
-        assert [c["id"] for c in r["clients"]] == ["site-a"]
-        reasons = {d["id"]: d["reason"] for d in r["dropped"]}
-        assert f"site 'site-b': data path {missing} does not exist" in reasons["site-b"]
-        assert f"site 'site-c': data path {empty} is empty" in reasons["site-c"]
-    final = A.unpack((results / "global.safetensors").read_bytes())
-    assert any(not np.array_equal(final[k], initial[k]) for k in initial)  # site-a's updates were aggregated
-
-
-def test_too_few_sites_with_data_stops_the_run_with_a_clear_error(tiny_llama, tmp_path):
-    good = write_jsonl(tmp_path / "good.jsonl", _rows(6))
-    missing = tmp_path / "missing.jsonl"
-    results, _, _ = _run_job(tmp_path, tiny_llama, {"site-a": good, "site-b": missing}, min_clients=2)
+    results, _, _ = _run_job(tmp_path, tiny_llama, {"site-a": empty, "site-b": missing}, min_clients=1)
     err = (results / "error.txt").read_text()
-    assert "round 1: 1 site update(s) arrived" in err and "server.min_clients = 2" in err
+    assert "round 1: 0 site update(s) arrived" in err and "server.min_clients = 1" in err
+    assert f"site-a: site 'site-a': data path {empty} is empty" in err
     assert f"site-b: site 'site-b': data path {missing} does not exist" in err
     assert not (results / "done.json").exists()
 
@@ -176,3 +156,48 @@ def test_replies_must_be_plain_arrays_and_numbers():
         reply_to_fitres("s", FLModel(params=ok.params, meta={S.META_EXAMPLES: 4, S.META_METRICS: '{"x": [1]}'}))
     with pytest.raises(RuntimeError, match="site 's': boom"):
         reply_to_fitres("s", FLModel(params={}, meta={S.META_ERROR: "site 's': boom"}))
+
+
+# ----------------------------------------------------------------------------- FedBPT parity
+
+
+def _bpt_task(tmp_path) -> list[str]:
+    """A two-class task on the tiny Llama (its words are single tokens of the tiny tokenizer)."""
+    rng = np.random.default_rng(0)
+    pos, neg = ["the movie was great", "It was good", "good movie"], ["the movie was terrible", "It was bad", "bad news"]
+
+    def rows(n):
+        return [r for _ in range(n) for r in ({"sentence": str(rng.choice(pos)), "label": 1},
+                                              {"sentence": str(rng.choice(neg)), "label": 0})]
+
+    train, test = write_jsonl(tmp_path / "train.jsonl", rows(12)), write_jsonl(tmp_path / "test.jsonl", rows(4))
+    return ["run.algorithm='fedbpt'", "task.name='custom'", f"task.train_path={json.dumps(str(train))}",
+            f"task.test_path={json.dumps(str(test))}", "task.text_columns=['sentence']",
+            "task.template='<P> . {sentence} . It was <mask> .'", "task.verbalizer={0 = 'was', 1 = 'the'}",
+            "task.k_shot=6", "task.dev_shots=2", "partition.method='iid'", "fedbpt.intrinsic_dim=8",
+            "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2", "fedbpt.max_seq_len=32"]
+
+
+def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path):
+    from fedtune.engines import nvflare
+    from fedtune.fedbpt import recipe
+
+    overrides = _tiny(tiny_llama) + _bpt_task(tmp_path)
+    emb, flr = tmp_path / "embedded", tmp_path / "flare"
+    emb.mkdir(), flr.mkdir()
+    se = recipe.run(C.load(None, overrides), emb)
+    sf = nvflare.run(C.load(None, overrides), flr)
+    a = A.unpack((emb / "checkpoint" / "global.safetensors").read_bytes())
+    b = A.unpack((Path(sf["nvflare"]["results"]) / "global.safetensors").read_bytes())
+    assert sorted(a) == sorted(b) and np.linalg.norm(a["mean"]) > 0
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    for part in ("zero_prompt", "best", "final"):
+        assert sf[part]["dev"]["loss"] == pytest.approx(se[part]["dev"]["loss"], abs=1e-6)
+        assert sf[part]["test"]["accuracy"] == pytest.approx(se[part]["test"]["accuracy"], abs=1e-9)
+    assert (flr / "prompt" / "prompt.json").is_file() and sf["selected"] == se["selected"]
+    ra = [json.loads(x) for x in (emb / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(ra, rb):
+        assert x["selected"] == y["selected"] and x["bytes_up"] == y["bytes_up"]
+        assert x["aggregate"]["sigma"] == pytest.approx(y["aggregate"]["sigma"], abs=1e-9)

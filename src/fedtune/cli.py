@@ -114,6 +114,15 @@ def cmd_nvflare_export(args) -> int:
     return 0
 
 
+def cmd_nvflare_collect(args) -> int:
+    from fedtune.engines import nvflare
+
+    console = _console()
+    nvflare.collect(args.result_dir, args.out, args.overrides, console)
+    console.print(f"run folder: {args.out}")
+    return 0
+
+
 def cmd_partition(args) -> int:
     from rich.table import Table
 
@@ -303,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.add_argument("--out", metavar="JOB_DIR", required=True, help="job folder to write (new or empty)")
     q.set_defaults(func=cmd_nvflare_export)
+    q = nv.add_parser("collect", help="turn a downloaded job result into a run folder (adapter or prompt)",
+                      description="Turn a deployment's result (`nvflare job download JOB_ID -o DIR`, then DIR/JOB_ID) "
+                                  "into a run folder: metrics.jsonl, config.toml, summary.json and the global adapter "
+                                  "(FedIT, PEFT format) or prompt (FedBPT). Loads the base model named in the job "
+                                  "(override with --set model.name=...).")
+    q.add_argument("result_dir", metavar="RESULT_DIR", help="the downloaded job result (holds workspace/fedtune/)")
+    q.add_argument("--out", metavar="RUN_DIR", required=True, help="run folder to write (new or empty)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the job's config, e.g. --set model.name=/models/SmolLM2")
+    q.set_defaults(func=cmd_nvflare_collect)
 
     p = sub.add_parser("classify", help="label text with a saved FedBPT global prompt",
                        description="Label text with a saved FedBPT global prompt (RUN_DIR/prompt): the model it "

@@ -75,8 +75,8 @@ def run(cfg, run_dir: Path, resume: bool = False, console=None) -> dict:
     site_config = nv / "site_config.toml"
     lines = ["# fedtune site config for FLARE's simulator: each site reads its own entry", ""]
     for site, path in site_files.items():
-        lines += [f'[sites."{site}"]', f"data_path = {json.dumps(str(path.resolve()))}",
-                  f'format = "{local.site_format}"', ""]
+        lines += [f'[sites."{site}"]', f"data_path = {json.dumps(str(path.resolve()))}"]
+        lines += [f'format = "{local.site_format}"', ""] if local.site_format else [""]
     site_config.write_text("\n".join(lines), encoding="utf-8")
 
     # --- FLARE's simulator: server and sites, each site script a process of its own
@@ -111,24 +111,65 @@ def run(cfg, run_dir: Path, resume: bool = False, console=None) -> dict:
     if not (results / "done.json").is_file():
         raise FedtuneError(f"FLARE's simulator exited (code {rc}) before the run finished; see {log_path}")
 
-    # --- held-out evaluation of each round's global arrays, and the run folder's files
+    # --- what the embedded recipe does around the rounds: evaluation, saved outputs, the summary
     records = read_results(results)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     for rec in records:
         rnd = rec["round"]
-        arrays = A.unpack((results / "rounds" / f"round_{rnd:03d}.safetensors").read_bytes())
-        if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
-            t_eval = time.perf_counter()
-            rec["eval"] = local.evaluate(rnd, arrays)
-            rec["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
-            if console:
-                console.print(local.round_line(rec))
+        local.on_round(rnd, A.unpack((results / "rounds" / f"round_{rnd:03d}.safetensors").read_bytes()), rec, run_dir)
         rec["engine"] = "nvflare"
-        if cfg.run.save_every_round:
-            local.save(arrays, run_dir / "rounds" / f"round_{rnd:03d}")
         append_metrics(run_dir, rec)
-    local.save(A.unpack((results / "global.safetensors").read_bytes()), run_dir / algorithm.output)
-    summary = local.summary(len(records), records[-1].get("eval", {}))
+        if console and "eval" in rec:
+            console.print(local.round_line(rec))
+    summary = local.finish(run_dir, records, A.unpack((results / "global.safetensors").read_bytes()))
     summary["nvflare"] = {"workspace": str(workspace), "results": str(results), "simulator_exit_code": rc}
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def find_results(result_dir: Path) -> tuple[Path, Path]:
+    """(the server's fedtune/ results folder, the job's app folder) inside a downloaded job result
+    (`nvflare job download JOB_ID -o DIR` gives DIR/JOB_ID/{job,workspace})."""
+    result_dir = Path(result_dir)
+    candidates = [result_dir / "workspace" / "fedtune", result_dir / "fedtune", result_dir]
+    results = next((c for c in candidates if (c / "metrics.jsonl").is_file() or (c / "error.txt").is_file()), None)
+    if results is None:
+        raise FedtuneError(f"{result_dir}: no fedtune results (expected workspace/fedtune/metrics.jsonl from "
+                           "`nvflare job download JOB_ID -o DIR`, i.e. DIR/JOB_ID)")
+    jobs = sorted(result_dir.rglob("fedtune_job.json"))
+    if not jobs:
+        raise FedtuneError(f"{result_dir}: no fedtune_job.json (the downloaded job folder holds it under job/)")
+    return results, jobs[0].parent.parent
+
+
+def collect(result_dir: str | Path, out: str | Path, overrides: list[str] | None = None, console=None) -> dict:
+    """`fedtune nvflare collect`: turn a deployment's downloaded result into a run folder:
+    metrics.jsonl, config.toml, the global adapter (FedIT, PEFT format) or prompt (FedBPT),
+    summary.json. The model is loaded here (model.name can be overridden)."""
+    from fedtune import config as C
+    from fedtune.core import arrays as A
+    from fedtune.engines.nvflare.job import read_job_files
+
+    results, app_dir = find_results(Path(result_dir))
+    err = results / "error.txt"
+    if err.is_file():
+        raise FedtuneError(f"the FLARE run stopped: {err.read_text(encoding='utf-8').strip()}")
+    if not (results / "done.json").is_file():
+        raise FedtuneError(f"{results}: the run did not finish (no done.json); see the server's log in {result_dir}")
+    cfg, algorithm, _ = read_job_files(app_dir, overrides=overrides)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FedtuneError(f"{out} is not empty; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_results(results)
+    shutil.copy(results / "metrics.jsonl", out / "metrics.jsonl")
+    C.save(cfg, out / "config.toml")
+    written = algorithm.write_output(cfg, A.unpack((results / "global.safetensors").read_bytes()),
+                                     out / algorithm.output, len(records))
+    sites = sorted({c["id"] for r in records for c in r["clients"]})
+    summary = {"algorithm": cfg.run.algorithm, "engine": "nvflare", "rounds": len(records), "sites": sites,
+               "final": {}, "dropped": sum(len(r["dropped"]) for r in records), "source": str(results)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if console:
+        console.print(f"{len(records)} rounds from sites {', '.join(sites)} · {algorithm.output}: {written}")
     return summary

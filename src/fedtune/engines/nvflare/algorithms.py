@@ -3,7 +3,7 @@
 For every algorithm (FedIT, FedBPT) the engine needs four things:
 - `initial_arrays(cfg)`: the initial global arrays, computed where the job is built
   (the server then loads no model);
-- `strategy(cfg, initial)`: the server step, the same Strategy object the embedded
+- `strategy(cfg, initial, sites)`: the server step, the same Strategy object the embedded
   simulator drives (no second FedAvg or CMA-ES);
 - `site_client(cfg, settings)`: on a site, the algorithm's ClientApp over that site's own
   data (read from the path in its site config), loaded once and kept across rounds;
@@ -14,6 +14,7 @@ For every algorithm (FedIT, FedBPT) the engine needs four things:
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,11 +95,15 @@ class FedITLocal:
             write_jsonl(rows, out[cid])
         return out
 
-    def evaluate(self, rnd: int, arrays: Arrays) -> dict:
-        return self.fed.evaluate(arrays, generate=self.cfg.eval.generate and rnd == self.cfg.run.rounds)
-
-    def save(self, arrays: Arrays, path: Path) -> Path:
-        return self.fed.save(arrays, path)
+    def on_round(self, rnd: int, arrays: Arrays, record: dict, run_dir: Path) -> None:
+        """What the embedded recipe does at the end of a round: held-out evaluation, round adapter."""
+        cfg = self.cfg
+        if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
+            t_eval = time.perf_counter()
+            record["eval"] = self.fed.evaluate(arrays, generate=cfg.eval.generate and rnd == cfg.run.rounds)
+            record["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
+        if cfg.run.save_every_round:
+            self.fed.save(arrays, run_dir / "rounds" / f"round_{rnd:03d}")
 
     def round_line(self, record: dict) -> str:
         losses = [c["train_loss"] for c in record["clients"] if "train_loss" in c]
@@ -112,9 +117,10 @@ class FedITLocal:
             msg += f" · dropped {len(record['dropped'])}"
         return msg
 
-    def summary(self, rounds: int, final_eval: dict) -> dict:
-        out = {"algorithm": "fedit", "engine": "nvflare", "rounds": rounds, "final": final_eval,
-               "client_sizes": self.sizes}
+    def finish(self, run_dir: Path, records: list[dict], final: Arrays) -> dict:
+        self.fed.save(final, run_dir / "adapter")
+        out = {"algorithm": "fedit", "engine": "nvflare", "rounds": len(records),
+               "final": records[-1].get("eval", {}), "client_sizes": self.sizes}
         if self.cfg.eval.compare_base:  # B = 0: the initial adapter is the base model exactly
             out["base"] = self.fed.evaluate(self.initial, generate=self.cfg.eval.generate)
         return out
@@ -132,7 +138,7 @@ class FedITAlgorithm:
         peft_model = attach_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
         return init_adapter(AdapterSlot(peft_model).shapes(), cfg.run.seed)
 
-    def strategy(self, cfg, initial: Arrays):
+    def strategy(self, cfg, initial: Arrays, sites: list[str]):
         from fedtune.fedit.recipe import build_strategy
 
         return build_strategy(cfg, initial)
@@ -143,6 +149,15 @@ class FedITAlgorithm:
     def local_run(self, cfg) -> FedITLocal:
         return FedITLocal(cfg)
 
+    def write_output(self, cfg, arrays: Arrays, folder: Path, rounds: int) -> Path:
+        """The global adapter in PEFT's format (`fedtune nvflare collect`), from the model's LoRA config."""
+        from fedtune.fedit.lora import attach_lora, save_adapter
+        from fedtune.models import load_causal_lm
+
+        peft_model = attach_lora(load_causal_lm(cfg.model).model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                                 cfg.lora.target_modules)
+        return save_adapter(arrays, peft_model.peft_config["default"], folder)
+
 
 # ----------------------------------------------------------------------------- registry
 
@@ -151,10 +166,7 @@ def get_algorithm(name: str):
     if name == "fedit":
         return FedITAlgorithm()
     if name == "fedbpt":
-        try:
-            from fedtune.engines.nvflare.fedbpt_glue import FedBPTAlgorithm
-        except ImportError as e:
-            raise ConfigError(f"run.algorithm = 'fedbpt' on NVIDIA FLARE needs fedtune.fedbpt, which this "
-                              f"installation lacks ({e})") from None
+        from fedtune.engines.nvflare.fedbpt_glue import FedBPTAlgorithm
+
         return FedBPTAlgorithm()
     raise ConfigError(f"run.algorithm = '{name}' is not available on NVIDIA FLARE (fedit, fedbpt)")

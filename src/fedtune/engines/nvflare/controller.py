@@ -116,8 +116,8 @@ class FedtuneController(ModelController):
 
         app_dir = Path(self.engine.get_workspace().get_app_dir(self.fl_ctx.get_job_id()))
         cfg, algorithm, initial = read_job_files(app_dir, with_initial=True)
-        strategy = algorithm.strategy(cfg, initial)
         sites = sorted(c.name for c in self.engine.get_clients())
+        strategy = algorithm.strategy(cfg, initial, sites)
         index = {cid: i for i, cid in enumerate(sites)}
         s = cfg.server
         timeout = int(math.ceil(s.client_timeout)) if s.client_timeout > 0 else 0

@@ -59,6 +59,8 @@ def build_job(cfg, initial: A.Arrays, python: str):
     raw = cfg.to_dict()
     raw["model"]["name"] = _absolute_model_name(cfg.model.name)
     raw["data"]["path"] = raw["data"]["test_path"] = ""  # sites name their own data; the job carries none
+    if "task" in raw:
+        raw["task"]["train_path"] = raw["task"]["test_path"] = ""
     C.from_dict(raw, "the job's config")  # what a site will load must validate here first
     stage = Path(tempfile.mkdtemp(prefix="fedtune-job-"))
     (stage / JOB_FILE).write_text(json.dumps({"fedtune_version": __version__, "algorithm": cfg.run.algorithm,
@@ -96,8 +98,9 @@ def export(cfg, initial: A.Arrays, out: Path, python: str) -> Path:
     return out
 
 
-def read_job_files(app_dir: Path, with_initial: bool = False):
-    """(config, algorithm, initial arrays or None) from a job's app folder, on a site or the server."""
+def read_job_files(app_dir: Path, with_initial: bool = False, overrides: list[str] | None = None):
+    """(config, algorithm, initial arrays or None) from a job's app folder, on a site or the server
+    (or, with `overrides`, where a downloaded result is collected)."""
     from fedtune import config as C
     from fedtune.engines.nvflare.algorithms import get_algorithm
 
@@ -110,7 +113,10 @@ def read_job_files(app_dir: Path, with_initial: bool = False):
     if meta.get("fedtune_version") != __version__:
         raise FedtuneError(f"{path}: the job was built with fedtune {meta.get('fedtune_version')}, but this "
                            f"machine runs fedtune {__version__}; install the same version everywhere")
-    cfg = C.from_dict(meta["config"], str(path))
+    raw = meta["config"]
+    for item in overrides or []:
+        C.apply_override(raw, item)
+    cfg = C.from_dict(raw, str(path))
     initial = None
     if with_initial:
         try:
