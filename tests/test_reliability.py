@@ -166,7 +166,7 @@ def test_thirty_percent_of_client_calls_fail_and_the_run_finishes(tmp_path, capl
     for r in recs:
         assert len(r["clients"]) >= 8
         got = {c["id"] for c in r["clients"]}
-        assert not got & {d["id"] for d in r["dropped"] if d["attempt"] == r["attempts"] - 1}
+        assert not got & {d["id"] for d in r["dropped"] if d["attempt"] == r["attempts"]}
     # every drop was logged with its reason
     logged = "\n".join(rec.getMessage() for rec in caplog.records)
     assert logged.count("dropped") == len(drops)
@@ -200,7 +200,7 @@ def test_a_round_below_min_clients_is_retried():
     state = sim.run()
     r2 = state.history[1]
     assert r2["attempts"] == 2 and [c["id"] for c in r2["clients"]] == clients.ids
-    assert [(d["id"], d["attempt"], d["cause"]) for d in r2["dropped"]] == [(c, 0, "error") for c in clients.ids]
+    assert [(d["id"], d["attempt"], d["cause"]) for d in r2["dropped"]] == [(c, 1, "error") for c in clients.ids]
     assert "ConnectionError: connection reset" in r2["dropped"][0]["reason"]
     assert state.history[0]["attempts"] == state.history[2]["attempts"] == 1
 

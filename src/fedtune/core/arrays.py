@@ -21,9 +21,13 @@ def pack(arrays: Arrays, metadata: dict[str, str] | None = None) -> bytes:
 
 
 def unpack(blob: bytes) -> Arrays:
-    """Deserialize safetensors bytes; raises UpdateRejected on anything that is not one."""
+    """Deserialize safetensors bytes; raises UpdateRejected on anything that is not one.
+
+    Keys come back sorted: safetensors returns them in an arbitrary order that changes
+    from call to call, and a client that walks its arrays in order (drawing noise, say)
+    must see the same order on every run."""
     try:
-        return dict(_st_load(blob))
+        return dict(sorted(_st_load(blob).items()))
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise UpdateRejected(f"payload is not a valid safetensors blob: {e}") from None
 

@@ -97,7 +97,7 @@ class Simulator:
         """One client call. Returns (its result, its record), or (None, a drop record with the reason)."""
         self._wait_for_late_calls()
         fault = self.faults.draw(rnd, attempt, cid) if self.faults else None
-        drop = {"id": cid, "attempt": attempt, "injected": fault is not None}
+        drop = {"id": cid, "attempt": attempt + 1, "injected": fault is not None}  # attempts count from 1
         try:
             res, b_down, b_up, seconds = self._call_client(cid, ins, fault)
             self.strategy.check_reply(ins, res)  # raises UpdateRejected with the reason
@@ -115,11 +115,11 @@ class Simulator:
             if not isinstance(e, InjectedFault):
                 drop["traceback"] = traceback.format_exc(limit=3)
         else:
-            record = {"id": cid, "attempt": attempt, "examples": res.num_examples, "bytes_down": b_down,
+            record = {"id": cid, "attempt": attempt + 1, "examples": res.num_examples, "bytes_down": b_down,
                       "bytes_up": b_up, "seconds": round(seconds, 4)}
             record.update({k: v for k, v in res.metrics.items() if k not in record})
             return res, record
-        log.warning("round %d: client %s dropped (attempt %d): %s", rnd, cid, attempt + 1, drop["reason"])
+        log.warning("round %d: client %s dropped (attempt %d): %s", rnd, cid, drop["attempt"], drop["reason"])
         return None, drop
 
     def _wait_for_late_calls(self) -> None:
