@@ -37,14 +37,20 @@ def _new_run_dir(cfg, out: str | None) -> Path:
         d = Path(out)
         if (d / "metrics.jsonl").exists() or (d / "checkpoint").exists():
             raise FedtuneError(f"{d} already holds a run; continue it with --resume {d}, or choose another --out")
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        return _make_dir(d, "--out")
     base = Path(cfg.run.out_dir) / cfg.run.name
     d, i = base, 1
-    while d.exists() and any(d.iterdir()):
+    while d.is_dir() and any(d.iterdir()):
         i += 1
         d = base.with_name(f"{base.name}-{i}")
-    d.mkdir(parents=True, exist_ok=True)
+    return _make_dir(d, "run.out_dir / run.name")
+
+
+def _make_dir(d: Path, what: str) -> Path:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a name too long
+        raise FedtuneError(f"{what}: cannot create the run folder {d}: {e.strerror or e}") from None
     return d
 
 

@@ -329,6 +329,18 @@ def validate(cfg: Config, source: str = "config") -> None:
 
     need(cfg.run.rounds >= 1, f"run.rounds must be >= 1, got {cfg.run.rounds}")
     need(cfg.run.eval_every >= 1, f"run.eval_every must be >= 1, got {cfg.run.eval_every}")
+    need(0 <= cfg.run.seed < 2**63, f"run.seed must be in [0, 2**63), got {cfg.run.seed}")
+    need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    need(cfg.eval.max_examples >= 0, f"eval.max_examples must be >= 0 (0 = all), got {cfg.eval.max_examples}")
+    need(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {cfg.eval.max_new_tokens}")
+    need(cfg.data.max_rows >= 0, f"data.max_rows must be >= 0 (0 = all), got {cfg.data.max_rows}")
+    need(cfg.data.demo_rows_per_skill >= 1, f"data.demo_rows_per_skill must be >= 1, got {cfg.data.demo_rows_per_skill}")
+    need(cfg.train.max_steps >= 0, f"train.max_steps must be >= 0 (0 = use train.epochs), got {cfg.train.max_steps}")
+    need(cfg.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {cfg.train.weight_decay}")
+    need(cfg.train.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {cfg.train.warmup_steps}")
+    need(cfg.train.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = off), got {cfg.train.max_grad_norm}")
+    need(cfg.partition.min_client_size >= 0, f"partition.min_client_size must be >= 0, got {cfg.partition.min_client_size}")
+    need(cfg.lora.alpha >= 1, f"lora.alpha must be >= 1, got {cfg.lora.alpha}")
     need(cfg.partition.num_clients >= 1, f"partition.num_clients must be >= 1, got {cfg.partition.num_clients}")
     need(0.0 < cfg.server.fraction <= 1.0, f"server.fraction must be in (0, 1], got {cfg.server.fraction}")
     need(cfg.server.clients_per_round >= 0, "server.clients_per_round must be >= 0")
@@ -430,14 +442,23 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            if not text.strip():
+                raise ConfigError(f"{p}: the config file is empty (leave CONFIG out to run the defaults)")
+            raw = tomllib.loads(text)
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: invalid TOML: arrays or tables nested too deeply") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read the config file: {e.strerror or e}") from None
         source = str(p)
     for item in overrides or []:
         apply_override(raw, item)
+    if overrides:
+        source += " with --set"  # a bad value may come from either
     return from_dict(raw, source)
 
 
@@ -453,6 +474,8 @@ def apply_override(raw: dict, item: str) -> None:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
+    except RecursionError:
+        raise ConfigError(f"--set {key.strip()}=...: the value is nested too deeply") from None
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})

@@ -52,6 +52,8 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
             raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer of 5,000 digits; arrays nested 100,000 deep
+            raise DataError(f"{path}: unreadable JSON: {_json_problem(e)}") from None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list):
@@ -70,10 +72,18 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
             out.append((where, json.loads(text)))
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{where}: unreadable JSON: {_json_problem(e)}") from None
     return out
 
 
+def _json_problem(e: Exception) -> str:
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+
+
 def _detect_schema(records: list[tuple[str, dict]], path: str) -> dict:
+    if not records:
+        raise DataError(f"{path}: no records (an empty list)")
     first_where, first = records[0]
     if not isinstance(first, dict):
         raise DataError(f"{first_where}: expected a JSON object, got {type(first).__name__}")
@@ -106,6 +116,11 @@ def rows_from_records(records: list[tuple[str, dict]], mapping: dict, path: str)
                     value = str(value)
                 else:
                     raise DataError(f"{where}: field '{field_name}' must be a string, got {type(value).__name__}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": no tokenizer can take it
+                raise DataError(f"{where}: field '{field_name}' holds an invalid escape "
+                                f"{value[e.start]!r} at character {e.start}") from None
             vals[role] = value
         if not vals["instruction"].strip():
             raise DataError(f"{where}: field '{mapping['instruction']}' is empty")

@@ -88,12 +88,14 @@ def partition(categories: list[str], method: str, num_clients: int, seed: int, *
     """Dispatch to a partitioner and check that no client is left empty."""
     n = len(categories)
     if n < num_clients:
-        raise DataError(f"{n} training rows cannot be split across {num_clients} clients")
+        raise DataError(f"{n} training rows cannot be split across {num_clients} clients: lower "
+                        "partition.num_clients (or partition.test_per_category), or give more data")
     if method == "iid":
         parts = iid(n, num_clients, seed)
     elif method == "shards":
         if n < num_clients * shards_per_client:
-            raise DataError(f"{n} training rows are fewer than the {num_clients * shards_per_client} shards asked for")
+            raise DataError(f"{n} training rows are fewer than the {num_clients * shards_per_client} shards asked for "
+                            "(partition.num_clients x partition.shards_per_client)")
         parts = category_shards(categories, num_clients, shards_per_client, seed)
     elif method == "dirichlet":
         parts = dirichlet(categories, num_clients, alpha, max(min_size, 1), seed)
