@@ -44,7 +44,7 @@ def test_report_for_a_run_folder_of_another_algorithm(tmp_path):
     assert path == run / "report.md"
     assert "Algorithm **fedbpt** · 3 rounds" in text
     # results table: per category and overall, base vs final
-    assert "| category | base accuracy | final accuracy | base loss | final loss |" in text
+    assert "| category | base accuracy | final accuracy | base loss | final loss |" in text, text[:600]
     assert "| negative | 0.0% | 75.0% |" in text and "| **all** | 50.0% | 80.0% | 0.6900 | 0.4000 |" in text
     # per-round table, dropped clients, the resolved config
     assert "| 3 | 4 | 1 |" in text and "round 3: c9: timeout: 5s" in text
@@ -89,3 +89,32 @@ def test_fedit_run_writes_its_report(tiny_llama, tmp_path):
     for name in ("global_metric", "client_train_loss", "communication"):
         _png_size(run / "plots" / f"{name}.png")
     assert "rouge_l_by_category" in summary["final"]
+
+
+def test_report_for_a_fedbpt_shaped_run(tmp_path):
+    """FedBPT's records and summary: dev metrics per round, zero / best / final prompts on dev and test."""
+    run = tmp_path / "bpt"
+    run.mkdir()
+    C.save(C.load(None, ["run.algorithm='fedbpt'"]), run / "config.toml")
+    with open(run / "metrics.jsonl", "w") as f:
+        for r in (1, 2):
+            f.write(json.dumps({"round": r, "clients": [{"id": "client_000", "train_loss": 0.7 / r, "bytes_down": 4200,
+                                                         "bytes_up": 4300}], "dropped": [],
+                                "eval": {"dev_metric": "accuracy", "dev_accuracy": 0.5 + r / 10, "dev_loss": 0.69 - r / 10,
+                                         "dev_rows": 32, "dev_score": 0.5 + r / 10},
+                                "bytes_down": 4200, "bytes_up": 4300, "round_seconds": 2.0}) + "\n")
+    ev = lambda a, l: {"metric": "accuracy", "accuracy": a, "loss": l, "rows": 32, "score": a}
+    (run / "summary.json").write_text(json.dumps({
+        "algorithm": "fedbpt", "rounds": 2, "seconds": 5.0,
+        "zero_prompt": {"dev": ev(0.5, 0.69), "test": ev(0.52, 0.7)},
+        "best": {"round": 2, "dev": ev(0.7, 0.49), "test": ev(0.66, 0.55)},
+        "final": {"round": 2, "dev": ev(0.7, 0.49), "test": ev(0.66, 0.55)}}))
+    (run / "plots").mkdir()
+    (run / "plots" / "fedbpt_rounds.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    text = write_report(run).read_text()
+    assert "| prompt | round | dev accuracy | dev loss | test accuracy | test loss |" in text
+    assert "| zero prompt | 0 | 50.0% | 0.6900 | 52.0% | 0.7000 |" in text
+    assert "| best by dev | 2 | 70.0% | 0.4900 | 66.0% | 0.5500 |" in text
+    assert "held-out dev_accuracy" in text and "dev_score" not in text and "dev_rows" not in text
+    assert "![fedbpt_rounds.png](plots/fedbpt_rounds.png)" in text  # a recipe's own plot is kept
+    _png_size(run / "plots" / "client_train_loss.png")

@@ -18,8 +18,7 @@ from pathlib import Path
 from fedtune.errors import FedtuneError
 
 # Scalar eval keys plotted per round, in this order when present; any other numeric key follows.
-PREFERRED = ("loss", "accuracy", "macro_f1", "rouge_l", "exact_match", "judge_score")
-SKIP_PLOT = {"perplexity"}  # exp(loss): the same curve again
+PREFERRED = ("accuracy", "macro_f1", "f1", "loss", "rouge_l", "exact_match", "judge_score")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -51,12 +50,20 @@ def _is_num(v) -> bool:
 
 
 def scalar_keys(evals: list[dict]) -> list[str]:
+    """Numeric metric keys, preferred ones first; row counts and a `*score` that only
+    repeats another key (FedBPT's dev_score = dev_accuracy) are left out."""
     seen = []
     for ev in evals:
         for k, v in ev.items():
-            if _is_num(v) and k not in seen:
+            if _is_num(v) and k not in seen and not k.endswith("rows"):
                 seen.append(k)
-    return [k for k in PREFERRED if k in seen] + sorted(k for k in seen if k not in PREFERRED)
+
+    def repeats(k):
+        return k.endswith("score") and any(o != k and all(ev.get(o) == ev.get(k) for ev in evals) for o in seen)
+
+    seen = [k for k in seen if not repeats(k)]
+    order = list(dict.fromkeys(k for p in PREFERRED for k in seen if k == p or k.endswith("_" + p)))
+    return order + sorted(k for k in seen if k not in order)
 
 
 def client_loss(c: dict) -> float | None:
@@ -105,7 +112,7 @@ def _plt():
 
 def plot_global_metric(records: list[dict], path: Path) -> bool:
     evals = [(r["round"], r["eval"]) for r in records if isinstance(r.get("eval"), dict)]
-    keys = [k for k in scalar_keys([e for _, e in evals]) if k not in SKIP_PLOT]
+    keys = [k for k in scalar_keys([e for _, e in evals]) if not k.endswith("perplexity")]  # exp(loss): the same curve
     if not keys:
         return False
     plt = _plt()
@@ -183,13 +190,28 @@ def plot_communication(records: list[dict], path: Path) -> bool:
 # ----------------------------------------------------------------------------- tables
 
 
+def prompt_table(summary: dict) -> str:
+    """Runs that report prompts evaluated on dev and test (FedBPT: the zero prompt, the best
+    by dev, the final round's): one row per prompt, dev and test metrics."""
+    names = [("zero_prompt", "zero prompt"), ("best", "best by dev"), ("final", "final round")]
+    entries = [(label, summary[k]) for k, label in names if isinstance(summary.get(k), dict)]
+    metrics = scalar_keys([e.get(split) or {} for _, e in entries for split in ("dev", "test")])
+    splits = [sp for sp in ("dev", "test") if any(isinstance(e.get(sp), dict) for _, e in entries)]
+    header = ["prompt", "round"] + [f"{sp} {m}" for sp in splits for m in metrics]
+    rows = [[label, str(e.get("round", 0))] + [fmt((e.get(sp) or {}).get(m), m) for sp in splits for m in metrics]
+            for label, e in entries]
+    return md_table(header, rows)
+
+
 def results_table(summary: dict) -> str:
     """Per category (rows) x metric (columns), base vs final when the base was evaluated."""
     final = summary.get("final") or {}
+    if isinstance(final.get("dev"), dict) or isinstance(final.get("test"), dict):
+        return prompt_table(summary)
     base = summary.get("base") if isinstance(summary.get("base"), dict) else None
     sources = [("base", base), ("final", final)] if base else [("final", final)]
     by_cat = [k[: -len("_by_category")] for k, v in final.items() if k.endswith("_by_category") and isinstance(v, dict)]
-    overall = [k for k in scalar_keys([final]) if k not in SKIP_PLOT]
+    overall = [k for k in scalar_keys([final]) if not k.endswith("perplexity")]  # exp(loss): the same curve
     metrics = [k for k in overall if k in by_cat] + [k for k in by_cat if k not in overall]
     metrics += [k for k in overall if k not in metrics]
     if not metrics:
@@ -204,7 +226,8 @@ def results_table(summary: dict) -> str:
 
 
 def rounds_table(records: list[dict]) -> str:
-    keys = [k for k in scalar_keys([r["eval"] for r in records if isinstance(r.get("eval"), dict)]) if k not in SKIP_PLOT]
+    evals = [r["eval"] for r in records if isinstance(r.get("eval"), dict)]
+    keys = [k for k in scalar_keys(evals) if not k.endswith("perplexity")]
     header = ["round", "clients", "dropped", "mean train loss"] + [f"held-out {k}" for k in keys] + \
         ["bytes down", "bytes up", "seconds"]
     rows = []
@@ -257,6 +280,9 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
             lines += [f"### {titles[name]}", "", f"![{titles[name]}](plots/{name}.png)", ""]
         else:
             lines += [f"### {titles[name]}", "", "_no data for this plot in metrics.jsonl_", ""]
+    others = sorted(p.name for p in plots.glob("*.png") if p.stem not in made)
+    for name in others:  # plots a recipe drew itself (e.g. FedBPT's sigma and |z| per round)
+        lines += [f"### {name}", "", f"![{name}](plots/{name})", ""]
     if records:
         total_b = sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in records)
         lines += ["## Rounds", "", rounds_table(records), "",

@@ -151,8 +151,11 @@ class Simulator:
             # --- fit: each selected client trains from the global arrays. A client that raises,
             # times out, disappears or sends an invalid update is dropped with its reason; a round
             # with fewer than min_clients updates asks its missing clients again (round_retries).
-            received: dict[str, tuple[FitRes, dict]] = {}
+            received: dict[str, tuple[FitRes | None, dict]] = {}
             dropped: list[dict] = []
+            # A strategy that can fold results in one at a time gets each accepted update at once,
+            # and the engine keeps only its record: server memory stays flat in the number of clients.
+            fold = self.strategy.fold(rnd, state.global_arrays) if hasattr(self.strategy, "fold") else None
             for attempt in range(s.round_retries + 1):
                 pending = [cid for cid in plan if cid not in received]
                 if attempt:
@@ -166,6 +169,9 @@ class Simulator:
                     if res is None:
                         dropped.append(record)
                     else:
+                        if fold is not None:
+                            fold.add(res)
+                            res = None
                         received[cid] = (res, record)
                         bar.set_postfix(loss=f"{record.get('train_loss', float('nan')):.3f}")
                     bar.update(1)
@@ -178,12 +184,14 @@ class Simulator:
                 reasons = "; ".join(f"{cid}: {r}" for cid, r in last.items()) or "none selected"
                 raise RoundFailed(f"round {rnd}: {len(received)} client update(s) arrived after {attempt + 1} "
                                   f"attempt(s), server.min_clients = {s.min_clients} needed. Dropped: {reasons}")
-            # plan order, whatever attempt a reply came in: the same sums in the same order on every run
-            results = [received[cid][0] for cid in plan if cid in received]
             clients = [received[cid][1] for cid in plan if cid in received]
 
             # --- aggregate: the strategy turns client results into the next global arrays
-            new_global, agg_metrics = self.strategy.aggregate_fit(rnd, state.global_arrays, results)
+            if fold is not None:  # folded in arrival order: plan order, then each retry's, the same on every run
+                new_global, agg_metrics = fold.result()
+            else:  # plan order, whatever attempt a reply came in: the same sums in the same order on every run
+                results = [received[cid][0] for cid in plan if cid in received]
+                new_global, agg_metrics = self.strategy.aggregate_fit(rnd, state.global_arrays, results)
 
             # --- evaluate the new global arrays
             record = {"round": rnd, "selected": list(plan), "attempts": attempt + 1, "clients": clients,

@@ -94,8 +94,11 @@ class FedIT:
             if not t:
                 raise DataError(f"{cid} has no rows left after tokenization (all longer than data.cutoff_len)")
         self.test = P.stratified_subset(data.test, [r.category for r in data.test], cfg.eval.max_examples)
-        self.test_tok = tok(self.test)
-        self.test_cats = [r.category for r in self.test] if len(self.test_tok) == len(self.test) else None
+        # Row by row, so that a held-out row whose prompt alone exceeds cutoff_len (too_long = 'drop') leaves
+        # the loss without losing the categories of the others; generation still answers every held-out row.
+        kept = [(t[0], r.category) for r in self.test for t in [tok([r])] if t]
+        self.test_tok = [t for t, _ in kept]
+        self.test_cats = [c for _, c in kept]
 
     def amp(self):
         return self.lm.autocast()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtune.core.aggregate import weighted_mean
+from fedtune.core.aggregate import RunningMean
 from fedtune.core.arrays import Arrays, copy
 from fedtune.core.robust import clip_to_norm, coordinate_median, trimmed_mean
 from fedtune.core.strategy import FitIns, FitRes, SelectingStrategy
@@ -40,7 +40,21 @@ class FedAvgStrategy(SelectingStrategy):
     def configure_fit(self, rnd: int, global_arrays: Arrays, client_ids: list[str]) -> dict[str, FitIns]:
         return {cid: FitIns(global_arrays, {"round": rnd, **self.train_config}) for cid in self.select(rnd, client_ids)}
 
+    def fold(self, rnd: int, global_arrays: Arrays) -> "MeanFold | None":
+        """An aggregation that takes client results one at a time, for the rules that need only
+        a running weighted sum (fedavg, fedavgm, fedadam); the engine then drops each update
+        once folded in, so the server holds one sum instead of every client's adapter. None
+        for the robust rules, which need all updates at once."""
+        if self.aggregation in ("median", "trimmed_mean"):
+            return None
+        return MeanFold(self, global_arrays)
+
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
+        fold = self.fold(rnd, global_arrays)
+        if fold is not None:  # the same arithmetic, in the same order, as an engine that folds
+            for r in results:
+                fold.add(r)
+            return fold.result()
         updates = [r.arrays for r in results]
         metrics: dict = {}
         if self.clip_norm > 0:  # before any rule: no single update moves the global farther than clip_norm
@@ -49,11 +63,12 @@ class FedAvgStrategy(SelectingStrategy):
             metrics["clipped"] = [r.client_id for r, (_, norm) in zip(results, clipped) if norm > self.clip_norm]
         if self.aggregation == "median":
             return coordinate_median(updates), metrics
-        if self.aggregation == "trimmed_mean":
-            return trimmed_mean(updates, self.trim_fraction), metrics
-        avg = weighted_mean([(u, r.num_examples) for u, r in zip(updates, results)])
+        return trimmed_mean(updates, self.trim_fraction), metrics
+
+    def server_step(self, global_arrays: Arrays, avg: Arrays) -> Arrays:
+        """The next global arrays from the weighted mean of the updates (FedOpt's server optimizer)."""
         if self.aggregation == "fedavg":
-            return avg, metrics
+            return avg
         self.steps += 1
         out = {}
         for k, g in global_arrays.items():
@@ -68,7 +83,7 @@ class FedAvgStrategy(SelectingStrategy):
                 self.m[k], self.v[k] = m, v
                 step = m / (np.sqrt(v) + self.tau)
             out[k] = (g + self.server_lr * step).astype(g.dtype)
-        return out, metrics
+        return out
 
     def state(self) -> tuple[Arrays, dict]:
         arrays = {f"m/{k}": np.asarray(v) for k, v in self.m.items()}
@@ -79,3 +94,26 @@ class FedAvgStrategy(SelectingStrategy):
         self.m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
         self.v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
         self.steps = int(meta.get("steps", 0))
+
+
+class MeanFold:
+    """One round's mean-based aggregation, fed one client result at a time: clip (when
+    clip_norm is set), add to the running weighted sum, and at the end the server step."""
+
+    def __init__(self, strategy: FedAvgStrategy, global_arrays: Arrays):
+        self.strategy = strategy
+        self.global_arrays = global_arrays
+        self.mean = RunningMean()
+        self.clipped: list[str] = []
+
+    def add(self, res: FitRes) -> None:
+        update, clip = res.arrays, self.strategy.clip_norm
+        if clip > 0:  # before the mean: no single update moves the global farther than clip_norm
+            update, norm = clip_to_norm(self.global_arrays, update, clip)
+            if norm > clip:
+                self.clipped.append(res.client_id)
+        self.mean.add(update, res.num_examples)
+
+    def result(self) -> tuple[Arrays, dict]:
+        metrics = {"clipped": self.clipped} if self.strategy.clip_norm > 0 else {}
+        return self.strategy.server_step(self.global_arrays, self.mean.result()), metrics
