@@ -140,6 +140,7 @@ class BlackBoxLM:
         self._slot_base = base.float().clone()  # (n, H): what the prompt is added to
         self.forward_calls = 0  # forward passes run (for benchmarks and tests)
         self.rows_forwarded = 0
+        self.tokens_forwarded = 0  # non-padding tokens, prompt slots included
 
     # ------------------------------------------------------------------ facts an API would publish
 
@@ -288,6 +289,7 @@ class BlackBoxLM:
                 out[start:start + len(r)] = logits.float().cpu().numpy()
                 self.forward_calls += 1
                 self.rows_forwarded += len(r)
+                self.tokens_forwarded += int(mask[b].sum())
         return out.reshape(p_count, b_count, len(label_ids))
 
     def _autocast(self):

@@ -10,7 +10,7 @@ import numpy as np
 from fedtune.errors import ConfigError, DataError, FedtuneError
 from fedtune.fedbpt.blackbox import load_blackbox
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt
-from fedtune.fedbpt.tasks import TaskSpec, _read_table, check_text
+from fedtune.fedbpt.tasks import TaskSpec, read_table, check_text
 
 
 @dataclass
@@ -42,7 +42,7 @@ def read_inputs(spec: TaskSpec, texts: list[str], file: str | None) -> list[tupl
             rows += [(check_text(line.strip(), f"{p}:{i}"),)
                      for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
         else:
-            for where, rec in _read_table(p):
+            for where, rec in read_table(p):
                 missing = [c for c in spec.text_columns if c not in rec]
                 if missing:
                     raise DataError(f"{where}: missing text column '{missing[0]}'")

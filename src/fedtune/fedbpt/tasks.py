@@ -183,7 +183,7 @@ def check_text(text: str, where: str) -> str:
     return text
 
 
-def _read_table(path: Path) -> list[tuple[str, dict]]:
+def read_table(path: Path) -> list[tuple[str, dict]]:
     """(source, record) pairs from a .csv/.tsv (header row) or .jsonl/.json file."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -245,7 +245,7 @@ def load_examples(spec: TaskSpec, path: str) -> list[Example]:
         ds, _, cfg = name.partition("@")
         records = _load_hub_records(ds, cfg or None, split or "train", path)
     else:
-        records = _read_table(Path(path).expanduser())
+        records = read_table(Path(path).expanduser())
     label_index = {lab: i for i, lab in enumerate(spec.labels)}
     out = []
     for where, rec in records:
