@@ -235,3 +235,20 @@ def test_client_starts_from_the_global_covariance(llama_box):
     es = make_local_es(np.zeros(d), 1.0, 3, LocalSettings(popsize=200, local_iter=1), cov)
     x = np.array(es.ask())
     np.testing.assert_allclose(x.std(0)[[0, 5]], [2.0, 0.5], rtol=0.2)
+
+
+def test_prepare_task_label_skew_split(tmp_path):
+    """Dirichlet label skew across clients from the few-shot training rows (no model needed)."""
+    from fedtune.fedbpt.recipe import prepare_task
+
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(200)))
+    cfg = C.load(None, ["run.algorithm='fedbpt'", f"task.train_path={str(tsv)!r}", f"task.test_path={str(tsv)!r}",
+                        "task.k_shot=40", "task.dev_shots=5", "task.test_max_rows=20", "partition.num_clients=4",
+                        "partition.method='dirichlet'", "partition.alpha=0.3", "partition.min_client_size=5"])
+    data = prepare_task(cfg)
+    assert len(data.train) == 80 and len(data.dev) == 10 and len(data.test) == 20
+    parts = data.client_rows()
+    assert sum(len(v) for v in parts.values()) == 80 and min(len(v) for v in parts.values()) >= 5
+    mix = [np.mean([e.label for e in rows]) for rows in parts.values()]
+    assert max(mix) - min(mix) > 0.3  # skewed label mixes
