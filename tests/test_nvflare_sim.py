@@ -60,6 +60,7 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                    rtol=0, atol=1e-6)
         np.testing.assert_allclose(y["eval"]["loss"], x["eval"]["loss"], rtol=0, atol=1e-6)
         assert y["bytes_down"] == x["bytes_down"] and y["bytes_up"] == x["bytes_up"]
+        assert set(x) <= set(y) and all(set(c) <= set(d) for c, d in zip(x["clients"], y["clients"]))  # same records
     # each simulated site was launched once and kept its model across rounds
     log = (flr / "nvflare" / "simulator.log").read_text()
     for site in ("client_000", "client_001", "client_002"):
@@ -136,6 +137,27 @@ def test_site_config_lookup_and_errors(tmp_path, monkeypatch):
         S.read_site_settings("site-9", ws)
 
 
+def test_on_the_wire_only_arrays_numbers_and_strings():
+    """FLARE serializes a task with FOBS (msgpack; numpy arrays through np.save with
+    allow_pickle=False): what fedtune sends comes back equal, and an object array cannot
+    be sent at all."""
+    from nvflare.app_common.abstract.fl_model import FLModel
+    from nvflare.app_common.decomposers import common_decomposers
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+    from nvflare.fuel.utils import fobs
+
+    common_decomposers.register()
+    sent = FLModel(params={"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.array([0.5])},
+                   meta={S.META_CONFIG: json.dumps({"round": 3, "es_seed": 7}), S.META_INDEX: 2})
+    blob = fobs.dumps(FLModelUtils.to_shareable(sent))
+    got = FLModelUtils.from_shareable(fobs.loads(blob))
+    assert all(np.array_equal(got.params[k], v) and got.params[k].dtype == v.dtype for k, v in sent.params.items())
+    assert got.meta[S.META_CONFIG] == sent.meta[S.META_CONFIG] and got.meta[S.META_INDEX] == 2
+    assert list(S._plain_arrays(got.params)) == ["a", "b"]  # sorted, as the embedded simulator's unpack
+    with pytest.raises(Exception, match="Object arrays cannot be saved when allow_pickle=False"):
+        fobs.dumps(FLModelUtils.to_shareable(FLModel(params={"w": np.array([object()], dtype=object)})))
+
+
 def test_replies_must_be_plain_arrays_and_numbers():
     from nvflare.app_common.abstract.fl_model import FLModel
 
@@ -201,3 +223,19 @@ def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp
     for x, y in zip(ra, rb):
         assert x["selected"] == y["selected"] and x["bytes_up"] == y["bytes_up"]
         assert x["aggregate"]["sigma"] == pytest.approx(y["aggregate"]["sigma"], abs=1e-9)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    import subprocess
+
+    def fedtune(*args):
+        return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, timeout=300)
+
+    r = fedtune("nvflare", "--help")
+    assert r.returncode == 0 and "export" in r.stdout and "collect" in r.stdout
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "x").write_text("")
+    r = fedtune("nvflare", "export", "--out", str(tmp_path / "job"), "--set", "run.rounds=1")
+    assert r.returncode == 2 and f"{tmp_path / 'job'} is not empty" in r.stderr and "Traceback" not in r.stderr
+    r = fedtune("nvflare", "collect", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "no fedtune results" in r.stderr and "Traceback" not in r.stderr

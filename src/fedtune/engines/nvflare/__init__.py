@@ -39,9 +39,12 @@ def export(cfg, out: str | Path, console=None) -> Path:
     from fedtune.engines.nvflare import job as J
     from fedtune.engines.nvflare.algorithms import get_algorithm
 
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):  # before loading any model
+        raise FedtuneError(f"{out} is not empty; choose an empty or new folder for the job")
     algorithm = get_algorithm(cfg.run.algorithm)
     initial = algorithm.initial_arrays(cfg)
-    return J.export(cfg, initial, Path(out), _python(cfg, for_export=True))
+    return J.export(cfg, initial, out, _python(cfg, for_export=True))
 
 
 def read_results(results: Path) -> list[dict]:
@@ -64,13 +67,16 @@ def run(cfg, run_dir: Path, resume: bool = False, console=None) -> dict:
                            "(or resume an embedded-simulator run)")
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
+    nv = run_dir / "nvflare"
+    workspace = Path(cfg.nvflare.workspace) if cfg.nvflare.workspace else nv / "workspace"
+    if workspace.exists() and any(workspace.iterdir()):
+        raise FedtuneError(f"nvflare.workspace = {workspace} is not empty; FLARE's simulator needs a fresh folder")
     algorithm = get_algorithm(cfg.run.algorithm)
     local = algorithm.local_run(cfg)
     if console:
         console.print(local.describe())
 
     # --- the sites' data: one file per simulated site, named in a site config that only sites read
-    nv = run_dir / "nvflare"
     site_files = local.write_site_data(nv / "site_data")
     site_config = nv / "site_config.toml"
     lines = ["# fedtune site config for FLARE's simulator: each site reads its own entry", ""]
@@ -80,9 +86,6 @@ def run(cfg, run_dir: Path, resume: bool = False, console=None) -> dict:
     site_config.write_text("\n".join(lines), encoding="utf-8")
 
     # --- FLARE's simulator: server and sites, each site script a process of its own
-    workspace = Path(cfg.nvflare.workspace) if cfg.nvflare.workspace else nv / "workspace"
-    if workspace.exists() and any(workspace.iterdir()):
-        raise FedtuneError(f"nvflare.workspace = {workspace} is not empty; FLARE's simulator needs a fresh folder")
     results = workspace / "server" / SIM_JOB_ID / "fedtune"
     sites = list(site_files)
     threads = J.check_threads(cfg.nvflare.threads, len(sites))
@@ -91,6 +94,9 @@ def run(cfg, run_dir: Path, resume: bool = False, console=None) -> dict:
     job, stage = J.build_job(cfg, local.initial, _python(cfg, for_export=False))
     if console:
         console.print(f"FLARE simulator: {len(sites)} sites, {threads} thread(s), workspace {workspace} · log {log_path}")
+        if threads < len(sites):
+            console.print(f"[yellow]warning:[/] nvflare.threads = {threads} < {len(sites)} sites: FLARE's simulator "
+                          "relaunches each site's process (and reloads its model) every round")
     seen = [0]
 
     def poll():

@@ -138,7 +138,7 @@ class FedtuneController(ModelController):
                                  f"{s.min_clients}: asking {len(pending)} site(s) again (retry {attempt})")
                 replies = self._ask(rnd, pending, index, timeout)
                 for cid, ins in pending.items():
-                    drop = {"id": cid, "attempt": attempt}
+                    drop = {"id": cid, "attempt": attempt + 1}  # attempts count from 1, as in the simulator
                     reply = replies.get(cid)
                     if reply is None:
                         drop.update(cause="no reply", reason="no reply: the site failed, disconnected or timed out "
@@ -153,7 +153,7 @@ class FedtuneController(ModelController):
                     except RuntimeError as e:
                         drop.update(cause="error", reason=str(e))
                     else:
-                        record = {"id": cid, "attempt": attempt, "examples": res.num_examples,
+                        record = {"id": cid, "attempt": attempt + 1, "examples": res.num_examples,
                                   "bytes_down": len(A.pack(ins.arrays)), "bytes_up": len(A.pack(res.arrays)),
                                   "seconds": round(seconds, 4)}
                         record.update({k: v for k, v in res.metrics.items() if k not in record})

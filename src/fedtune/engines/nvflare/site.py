@@ -124,7 +124,7 @@ def _plain_arrays(params) -> dict[str, np.ndarray]:
     if not isinstance(params, dict):
         raise TypeError(f"expected named arrays, got {type(params).__name__}")
     out = {}
-    for k, v in params.items():
+    for k, v in sorted(params.items(), key=lambda kv: str(kv[0])):  # sorted, as core.arrays.unpack gives them
         if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype == object:
             raise TypeError(f"payload entry {k!r} is {type(v).__name__}, not a numeric numpy array")
         out[k] = v
