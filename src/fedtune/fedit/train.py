@@ -28,9 +28,22 @@ class TrainStats:
     seconds: float
 
 
+def padded_width(n: int) -> int:
+    """Round a micro-batch width up to a step that grows with it (8 up to 127 tokens, then
+    1/8 of the power of two below: at most 12.5% padding, about 8 widths per doubling).
+
+    Every new input shape makes oneDNN build and cache new kernels: seconds of compile time
+    and tens of MB that stay resident (measured: RSS grew with the number of distinct widths
+    seen, not with the work done). Few widths keep both small. Right padding under the
+    attention mask leaves the real positions' results unchanged."""
+    step = max(8, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
 def collate(batch: list[Tokenized], pad_id: int, device: torch.device):
-    """Right-pad a micro-batch to its longest row. Returns ids, attention mask, labels."""
-    width = max(len(t) for t in batch)
+    """Right-pad a micro-batch to its longest row, rounded up by `padded_width`. Returns
+    ids, attention mask, labels."""
+    width = padded_width(max(len(t) for t in batch))
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
