@@ -68,6 +68,11 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
     # the job the server ran carries no data path
     job = json.loads(next((flr / "nvflare" / "workspace" / "server").rglob("fedtune_job.json")).read_text())
     assert job["config"]["data"]["path"] == ""
+    # collecting the server's results (as from a deployment) gives the same adapter, in PEFT's format
+    nvflare.collect(flr / "nvflare" / "workspace" / "server" / "simulate_job", tmp_path / "collected")
+    c = load_file(str(tmp_path / "collected" / "adapter" / "adapter_model.safetensors"))
+    assert all(np.array_equal(c[k], b[k]) for k in b)
+    assert (tmp_path / "collected" / "adapter" / "adapter_config.json").is_file()
 
 
 # ----------------------------------------------------------------------------- site-local data
