@@ -158,8 +158,11 @@ max_seq_len = 32
                     assert time.monotonic() < deadline and started[0].poll() is None, "the server did not start"
                     time.sleep(0.2)
 
-        # --- submit, wait, download
+        # --- every site joined (a job runs with the sites connected when it starts), then submit, wait, download
         kit = ["--startup-kit", str(admin)]
+        while not all(kit_.name in cli(nvflare, "system", "status", "client", *kit) for kit_ in sites):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in started), "the sites did not join"
+            time.sleep(1)
         out = cli(nvflare, "job", "submit", "-j", str(tmp_path / "job"), *kit)
         job_id = re.search(r"job_id:\s*(\S+)", out).group(1)
         out = cli(nvflare, "job", "wait", job_id, "--timeout", "150", *kit, timeout=170)
