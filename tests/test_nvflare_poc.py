@@ -157,6 +157,11 @@ max_seq_len = 32
                 while not _listening(port):
                     assert time.monotonic() < deadline and started[0].poll() is None, "the server did not start"
                     time.sleep(0.2)
+                import psutil  # sub_start.sh --once execs FLARE's server: the process we started listens
+
+                bound = {c.laddr.ip for c in psutil.Process(started[0].pid).net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+                assert bound == {"127.0.0.1"}, f"the server listens on {bound}, not on loopback only"
 
         # --- every site joined (a job runs with the sites connected when it starts), then submit, wait, download
         kit = ["--startup-kit", str(admin)]
