@@ -12,6 +12,8 @@ from pathlib import Path
 from fedtune import __version__
 from fedtune.errors import FedtuneError
 
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
+
 
 def _console():
     from rich.console import Console
@@ -70,6 +72,9 @@ def cmd_run(args) -> int:
             raise FedtuneError("--resume takes its config from the run folder; do not pass CONFIG")
         cfg = C.load(run_dir / "config.toml", args.overrides)
     else:
+        if args.config is None:  # no CONFIG: the embedded demo
+            args.config = str(DEMO_CONFIG)
+            console.print(f"no CONFIG given: running the embedded demo ({DEMO_CONFIG.name}; see `fedtune config --demo`)")
         cfg = _load_config(args)
         if args.engine:
             cfg.run.engine = args.engine
@@ -197,6 +202,9 @@ def cmd_compare(args) -> int:
     from fedtune.compare import print_table, run_compare
 
     console = _console()
+    if args.config is None:  # no CONFIG: the embedded demo, as `fedtune run`
+        args.config = str(DEMO_CONFIG)
+        console.print(f"no CONFIG given: comparing on the embedded demo ({DEMO_CONFIG.name})")
     cfg = _load_config(args)
     if cfg.run.algorithm != "fedit":
         raise FedtuneError(f"fedtune compare runs FedIT variants; run.algorithm = '{cfg.run.algorithm}'")
@@ -245,6 +253,10 @@ def cmd_classify(args) -> int:
 def cmd_config(args) -> int:
     from fedtune import config as C
 
+    if args.demo:
+        if args.config:
+            raise FedtuneError("give either CONFIG or --demo, not both")
+        args.config = str(DEMO_CONFIG)
     cfg = _load_config(args)
     sys.stdout.write(C.to_toml(cfg, comments=True))
     return 0
@@ -344,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the full config as TOML, every key commented",
                        description="Print the resolved config (defaults, or CONFIG with --set overrides) as TOML.")
     _add_config_args(p)
+    p.add_argument("--demo", action="store_true", help="print the embedded demo's config (what `fedtune run` runs)")
     p.set_defaults(func=cmd_config)
     return parser
 
