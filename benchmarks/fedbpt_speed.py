@@ -1,0 +1,103 @@
+"""FedBPT: candidate evaluations per second, batched vs one at a time, and bytes per client
+per round in both server modes.
+
+Speed: the same client, the same shard, the same CMA-ES candidates, evaluated through the
+black box with one batched forward per population (`fedbpt.batch_population = true`,
+fedtune's default) or one forward per candidate (how the reference evaluates), alternating
+in this process, `--reps` times; medians. Measured at two population sizes.
+
+Bytes: one simulator round with 3 clients in each server mode; the simulator counts the
+safetensors bytes of what each client receives and sends (`improved`: mean + sigma down,
+mean + fitness + step sizes up; `reference`: the CMA-ES covariance travels too).
+
+Run:  .venv/bin/python benchmarks/fedbpt_speed.py        (a few minutes on 2 shared cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "glue_sst2"
+
+
+def config(extra: list[str]):
+    from fedtune import config as C
+
+    return C.load(None, ["run.algorithm='fedbpt'", f"task.train_path='{SST2 / 'train.tsv'}'",
+                         f"task.test_path='{SST2 / 'dev.tsv'}'", "task.k_shot=16", "task.dev_shots=4",
+                         "task.test_max_rows=8", "partition.num_clients=3", "partition.method='iid'",
+                         "fedbpt.n_prompt_tokens=10", "fedbpt.perturb=false", "model.dtype='bfloat16'",
+                         "run.progress=false", *extra])
+
+
+def candidate_speed(popsize: int, reps: int) -> dict:
+    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+
+    cfg = config([f"fedbpt.popsize={popsize}"])
+    fed = FedBPT(cfg, prepare_task(cfg))
+    app = fed.client_app()
+    shard = fed.shards["client_000"]
+    z = np.random.default_rng(0).standard_normal((popsize, cfg.fedbpt.intrinsic_dim))
+    app.evaluate(z, shard, None)  # warm-up
+    times = {True: [], False: []}
+    for _ in range(reps):
+        for batched in (True, False):
+            app.s.batch_population = batched
+            t = time.perf_counter()
+            app.evaluate(z, shard, None)
+            times[batched].append(time.perf_counter() - t)
+    b, s = statistics.median(times[True]), statistics.median(times[False])
+    return {"popsize": popsize, "rows": len(shard), "tokens_per_row": float(shard.enc.attention_mask.sum(1).mean()),
+            "batched_per_s": popsize / b, "one_at_a_time_per_s": popsize / s, "ratio": s / b}
+
+
+def bytes_per_round(mode: str) -> dict:
+    from fedtune.engines.simulator import Simulator, SimulatorSettings
+    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+
+    cfg = config([f"fedbpt.mode='{mode}'", "fedbpt.popsize=5", "fedbpt.local_iter=1", "run.rounds=1"])
+    fed = FedBPT(cfg, prepare_task(cfg))
+    state = Simulator(fed.strategy(), fed.client_app(), list(fed.shards),
+                      SimulatorSettings(rounds=1, progress=False)).run()
+    cl = state.history[-1]["clients"]
+    return {"mode": mode, "down": max(c["bytes_down"] for c in cl), "up": max(c["bytes_up"] for c in cl),
+            "intrinsic_dim": cfg.fedbpt.intrinsic_dim}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="FedBPT candidate evaluations per second and bytes per round")
+    ap.add_argument("--popsizes", default="5,20")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if not (SST2 / "train.tsv").is_file():
+        print(f"skipped: {SST2} not found")
+        return 0
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    speeds = [candidate_speed(int(p), args.reps) for p in args.popsizes.split(",")]
+    sizes = [bytes_per_round(m) for m in ("improved", "reference")]
+    print(f"\ncandidate evaluations per second (SST-2, one client's shard, medians of {args.reps}):")
+    print(f"{'popsize':>7} {'rows':>5} {'tokens/row':>10} {'batched':>9} {'one at a time':>14} {'ratio':>6}")
+    for s in speeds:
+        print(f"{s['popsize']:7d} {s['rows']:5d} {s['tokens_per_row']:10.1f} {s['batched_per_s']:9.2f} "
+              f"{s['one_at_a_time_per_s']:14.2f} {s['ratio']:5.2f}x")
+    print(f"\nbytes per client per round (d = {sizes[0]['intrinsic_dim']}, safetensors payloads):")
+    for s in sizes:
+        print(f"  {s['mode']:9}: {s['down']:>9,} down · {s['up']:>7,} up")
+    print(f"load average at end: {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"speed": speeds, "bytes": sizes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Local LoRA training speed: fedtune's loop vs a plain Hugging Face `Trainer` loop in fp32.
+
+The Trainer side is Shepherd's way (FederatedGPT-Shepherd, fed_utils/client.py): a PEFT
+LoRA model in fp32 (on a CPU there is no fp16), `transformers.Trainer` with
+`DataCollatorForSeq2Seq(pad_to_multiple_of=8)`, the model's own loss (the LM head over
+every position). fedtune's side is `fedtune.fedit.train.train_local` as a client runs
+it: bf16 autocast, each micro-batch padded to its own longest row, the LM head only at
+labelled positions.
+
+Both sides get the same model weights, the same LoRA config, the same tokenized rows in
+the same batches (the Trainer reads them in fedtune's seeded order), the same batch size
+and optimizer (AdamW, linear decay). They run alternately in one process, `--reps` times
+each, so that machine noise hits both; the first optimizer step of every block is a
+warm-up and is not timed. Tokens/s counts non-pad tokens through forward and backward.
+
+MFU: model FLOPs per second over the peak of a bf16 matmul measured in this same run
+(torch.mm on large square matrices, before and after the training blocks; the max).
+Model FLOPs of one row of L tokens, N labelled: every linear layer of the decoder
+forward (2 x params x L) and backward for the inputs only (2 x params x L: the base is
+frozen, LoRA's own weight gradients are negligible), attention scores and mixing
+(forward 2 x layers x L^2 x d, backward twice that), and the LM head at the N labelled
+positions (4 x head params x N). The LM head at unlabelled positions is not useful work
+and is not counted, on either side.
+
+Run:  .venv/bin/python benchmarks/train_throughput.py            (about 10 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOLLY = ROOT.parent / "shared" / "data" / "dolly15k" / "databricks-dolly-15k.jsonl"
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """Sustained FLOP/s of torch.mm on square matrices (the best of a few sizes)."""
+    best = 0.0
+    for n in (1024, 2048, 3072):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            torch.mm(a, b)
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+def model_shape(model) -> dict:
+    """Decoder linear params, LM head params, layers, attention width."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = sum(p.numel() for name, p in lm.get_decoder().named_parameters()
+               if p.dim() == 2 and "lora_" not in name and "embed" not in name)
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"body": body, "head": lm.get_output_embeddings().weight.numel(), "layers": cfg.num_hidden_layers,
+            "d_attn": cfg.num_attention_heads * head_dim}
+
+
+def row_flops(n_tokens: int, n_labels: int, shape: dict) -> float:
+    linear = 4 * shape["body"] * n_tokens
+    attention = 3 * 2 * shape["layers"] * n_tokens**2 * shape["d_attn"]
+    head = 4 * shape["head"] * n_labels
+    return float(linear + attention + head)
+
+
+# ----------------------------------------------------------------------------- the two loops
+
+
+def fedtune_block(peft_model, params, data, train_cfg, pad_id, amp, seed) -> list[float]:
+    """train_local over the rows; returns the time at the end of every optimizer step."""
+    from fedtune.fedit.train import train_local
+
+    stamps: list[float] = []
+    train_local(peft_model, params, data, train_cfg, seed=seed, pad_id=pad_id, device=torch.device("cpu"), amp=amp,
+                progress=lambda step, loss: stamps.append(time.perf_counter()))
+    return stamps
+
+
+def trainer_block(model, tokenizer, ordered, batch_size, micro, steps, lr, out_dir) -> list[float]:
+    """A plain HF Trainer loop in fp32 over `ordered` rows, read in that order."""
+    from torch.utils.data import SequentialSampler
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=micro,
+                             gradient_accumulation_steps=batch_size // micro, max_steps=steps, learning_rate=lr,
+                             lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
+                             logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                             fp16=False, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+                             seed=0)
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    Trainer_ = InOrder(model=model, args=args, train_dataset=ordered, data_collator=collator, callbacks=[Stamp()])
+    Trainer_.train()
+    return stamps
+
+
+def fedtune_order(n: int, seed: int, take: int) -> list[int]:
+    """The row order train_local draws with this seed (one permutation, consumed from its end)."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return [order.pop() for _ in range(take)]
+
+
+def timed(stamps: list[float], batches: list[list], shape: dict) -> tuple[float, float, float]:
+    """(seconds, tokens, model FLOPs) of steps 2..K (the first step is a warm-up)."""
+    secs = stamps[-1] - stamps[0]
+    rows = [t for b in batches[1:len(stamps)] for t in b]
+    tokens = sum(len(t) for t in rows)
+    flops = sum(row_flops(len(t), sum(1 for x in t.labels[1:] if x != -100), shape) for t in rows)
+    return secs, tokens, flops
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per timed block (the first is a warm-up)")
+    ap.add_argument("--reps", type=int, default=3, help="blocks per side, alternating")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--cutoff-len", type=int, default=512, help="Shepherd's cutoff_len")
+    ap.add_argument("--modes", default="masked,inputs",
+                    help="masked = loss on the response only (fedtune's default); inputs = train_on_inputs (Shepherd's)")
+    ap.add_argument("--data", default=str(DOLLY), help="Dolly jsonl (default ../shared/data/dolly15k); else demo:skills")
+    ap.add_argument("--fedtune-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="model.dtype of fedtune's frozen base weights (fedtune's default: float32)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fedtune import config as C
+    from fedtune.data import skills
+    from fedtune.data.instructions import PromptFormatter, load_rows, tokenize_rows
+    from fedtune.fedit.lora import AdapterSlot, attach_lora
+    from fedtune.models import load_causal_lm
+
+    cfg = C.load(None, [f"train.batch_size={args.batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
+                        f"train.max_steps={args.steps}", f"model.dtype='{args.fedtune_dtype}'"])
+    torch.manual_seed(0)
+    peak0 = matmul_peak(torch.bfloat16)
+    lm = load_causal_lm(cfg.model)
+    peft_model = attach_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    slot = AdapterSlot(peft_model)
+    shape = model_shape(peft_model)
+
+    # The Trainer's model: the same weights (the cached safetensors folder), fp32, the same LoRA.
+    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32)  # the Trainer side: always fp32
+    hf = get_peft_model(hf, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                       target_modules=list(cfg.lora.target_modules), bias="none",
+                                       task_type="CAUSAL_LM"))
+    hf_slot = AdapterSlot(hf)
+    hf_slot.set(slot.get())  # identical starting adapter
+
+    if Path(args.data).is_file():
+        rows = load_rows(args.data)
+        source = f"{args.data} (Dolly)"
+    else:
+        rows = skills.generate(60, 0)
+        source = "demo:skills (../shared/data not found)"
+    pick = np.random.default_rng(0).choice(len(rows), size=args.steps * args.batch_size * 2, replace=False)
+    rows = [rows[i] for i in pick]
+    fmt = PromptFormatter("alpaca", lm.tokenizer)
+    n_rows = args.steps * args.batch_size
+    print(f"load average at start: {os.getloadavg()}")
+    print(f"model {cfg.model.name} ({lm.path}, fedtune weights {args.fedtune_dtype}) · LoRA r={cfg.lora.r} on {cfg.lora.target_modules} · "
+          f"batch {args.batch_size} (micro {args.micro_batch_size}) · cutoff {args.cutoff_len} · {args.steps} steps x "
+          f"{args.reps} blocks per side · data {source} · torch threads {torch.get_num_threads()}")
+    results = {"peak_bf16_flops": None, "modes": {}}
+    for mode in args.modes.split(","):
+        data = tokenize_rows(rows, fmt, args.cutoff_len, train_on_inputs=(mode == "inputs"), too_long="drop")[:n_rows]
+        if len(data) < n_rows:
+            raise SystemExit(f"only {len(data)} rows fit cutoff_len {args.cutoff_len}; need {n_rows}")
+        seed = 1234
+        order = fedtune_order(len(data), seed, n_rows)
+        ordered = [data[i] for i in order]
+        batches = [ordered[i:i + args.batch_size] for i in range(0, n_rows, args.batch_size)]
+        hf_rows = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t), "labels": t.labels} for t in ordered]
+        sides = {"fedtune": [], "trainer": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for rep in range(args.reps):
+                st = fedtune_block(peft_model, list(slot.params.values()), data, cfg.train, lm.tokenizer.pad_token_id,
+                                   lm.autocast, seed)
+                sides["fedtune"].append(timed(st, batches, shape))
+                st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
+                                   cfg.train.lr, Path(tmp) / f"t{rep}")
+                sides["trainer"].append(timed(st, batches, shape))
+                f, t = sides["fedtune"][-1], sides["trainer"][-1]
+                print(f"  [{mode}] block {rep + 1}: fedtune {f[1] / f[0]:8.1f} tokens/s · Trainer fp32 "
+                      f"{t[1] / t[0]:8.1f} tokens/s · ratio {(f[1] / f[0]) / (t[1] / t[0]):.2f}x", flush=True)
+        results["modes"][mode] = {
+            side: {"tokens_per_s": statistics.median(x[1] / x[0] for x in v),
+                   "model_flops_per_s": statistics.median(x[2] / x[0] for x in v),
+                   "blocks": [{"seconds": round(x[0], 3), "tokens": x[1]} for x in v]}
+            for side, v in sides.items()}
+        r = results["modes"][mode]
+        r["ratio_median"] = r["fedtune"]["tokens_per_s"] / r["trainer"]["tokens_per_s"]
+        r["ratio_per_block"] = [(f[1] / f[0]) / (t[1] / t[0]) for f, t in zip(sides["fedtune"], sides["trainer"])]
+        r["mean_tokens_per_row"] = sum(len(t) for t in ordered) / len(ordered)
+        r["labelled_share"] = (sum(sum(1 for x in t.labels[1:] if x != -100) for t in ordered)
+                               / sum(len(t) for t in ordered))
+    peak = max(peak0, matmul_peak(torch.bfloat16))
+    results["peak_bf16_flops"] = peak
+    results["peak_fp32_flops"] = matmul_peak(torch.float32)
+    print(f"\nbf16 matmul peak (torch.mm, this run): {peak / 1e9:.1f} GFLOP/s · fp32: "
+          f"{results['peak_fp32_flops'] / 1e9:.1f} GFLOP/s")
+    print(f"{'mode':8} {'fedtune tok/s':>14} {'Trainer fp32 tok/s':>19} {'ratio':>7} {'fedtune MFU':>12} "
+          f"{'Trainer MFU':>12}  (medians of {args.reps} blocks)")
+    for mode, r in results["modes"].items():
+        fm, tm = r["fedtune"]["model_flops_per_s"] / peak, r["trainer"]["model_flops_per_s"] / peak
+        r["fedtune"]["mfu"], r["trainer"]["mfu"] = fm, tm
+        print(f"{mode:8} {r['fedtune']['tokens_per_s']:14.1f} {r['trainer']['tokens_per_s']:19.1f} "
+              f"{r['ratio_median']:6.2f}x {100 * fm:11.1f}% {100 * tm:11.1f}%   "
+              f"({r['mean_tokens_per_row']:.0f} tokens/row, {100 * r['labelled_share']:.0f}% labelled)")
+    print(f"load average at end: {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
