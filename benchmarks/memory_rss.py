@@ -50,8 +50,12 @@ def child_fedit(n: int, per_round: int) -> dict:
                     SimulatorSettings(rounds=1, min_clients=1, progress=False))
     t0 = time.perf_counter()
     state = sim.run()
+    from fedtune.fedit.train import padded_width
+
+    widths = {padded_width(c["tokens"]) for c in state.history[-1]["clients"]}  # batch 1: tokens = row length
     return {"setup_mb": setup, "peak_mb": peak_mb(), "seconds": time.perf_counter() - t0,
-            "clients_in_round": len(state.history[-1]["clients"]), "payload_bytes": nbytes(fed.initial)}
+            "clients_in_round": len(state.history[-1]["clients"]), "payload_bytes": nbytes(fed.initial),
+            "distinct_widths": len(widths)}
 
 
 def child_fedbpt(n: int, per_round: int) -> dict:
@@ -110,8 +114,9 @@ def main(argv=None) -> int:
             r = json.loads(line[7:])
             r["clients"] = n
             rows.append(r)
+            widths = f" · {r['distinct_widths']} batch widths" if "distinct_widths" in r else ""
             print(f"  {setting:11} {n:5d} clients ({r['clients_in_round']} in the round): setup {r['setup_mb']:7.1f} MB · "
-                  f"peak {r['peak_mb']:7.1f} MB · round {r['seconds']:6.1f} s", flush=True)
+                  f"peak {r['peak_mb']:7.1f} MB · round {r['seconds']:6.1f} s{widths}", flush=True)
         results[setting] = rows
     print(f"\n{'setting':12} {'clients':>7} {'peak RSS MB':>12} {'vs 10 clients':>14} {'payload':>10} {'budget':>10}  verdict")
     for setting, rows in results.items():

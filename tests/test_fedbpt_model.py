@@ -11,7 +11,7 @@ import torch
 from fedtune import config as C
 from fedtune.core.strategy import FitIns
 from fedtune.errors import ConfigError, DataError
-from fedtune.fedbpt.blackbox import concat, load_blackbox
+from fedtune.fedbpt.blackbox import concat, load_blackbox, plan_forwards
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt, save_prompt
 from fedtune.fedbpt.tasks import BUILTIN, Example, check_spec, few_shot, load_examples, render
@@ -89,6 +89,39 @@ def test_population_in_one_pass_equals_one_at_a_time(which, request):
     np.testing.assert_allclose(batched, single, atol=1e-5)
     assert not np.allclose(batched[0], batched[1])  # the prompt reaches the answer
     assert not any(p.requires_grad for p in box._model.parameters())
+
+
+@pytest.mark.parametrize("overhead", [0, 8, 10_000])
+@pytest.mark.parametrize("max_rows", [1, 4, 512])
+def test_forward_plan_covers_every_row_once(overhead, max_rows):
+    lengths = np.array([9, 3, 9, 5, 12, 3, 7])
+    p_count, b_count = 4, len(lengths)
+    plan = plan_forwards(lengths, p_count, max_rows, overhead)
+    rows = np.concatenate([r for r, _ in plan])
+    assert sorted(rows.tolist()) == list(range(p_count * b_count))  # every (candidate, row) exactly once
+    for r, width in plan:
+        assert 0 < len(r) <= max_rows and width >= lengths[r % b_count].max()  # no row is cut
+    padded = sum(len(r) * w for r, w in plan)
+    if overhead == 0:  # nothing to amortize: no padding at all
+        assert padded == p_count * lengths.sum()
+    if overhead == 10_000 and max_rows == 512:  # overhead dominates: one forward, padded to the longest row
+        assert len(plan) == 1 and plan[0][1] == 12
+
+
+def test_length_grouped_forwards_give_the_same_logits(llama_box):
+    ids = llama_box.label_token_ids(SPEC.words, True)
+    enc = llama_box.encode_texts(SPEC, TEXTS)  # rows of different lengths
+    prompts = np.random.default_rng(1).standard_normal((3, 3, llama_box.hidden_size)).astype(np.float32) * 0.5
+    one = llama_box.logits(prompts, enc, ids)
+    llama_box.forward_overhead_tokens, calls, padded = 0, llama_box.forward_calls, llama_box.padded_tokens_forwarded
+    try:
+        grouped = llama_box.logits(prompts, enc, ids)
+    finally:
+        llama_box.forward_overhead_tokens = 256
+    widths = enc.attention_mask.sum(1)
+    assert llama_box.forward_calls - calls >= len(set(widths.tolist()))  # one group per width
+    assert llama_box.padded_tokens_forwarded - padded == 3 * widths.sum()  # no padding
+    np.testing.assert_allclose(grouped, one, atol=1e-5)
 
 
 def test_cat_mode_equals_prepending_embeddings(tiny_llama):
@@ -212,12 +245,12 @@ def _client(box, batch=True, perturb=True, d=16):
 def test_client_fit_one_forward_per_generation(llama_box):
     d = 16
     ins = FitIns({"mean": np.zeros(d, np.float32), "sigma": np.array([1.0], np.float32)}, {"round": 1, "es_seed": 9})
-    llama_box.max_forward_rows = 512
+    llama_box.max_forward_rows, llama_box.forward_overhead_tokens = 512, 10**6  # never split by length
     try:
         a = _client(llama_box, batch=True).fit("client_000", ins)
         b = _client(llama_box, batch=False).fit("client_000", ins)
     finally:
-        llama_box.max_forward_rows = 7
+        llama_box.max_forward_rows, llama_box.forward_overhead_tokens = 7, 256
     assert sorted(a.arrays) == ["fitness", "mean", "sigmas"] and a.arrays["mean"].dtype == np.float32
     assert a.num_examples == 6 and len(a.arrays["sigmas"]) == a.metrics["generations"] == 3
     assert a.metrics["forward_calls"] == 3 + 1  # one per generation (clean + perturbed rows together), + the final mean

@@ -193,6 +193,7 @@ class FedBPTSection:
     bound: float = opt(0.0, "if > 0, CMA-ES searches within [-bound, bound] per coordinate")
     batch_population: bool = opt(True, "evaluate a whole CMA-ES population in one batched forward pass (false = one candidate at a time)")
     max_forward_rows: int = opt(512, "at most this many rows (candidates x examples) per forward pass")
+    forward_overhead_tokens: int = opt(256, "fixed cost of one forward pass, in tokens: rows are grouped by length into forwards minimizing overhead + padded tokens")
     max_seq_len: int = opt(256, "tokens per row (prompt included); the longest text field is cut to fit")
     distinct_seeds: bool = opt(True, "improved: each client gets its own CMA-ES seed each round (reference: one seed for all)")
     weight_by_size: bool = opt(True, "improved: average client means weighted by shard size (false: CMA rank weights by fitness, as the reference)")
@@ -413,6 +414,7 @@ def _validate_fedbpt(cfg: Config, need) -> None:
          "fedbpt.loss = 'perf' (= -accuracy) cannot be divided by a perturbed loss; set fedbpt.perturb = false")
     need(fb.bound >= 0, f"fedbpt.bound must be >= 0, got {fb.bound}")
     need(fb.max_forward_rows >= 1, f"fedbpt.max_forward_rows must be >= 1, got {fb.max_forward_rows}")
+    need(fb.forward_overhead_tokens >= 0, f"fedbpt.forward_overhead_tokens must be >= 0, got {fb.forward_overhead_tokens}")
     need(fb.max_seq_len >= fb.n_prompt_tokens + 4,
          f"fedbpt.max_seq_len = {fb.max_seq_len} leaves no room for text after {fb.n_prompt_tokens} prompt tokens")
     need(not fb.init_prompt or fb.prompt_mode == "cat", "fedbpt.init_prompt is only used with fedbpt.prompt_mode = 'cat'")

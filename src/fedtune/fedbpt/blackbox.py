@@ -86,7 +86,7 @@ class BlackBoxLM:
     """Forward-only access to a frozen language model for prompt tuning."""
 
     def __init__(self, model, tokenizer, kind: str, device, amp_dtype, *, n_prompt_tokens: int, prompt_mode: str,
-                 init_prompt: str = "", max_seq_len: int = 256, max_forward_rows: int = 512, name: str = ""):
+                 init_prompt: str = "", max_seq_len: int = 256, max_forward_rows: int = 512, forward_overhead_tokens: int = 256, name: str = ""):
         import torch
 
         if kind not in ("causal", "masked"):
@@ -141,6 +141,8 @@ class BlackBoxLM:
         self.forward_calls = 0  # forward passes run (for benchmarks and tests)
         self.rows_forwarded = 0
         self.tokens_forwarded = 0  # non-padding tokens, prompt slots included
+        self.padded_tokens_forwarded = 0  # rows x width of every forward
+        self.forward_overhead_tokens = forward_overhead_tokens
 
     # ------------------------------------------------------------------ facts an API would publish
 
@@ -252,9 +254,12 @@ class BlackBoxLM:
     def logits(self, prompts: np.ndarray | None, enc: Encoded, label_ids: list[int]) -> np.ndarray:
         """Verbalizer logits, shape (P, B, C), for P prompts (P, n_prompt_tokens, hidden) on B rows.
 
-        All P x B rows go through the model together (in forwards of at most max_forward_rows
-        rows): evaluating a whole CMA-ES population costs one batched pass, not P. `prompts`
-        None means the zero prompt (the untuned model with its placeholder slots).
+        All P x B rows go through the model together: evaluating a whole CMA-ES population
+        costs a few batched passes, not P. The forward rows are ordered by length and cut into
+        forwards by `plan_forwards` (each forward padded only to its own longest row, at most
+        max_forward_rows rows): a row appears once per candidate with the same length, so a
+        population packs into forwards with almost no padding. `prompts` None means the zero
+        prompt (the untuned model with its placeholder slots).
         """
         import torch
 
@@ -267,6 +272,7 @@ class BlackBoxLM:
         p_count, b_count = prompts.shape[0], len(enc)
         dev = self._device
         out = np.empty((p_count * b_count, len(label_ids)), dtype=np.float32)
+        lengths = enc.attention_mask.sum(1).astype(np.int64)  # right-padded: a row's width
         with torch.inference_mode():
             ids = torch.as_tensor(enc.input_ids, device=dev)
             mask = torch.as_tensor(enc.attention_mask, device=dev)
@@ -275,21 +281,22 @@ class BlackBoxLM:
             tok_emb = self._model.get_input_embeddings()(ids).float()  # (B, T, H)
             slots = self._slot_base.to(dev)[None] + torch.as_tensor(prompts, device=dev)  # (P, n, H)
             label = torch.as_tensor(label_ids, device=dev)
-            total = p_count * b_count
-            for start in range(0, total, self.max_forward_rows):
-                r = torch.arange(start, min(total, start + self.max_forward_rows), device=dev)
+            for rows_np, width in plan_forwards(lengths, p_count, self.max_forward_rows, self.forward_overhead_tokens):
+                r = torch.as_tensor(rows_np, device=dev)
                 p, b = r // b_count, r % b_count  # (rows,) candidate and row of each forward row
-                x = tok_emb[b].clone()  # (rows, T, H)
+                x = tok_emb[b, :width].clone()  # (rows, width, H)
                 x[torch.arange(len(r), device=dev)[:, None], slot_idx[b]] = slots[p]
+                m = mask[b, :width]
                 with self._autocast():
                     x = x.to(self._model.dtype) if self._amp_dtype is None else x
-                    hidden = self._body(x, mask[b])  # (rows, T, H)
+                    hidden = self._body(x, m)  # (rows, width, H)
                     last = hidden[torch.arange(len(r), device=dev), answer[b]]  # (rows, H)
                     logits = self._verbalize(last, label)
-                out[start:start + len(r)] = logits.float().cpu().numpy()
+                out[rows_np] = logits.float().cpu().numpy()
                 self.forward_calls += 1
                 self.rows_forwarded += len(r)
-                self.tokens_forwarded += int(mask[b].sum())
+                self.tokens_forwarded += int(m.sum())
+                self.padded_tokens_forwarded += len(r) * width
         return out.reshape(p_count, b_count, len(label_ids))
 
     def _autocast(self):
@@ -308,6 +315,47 @@ class BlackBoxLM:
             bias = getattr(self._head, "bias", None)
             return out + bias[label].to(out.dtype) if bias is not None else out
         return self._head(last)[:, label]
+
+
+def plan_forwards(lengths: np.ndarray, p_count: int, max_rows: int, overhead_tokens: int) -> list[tuple[np.ndarray, int]]:
+    """Split the P x B forward rows (row index p * B + b; row b is lengths[b] tokens wide for
+    every candidate) into forwards: a list of (forward row indices, width).
+
+    The rows are sorted by width (longest first) and cut into contiguous groups so as to
+    minimize the modelled cost: each forward costs `overhead_tokens` (the fixed cost of a
+    pass, in tokens) plus rows x its own width (padding included), and holds at most
+    `max_rows` rows. Dynamic programming over the distinct widths (at most B of them), so
+    planning is cheap next to a forward.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    b_count = len(lengths)
+    if p_count == 0 or b_count == 0:
+        return []
+    widths = np.unique(lengths)[::-1]  # distinct widths, longest first
+    counts = np.array([int((lengths == w).sum()) * p_count for w in widths])
+    g = len(widths)
+    best = np.full(g + 1, np.inf)
+    best[g] = 0.0
+    cut = np.zeros(g, dtype=np.int64)
+    for i in range(g - 1, -1, -1):  # best[i]: cost of forwarding groups i.. (rows of width <= widths[i])
+        rows = 0
+        for j in range(i, g):
+            rows += counts[j]
+            passes = -(-rows // max_rows)
+            cost = passes * overhead_tokens + rows * widths[i] + best[j + 1]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j + 1
+    # rows ordered by width, longest first; candidates of one example stay together
+    order_b = np.argsort(-lengths, kind="stable")
+    plan, i = [], 0
+    while i < g:
+        j = int(cut[i])
+        members = [b for b in order_b if widths[j - 1] <= lengths[b] <= widths[i]]
+        idx = (np.arange(p_count)[None, :] * b_count + np.array(members)[:, None]).reshape(-1)
+        for s in range(0, len(idx), max_rows):
+            plan.append((idx[s:s + max_rows], int(widths[i])))
+        i = j
+    return plan
 
 
 class _TooLong(Exception):
@@ -347,7 +395,8 @@ def load_blackbox(model_cfg, fb) -> BlackBoxLM:
     path = resolve_model_path(model_cfg.name)
     kind = fb.model_kind if fb.model_kind != "auto" else detect_kind(path)
     common = dict(n_prompt_tokens=fb.n_prompt_tokens, prompt_mode=fb.prompt_mode, init_prompt=fb.init_prompt,
-                  max_seq_len=fb.max_seq_len, max_forward_rows=fb.max_forward_rows, name=model_cfg.name)
+                  max_seq_len=fb.max_seq_len, max_forward_rows=fb.max_forward_rows,
+                  forward_overhead_tokens=getattr(fb, "forward_overhead_tokens", 256), name=model_cfg.name)
     if kind == "causal":
         lm = load_causal_lm(model_cfg)
         return BlackBoxLM(lm.model, lm.tokenizer, "causal", lm.device, lm.amp_dtype, **common)

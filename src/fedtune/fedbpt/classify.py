@@ -21,6 +21,7 @@ class _BoxSettings:  # the [fedbpt] keys the black box reads, taken from the sav
     init_prompt: str
     max_seq_len: int
     max_forward_rows: int = 256
+    forward_overhead_tokens: int = 256
 
 
 def read_inputs(spec: TaskSpec, texts: list[str], file: str | None) -> list[tuple[str, ...]]:
