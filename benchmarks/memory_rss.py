@@ -8,8 +8,9 @@ their updates. Every client trains in the measured round (`server.fraction = 1`)
 worst case for the server. A second FedIT setting draws 10 clients per round
 (`server.clients_per_round = 10`), as a large federation would.
 
-The child reports ru_maxrss (peak RSS) after loading the model and data (`setup`) and
-after one round (`peak`); the parent prints the growth from 10 clients against the
+The child reports ru_maxrss (peak RSS) after loading the model and data (`setup`; for
+FedIT also after a warm-up step on a row of every padded width in the data, so that oneDNN's
+per-shape kernel caches are not counted as per-client memory) and after one round (`peak`); the parent prints the growth from 10 clients against the
 budget: FedIT <= 2 x the adapter's own size, FedBPT <= 1 GB.
 
 Run:  .venv/bin/python benchmarks/memory_rss.py          (about 10-20 minutes on 2 shared cores)
@@ -37,7 +38,10 @@ def child_fedit(n: int, per_round: int) -> dict:
     from fedtune import config as C
     from fedtune.core.arrays import nbytes
     from fedtune.engines.simulator import Simulator, SimulatorSettings
+    from fedtune.core.strategy import FitIns
+    from fedtune.fedit.client import FedITClientApp
     from fedtune.fedit.recipe import FedIT, prepare_data
+    from fedtune.fedit.train import padded_width
 
     # 6 skills x 500 rows = 3,000 rows for every client count (1,000 clients: 3 rows each)
     cfg = C.load(None, ["data.demo_rows_per_skill=500", "partition.method='iid'", f"partition.num_clients={n}",
@@ -45,17 +49,28 @@ def child_fedit(n: int, per_round: int) -> dict:
                         "train.micro_batch_size=1", "run.progress=false", "eval.generate=false",
                         "run.rounds=1", f"server.clients_per_round={per_round}"])
     fed = FedIT(cfg, prepare_data(cfg), progress=False)
+    app = fed.client_app()
+    # Warm-up: one local step on a row of every padded width the data holds, before anything
+    # is measured. Each new input shape makes oneDNN build and keep kernels (tens of MB):
+    # without this, the client count would be blamed for the shapes that a round happens to
+    # meet (a round of 10 clients meets fewer widths than a round of 100).
+    by_width = {}
+    for rows in fed.client_data.values():
+        for t in rows:
+            by_width.setdefault(padded_width(len(t)), t)
+    warm = FedITClientApp(app.slot, {f"warm_{w}": [t] for w, t in sorted(by_width.items())}, app.train_cfg,
+                          seed=cfg.run.seed, pad_id=app.pad_id, device=app.device, amp=app.amp)
+    for cid in warm.data:
+        warm.fit(cid, FitIns(fed.initial, {"round": 0}))
     setup = peak_mb()
-    sim = Simulator(fed.strategy(), fed.client_app(), list(fed.client_data),
+    sim = Simulator(fed.strategy(), app, list(fed.client_data),
                     SimulatorSettings(rounds=1, min_clients=1, progress=False))
     t0 = time.perf_counter()
     state = sim.run()
-    from fedtune.fedit.train import padded_width
-
     widths = {padded_width(c["tokens"]) for c in state.history[-1]["clients"]}  # batch 1: tokens = row length
     return {"setup_mb": setup, "peak_mb": peak_mb(), "seconds": time.perf_counter() - t0,
             "clients_in_round": len(state.history[-1]["clients"]), "payload_bytes": nbytes(fed.initial),
-            "distinct_widths": len(widths)}
+            "distinct_widths": len(widths), "warmup_widths": len(by_width)}
 
 
 def child_fedbpt(n: int, per_round: int) -> dict:
