@@ -65,6 +65,21 @@ def candidate_speed(popsize: int, clients: int, reps: int) -> dict:
             "batched_per_s": popsize / b, "one_at_a_time_per_s": popsize / s, "ratio": s / b}
 
 
+def padding_of_test_rows(rows: int = 300) -> dict:
+    """Padded tokens of one pass over SST-2 dev rows: forwards planned by length (the black
+    box's plan) vs every row padded to the longest. No forward runs: the plan is arithmetic."""
+    from fedtune.fedbpt.blackbox import plan_forwards
+    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+
+    cfg = config([f"task.test_max_rows={rows}", "partition.num_clients=1"])
+    task = prepare_task(cfg)
+    box = FedBPT(cfg, task).client_app().box
+    lengths = box.encode_texts(task.spec, [e.texts for e in task.test]).attention_mask.sum(1)
+    plan = plan_forwards(lengths, 1, box.max_forward_rows, box.forward_overhead_tokens)
+    return {"rows": len(lengths), "real_tokens": int(lengths.sum()), "planned_forwards": len(plan),
+            "planned_padded": int(sum(len(r) * w for r, w in plan)), "longest_padded": int(len(lengths) * lengths.max())}
+
+
 def bytes_per_round(mode: str) -> dict:
     from fedtune.engines.simulator import Simulator, SimulatorSettings
     from fedtune.fedbpt.recipe import FedBPT, prepare_task
@@ -93,6 +108,7 @@ def main(argv=None) -> int:
     print(f"load average at start: {os.getloadavg()}", flush=True)
     speeds = [candidate_speed(int(p), int(c), args.reps) for c in args.clients.split(",") for p in args.popsizes.split(",")]
     sizes = [bytes_per_round(m) for m in ("improved", "reference")]
+    pad = padding_of_test_rows()
     print(f"\ncandidate evaluations per second (SST-2, one client's shard, medians of {args.reps}):")
     print(f"{'clients':>7} {'popsize':>7} {'rows':>5} {'tokens/row':>10} {'batched':>9} {'one at a time':>14} {'ratio':>6} {'tok/s batched':>14} {'tok/s one':>10}")
     for s in speeds:
@@ -100,12 +116,15 @@ def main(argv=None) -> int:
               f"{s['one_at_a_time_per_s']:14.2f} {s['ratio']:5.2f}x "
               f"{s['batched_per_s'] * s['rows'] * s['tokens_per_row']:14.0f} "
               f"{s['one_at_a_time_per_s'] * s['rows'] * s['tokens_per_row']:10.0f}")
+    print(f"\npadding, one pass over {pad['rows']} SST-2 dev rows ({pad['real_tokens']:,} real tokens): planned by length "
+          f"{pad['planned_padded']:,} padded tokens in {pad['planned_forwards']} forwards; padded to the longest row "
+          f"{pad['longest_padded']:,}")
     print(f"\nbytes per client per round (d = {sizes[0]['intrinsic_dim']}, safetensors payloads):")
     for s in sizes:
         print(f"  {s['mode']:9}: {s['down']:>9,} down · {s['up']:>7,} up")
     print(f"load average at end: {os.getloadavg()}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"speed": speeds, "bytes": sizes}, indent=2))
+        Path(args.json).write_text(json.dumps({"speed": speeds, "bytes": sizes, "padding": pad}, indent=2))
     return 0
 
 

@@ -8,10 +8,12 @@ their updates. Every client trains in the measured round (`server.fraction = 1`)
 worst case for the server. A second FedIT setting draws 10 clients per round
 (`server.clients_per_round = 10`), as a large federation would.
 
-The child reports ru_maxrss (peak RSS) after loading the model and data (`setup`; for
-FedIT also after a warm-up step on a row of every padded width in the data, so that oneDNN's
-per-shape kernel caches are not counted as per-client memory) and after one round (`peak`); the parent prints the growth from 10 clients against the
-budget: FedIT <= 2 x the adapter's own size, FedBPT <= 1 GB.
+FedIT trains on generated rows that all have one token length (see child_fedit), and the
+child takes one warm-up step before measuring: every step then has the same input shapes,
+so oneDNN's per-shape kernels and allocator arenas are not blamed on the client count.
+The child reports ru_maxrss (peak RSS) after loading the model and data and the warm-up
+(`setup`) and after one round (`peak`); the parent prints the growth from 10 clients
+against the budget: FedIT <= 2 x the adapter's own size, FedBPT <= 1 GB.
 
 Run:  .venv/bin/python benchmarks/memory_rss.py          (about 10-20 minutes on 2 shared cores)
 """
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,8 +47,19 @@ def child_fedit(n: int, per_round: int) -> dict:
     from fedtune.fedit.recipe import FedIT, prepare_data
     from fedtune.fedit.train import padded_width
 
-    # 6 skills x 500 rows = 3,000 rows for every client count (1,000 clients: 3 rows each)
-    cfg = C.load(None, ["data.demo_rows_per_skill=500", "partition.method='iid'", f"partition.num_clients={n}",
+    # 3,000 rows for every client count (1,000 clients: 3 rows each), all of one token length:
+    # every training step has the same input shapes whatever the client count, so the growth
+    # measured is what the clients cost, not oneDNN kernels and allocator arenas for shapes
+    # that a larger round happens to meet (with the demo data, whose rows vary in length,
+    # peak RSS rose by 40-90 MB from 10 to 100 clients for that reason alone).
+    path = Path(tempfile.mkdtemp()) / "repeat.jsonl"
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(3000):
+            words = " ".join(rng.choice(["red", "blue", "green", "gold"]) for _ in range(8))
+            f.write(json.dumps({"instruction": f"Repeat: {words}", "context": "", "response": words,
+                                "category": "repeat"}) + "\n")
+    cfg = C.load(None, [f"data.path='{path}'", "partition.method='iid'", f"partition.num_clients={n}",
                         "partition.test_per_category=2", "train.max_steps=1", "train.batch_size=1",
                         "train.micro_batch_size=1", "run.progress=false", "eval.generate=false",
                         "run.rounds=1", f"server.clients_per_round={per_round}"])
@@ -67,10 +82,10 @@ def child_fedit(n: int, per_round: int) -> dict:
                     SimulatorSettings(rounds=1, min_clients=1, progress=False))
     t0 = time.perf_counter()
     state = sim.run()
-    widths = {padded_width(c["tokens"]) for c in state.history[-1]["clients"]}  # batch 1: tokens = row length
+    shapes = {(len(t), sum(x != -100 for x in t.labels)) for rows in fed.client_data.values() for t in rows}
     return {"setup_mb": setup, "peak_mb": peak_mb(), "seconds": time.perf_counter() - t0,
             "clients_in_round": len(state.history[-1]["clients"]), "payload_bytes": nbytes(fed.initial),
-            "distinct_widths": len(widths), "warmup_widths": len(by_width)}
+            "distinct_row_shapes": len(shapes)}
 
 
 def child_fedbpt(n: int, per_round: int) -> dict:
@@ -129,7 +144,7 @@ def main(argv=None) -> int:
             r = json.loads(line[7:])
             r["clients"] = n
             rows.append(r)
-            widths = f" · {r['distinct_widths']} batch widths" if "distinct_widths" in r else ""
+            widths = f" · {r['distinct_row_shapes']} row shape(s)" if "distinct_row_shapes" in r else ""
             print(f"  {setting:11} {n:5d} clients ({r['clients_in_round']} in the round): setup {r['setup_mb']:7.1f} MB · "
                   f"peak {r['peak_mb']:7.1f} MB · round {r['seconds']:6.1f} s{widths}", flush=True)
         results[setting] = rows
