@@ -43,14 +43,9 @@ def config(extra: list[str]):
                          "run.progress=false", *extra])
 
 
-def candidate_speed(popsize: int, clients: int, reps: int) -> dict:
-    from fedtune.fedbpt.recipe import FedBPT, prepare_task
-
-    cfg = config([f"fedbpt.popsize={popsize}", f"partition.num_clients={clients}"])
-    fed = FedBPT(cfg, prepare_task(cfg))
-    app = fed.client_app()
-    shard = fed.shards["client_000"]
-    z = np.random.default_rng(0).standard_normal((popsize, cfg.fedbpt.intrinsic_dim))
+def time_population(app, z: np.ndarray, shard, reps: int) -> tuple[float, float]:
+    """Median seconds to evaluate the candidates z on the shard: (batched, one at a time),
+    alternating `reps` times after a warm-up; leaves the client batching again."""
     app.evaluate(z, shard, None)  # warm-up
     times = {True: [], False: []}
     for _ in range(reps):
@@ -59,7 +54,19 @@ def candidate_speed(popsize: int, clients: int, reps: int) -> dict:
             t = time.perf_counter()
             app.evaluate(z, shard, None)
             times[batched].append(time.perf_counter() - t)
-    b, s = statistics.median(times[True]), statistics.median(times[False])
+    app.s.batch_population = True
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
+def candidate_speed(popsize: int, clients: int, reps: int) -> dict:
+    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+
+    cfg = config([f"fedbpt.popsize={popsize}", f"partition.num_clients={clients}"])
+    fed = FedBPT(cfg, prepare_task(cfg))
+    app = fed.client_app()
+    shard = fed.shards["client_000"]
+    z = np.random.default_rng(0).standard_normal((popsize, cfg.fedbpt.intrinsic_dim))
+    b, s = time_population(app, z, shard, reps)
     return {"popsize": popsize, "clients": clients, "rows": len(shard),
             "tokens_per_row": float(shard.enc.attention_mask.sum(1).mean()),
             "batched_per_s": popsize / b, "one_at_a_time_per_s": popsize / s, "ratio": s / b}

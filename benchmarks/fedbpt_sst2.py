@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from fedtune import config as C  # noqa: E402
 from fedtune.data import partition as P  # noqa: E402
 from fedtune.fedbpt import recipe  # noqa: E402
 from fedtune.fedbpt.prompt import load_prompt  # noqa: E402
+from fedbpt_speed import time_population  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 
 def parse():
@@ -81,16 +81,7 @@ def speed(fed, reps: int) -> dict:
     shards["all training rows"] = Shard(fed.box.encode_texts(fed.spec, [e.texts for e in all_rows]),
                                         np.array([e.label for e in all_rows]))
     for name, shard in shards.items():
-        times = {True: [], False: []}
-        app.evaluate(z, shard, None)  # warm-up
-        for _ in range(reps):
-            for batched in (True, False):
-                app.s.batch_population = batched
-                t = time.perf_counter()
-                app.evaluate(z, shard, None)
-                times[batched].append(time.perf_counter() - t)
-        app.s.batch_population = True
-        b, s = statistics.median(times[True]), statistics.median(times[False])
+        b, s = time_population(app, z, shard, reps)
         out[name] = {"rows": len(shard), "tokens_per_candidate": int(shard.enc.attention_mask.sum()),
                      "batched_candidates_per_s": popsize / b, "one_at_a_time_candidates_per_s": popsize / s,
                      "speedup": s / b, "reps": reps}

@@ -24,7 +24,7 @@ TEXTS = [("the movie was great",), ("a dull film, long and slow",), ("It was fin
 def _box(path, mode="add", n=3, init=""):
     cfg = C.load(None, [f"model.name={str(path)!r}", "model.autocast='off'"])
     fb = SimpleNamespace(model_kind="auto", n_prompt_tokens=n, prompt_mode=mode, init_prompt=init, max_seq_len=64,
-                         max_forward_rows=7)  # 7: a population's rows are split over several forwards
+                         max_forward_rows=7, forward_overhead_tokens=256)  # 7: a population's rows are split over several forwards
     return load_blackbox(cfg.model, fb)
 
 

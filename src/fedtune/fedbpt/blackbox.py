@@ -397,7 +397,7 @@ def load_blackbox(model_cfg, fb) -> BlackBoxLM:
     kind = fb.model_kind if fb.model_kind != "auto" else detect_kind(path)
     common = dict(n_prompt_tokens=fb.n_prompt_tokens, prompt_mode=fb.prompt_mode, init_prompt=fb.init_prompt,
                   max_seq_len=fb.max_seq_len, max_forward_rows=fb.max_forward_rows,
-                  forward_overhead_tokens=getattr(fb, "forward_overhead_tokens", 256), name=model_cfg.name)
+                  forward_overhead_tokens=fb.forward_overhead_tokens, name=model_cfg.name)
     if kind == "causal":
         lm = load_causal_lm(model_cfg)
         return BlackBoxLM(lm.model, lm.tokenizer, "causal", lm.device, lm.amp_dtype, **common)
