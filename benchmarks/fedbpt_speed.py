@@ -5,10 +5,12 @@ Speed: the same client, the same shard, the same CMA-ES candidates, evaluated th
 black box with one batched forward per population (`fedbpt.batch_population = true`,
 fedtune's default) or one forward per candidate (how the reference evaluates), alternating
 in this process, `--reps` times; medians. Measured at two population sizes and three shard
-sizes (the 32 rows of 16-shot SST-2 split over 10, 3 and 1 clients). Batching cannot reduce
-the model's work, only the cost per forward: on a CPU it gains until the forwards reach the
-model's saturated tokens/s, so the ratio is largest on small shards (FedBPT's few-shot
-regime) and the table prints the tokens/s of both paths to show where the ceiling is.
+sizes (the 32 rows of 16-shot SST-2 split over 10, 3 and 1 clients), with two templates:
+BBT's, the prompt first (`prompt-first`), where batching can only amortize the fixed cost of
+a forward until the model's saturated tokens/s; and one with the sentence before the prompt
+(`text-first`), where a causal LM runs each sentence once for the whole population and every
+candidate attends to its cached keys/values (`fedbpt.share_context`), so batching also cuts
+the work. The table prints the tokens/s of both paths to show where the ceiling is.
 
 Bytes: one simulator round with 3 clients in each server mode; the simulator counts the
 safetensors bytes of what each client receives and sends (`improved`: mean + sigma down,
@@ -33,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "glue_sst2"
 
 
+EXTRA: list[str] = []  # --set overrides, applied to every configuration below
+
+
 def config(extra: list[str]):
     from fedtune import config as C
 
@@ -40,7 +45,7 @@ def config(extra: list[str]):
                          f"task.test_path='{SST2 / 'dev.tsv'}'", "task.k_shot=16", "task.dev_shots=4",
                          "task.test_max_rows=8", "partition.method='iid'",
                          "fedbpt.n_prompt_tokens=10", "fedbpt.perturb=false", "model.dtype='bfloat16'",
-                         "run.progress=false", *extra])
+                         "run.progress=false", *extra, *EXTRA])
 
 
 def time_population(app, z: np.ndarray, shard, reps: int) -> tuple[float, float]:
@@ -58,16 +63,21 @@ def time_population(app, z: np.ndarray, shard, reps: int) -> tuple[float, float]
     return statistics.median(times[True]), statistics.median(times[False])
 
 
-def candidate_speed(popsize: int, clients: int, reps: int) -> dict:
+# SST-2 templates: BBT's (the prompt first, as the reference) and one with the text before the
+# prompt, whose text a causal LM runs once for the whole population (fedbpt.share_context)
+TEMPLATES = {"prompt-first": "<P> . {sentence} . It was <mask> .", "text-first": "{sentence} . <P> . It was <mask> ."}
+
+
+def candidate_speed(popsize: int, clients: int, reps: int, template: str = "prompt-first") -> dict:
     from fedtune.fedbpt.recipe import FedBPT, prepare_task
 
-    cfg = config([f"fedbpt.popsize={popsize}", f"partition.num_clients={clients}"])
+    cfg = config([f"fedbpt.popsize={popsize}", f"partition.num_clients={clients}", f"task.template={TEMPLATES[template]!r}"])
     fed = FedBPT(cfg, prepare_task(cfg))
     app = fed.client_app()
     shard = fed.shards["client_000"]
     z = np.random.default_rng(0).standard_normal((popsize, cfg.fedbpt.intrinsic_dim))
     b, s = time_population(app, z, shard, reps)
-    return {"popsize": popsize, "clients": clients, "rows": len(shard),
+    return {"template": template, "popsize": popsize, "clients": clients, "rows": len(shard),
             "tokens_per_row": float(shard.enc.attention_mask.sum(1).mean()),
             "batched_per_s": popsize / b, "one_at_a_time_per_s": popsize / s, "ratio": s / b}
 
@@ -106,20 +116,26 @@ def main(argv=None) -> int:
     ap.add_argument("--popsizes", default="5,20")
     ap.add_argument("--clients", default="10,3,1",
                     help="split the 32 training rows (16-shot) over this many clients: shard sizes of about 3, 11, 32 rows")
+    ap.add_argument("--templates", default="prompt-first,text-first",
+                    help=f"SST-2 templates to time: {', '.join(f'{k} = {v!r}' for k, v in TEMPLATES.items())}")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run, e.g. fedbpt.forward_overhead_tokens=128")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if not (SST2 / "train.tsv").is_file():
         print(f"skipped: {SST2} not found")
         return 0
+    EXTRA.extend(args.overrides)
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    speeds = [candidate_speed(int(p), int(c), args.reps) for c in args.clients.split(",") for p in args.popsizes.split(",")]
+    speeds = [candidate_speed(int(p), int(c), args.reps, t) for t in args.templates.split(",")
+              for c in args.clients.split(",") for p in args.popsizes.split(",")]
     sizes = [bytes_per_round(m) for m in ("improved", "reference")]
     pad = padding_of_test_rows()
     print(f"\ncandidate evaluations per second (SST-2, one client's shard, medians of {args.reps}):")
-    print(f"{'clients':>7} {'popsize':>7} {'rows':>5} {'tokens/row':>10} {'batched':>9} {'one at a time':>14} {'ratio':>6} {'tok/s batched':>14} {'tok/s one':>10}")
+    print(f"{'template':>12} {'clients':>7} {'popsize':>7} {'rows':>5} {'tokens/row':>10} {'batched':>9} {'one at a time':>14} {'ratio':>6} {'tok/s batched':>14} {'tok/s one':>10}")
     for s in speeds:
-        print(f"{s['clients']:7d} {s['popsize']:7d} {s['rows']:5d} {s['tokens_per_row']:10.1f} {s['batched_per_s']:9.2f} "
+        print(f"{s['template']:>12} {s['clients']:7d} {s['popsize']:7d} {s['rows']:5d} {s['tokens_per_row']:10.1f} {s['batched_per_s']:9.2f} "
               f"{s['one_at_a_time_per_s']:14.2f} {s['ratio']:5.2f}x "
               f"{s['batched_per_s'] * s['rows'] * s['tokens_per_row']:14.0f} "
               f"{s['one_at_a_time_per_s'] * s['rows'] * s['tokens_per_row']:10.0f}")
@@ -131,7 +147,8 @@ def main(argv=None) -> int:
         print(f"  {s['mode']:9}: {s['down']:>9,} down · {s['up']:>7,} up")
     print(f"load average at end: {os.getloadavg()}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"speed": speeds, "bytes": sizes, "padding": pad}, indent=2))
+        Path(args.json).write_text(json.dumps({"overrides": args.overrides, "speed": speeds, "bytes": sizes, "padding": pad},
+                                              indent=2))
     return 0
 
 

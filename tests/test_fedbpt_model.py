@@ -24,7 +24,7 @@ TEXTS = [("the movie was great",), ("a dull film, long and slow",), ("It was fin
 def _box(path, mode="add", n=3, init=""):
     cfg = C.load(None, [f"model.name={str(path)!r}", "model.autocast='off'"])
     fb = SimpleNamespace(model_kind="auto", n_prompt_tokens=n, prompt_mode=mode, init_prompt=init, max_seq_len=64,
-                         max_forward_rows=7, forward_overhead_tokens=256)  # 7: a population's rows are split over several forwards
+                         max_forward_rows=7, forward_overhead_tokens=256, share_context=True)  # 7: a population's rows are split over several forwards
     return load_blackbox(cfg.model, fb)
 
 
@@ -122,6 +122,46 @@ def test_length_grouped_forwards_give_the_same_logits(llama_box):
     assert llama_box.forward_calls - calls >= len(set(widths.tolist()))  # one group per width
     assert llama_box.padded_tokens_forwarded - padded == 3 * widths.sum()  # no padding
     np.testing.assert_allclose(grouped, one, atol=1e-5)
+
+
+# text before <P>: the population can share it (the prompt sits between the text and the answer)
+TEXT_FIRST = replace(SPEC, template="{sentence} . <P> . It was <mask> .")
+
+
+@pytest.mark.parametrize("mode", ["add", "cat"])
+@pytest.mark.parametrize("max_rows", [7, 512])
+def test_shared_context_gives_the_same_logits(tiny_llama, mode, max_rows):
+    """Causal LM, text before <P>: the text runs once per example and every candidate attends
+    to its cached keys/values. Same logits as whole-context forwards, rows of different text
+    lengths, prefix and candidate forwards split over several chunks (max_rows = 7)."""
+    box = _box(tiny_llama, mode=mode)
+    box.max_forward_rows = max_rows
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(TEXT_FIRST, TEXTS + [("ok",), ("the end of a long and winding road, and then some more",)])
+    assert len(set(enc.slot_start.tolist())) > 1  # the shared parts differ in length
+    prompts = np.random.default_rng(2).standard_normal((4, 3, box.hidden_size)).astype(np.float32) * 0.5
+    shared_calls, calls, tokens = box.shared_context_calls, box.forward_calls, box.tokens_forwarded
+    shared = box.logits(prompts, enc, ids)
+    assert box.shared_context_calls == shared_calls + 1
+    p, b = prompts.shape[0], len(enc)
+    # the text before <P> ran once per example, not once per candidate
+    assert box.tokens_forwarded - tokens == enc.tokens * p - (p - 1) * int(enc.slot_start.sum())
+    box.share_context = False
+    full = box.logits(prompts, enc, ids)
+    assert box.shared_context_calls == shared_calls + 1
+    np.testing.assert_allclose(shared, full, atol=1e-5)
+    assert not np.allclose(shared[0], shared[1])  # the prompt still reaches the answer
+    one = box.logits(prompts[:1], enc, ids)  # one candidate: nothing to share
+    np.testing.assert_allclose(one[0], full[0], atol=1e-5)
+
+
+def test_masked_lm_never_shares_context(tiny_roberta):
+    """In a masked LM the text attends to the prompt: no sharing, whatever the setting."""
+    box = _box(tiny_roberta)
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(TEXT_FIRST, TEXTS)
+    box.logits(np.zeros((3, 3, box.hidden_size), dtype=np.float32), enc, ids)
+    assert box.shared_context_calls == 0
 
 
 def test_cat_mode_equals_prepending_embeddings(tiny_llama):

@@ -194,6 +194,7 @@ class FedBPTSection:
     batch_population: bool = opt(True, "evaluate a whole CMA-ES population in one batched forward pass (false = one candidate at a time)")
     max_forward_rows: int = opt(512, "at most this many rows (candidates x examples) per forward pass")
     forward_overhead_tokens: int = opt(256, "fixed cost of one forward pass, in tokens: rows are grouped by length into forwards minimizing overhead + padded tokens")
+    share_context: bool = opt(True, "causal LMs: when the template has text before <P>, run that text once per example and let every candidate attend to its cached keys/values (same logits, less work per candidate)")
     max_seq_len: int = opt(256, "tokens per row (prompt included); the longest text field is cut to fit")
     distinct_seeds: bool = opt(True, "improved: each client gets its own CMA-ES seed each round (reference: one seed for all)")
     weight_by_size: bool = opt(True, "improved: average client means weighted by shard size (false: CMA rank weights by fitness, as the reference)")

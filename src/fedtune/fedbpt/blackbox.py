@@ -64,6 +64,23 @@ def concat(a: Encoded, b: Encoded, pad_id: int) -> Encoded:
                    np.concatenate([pad(a.free, False), pad(b.free, False)]))
 
 
+_BLAS = None
+
+
+def numpy_blas_single_threaded():
+    """A context in which numpy's BLAS runs on one thread. Client code does its CMA-ES and
+    projection algebra in numpy between forwards; a multi-threaded OpenBLAS leaves its threads
+    spinning after each call, and on a small CPU they take the cores from the next forward
+    (measured here on 2 cores: a 4 x 24-token SmolLM2 forward right after a 5 x 500 @ 500 x 5,760
+    product took 130-180 ms instead of 62 ms). The algebra is small; one thread loses nothing."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def detect_kind(path) -> str:
     """'masked' or 'causal', from the model's config (architectures, else model_type)."""
     from transformers import AutoConfig
@@ -86,7 +103,8 @@ class BlackBoxLM:
     """Forward-only access to a frozen language model for prompt tuning."""
 
     def __init__(self, model, tokenizer, kind: str, device, amp_dtype, *, n_prompt_tokens: int, prompt_mode: str,
-                 init_prompt: str = "", max_seq_len: int = 256, max_forward_rows: int = 512, forward_overhead_tokens: int = 256, name: str = ""):
+                 init_prompt: str = "", max_seq_len: int = 256, max_forward_rows: int = 512, forward_overhead_tokens: int = 256, share_context: bool = True,
+                 name: str = ""):
         import torch
 
         if kind not in ("causal", "masked"):
@@ -94,6 +112,8 @@ class BlackBoxLM:
         if prompt_mode not in ("add", "cat"):
             raise ValueError(f"unknown prompt mode {prompt_mode!r}")
         self._model = model.eval().requires_grad_(False)
+        if kind == "causal" and torch.device(device).type == "cpu":
+            _use_cpu_gqa_attention(model)
         self._device = device
         self._amp_dtype = amp_dtype
         self.tokenizer = tokenizer  # text in: tokenization is part of the service
@@ -143,6 +163,8 @@ class BlackBoxLM:
         self.tokens_forwarded = 0  # non-padding tokens, prompt slots included
         self.padded_tokens_forwarded = 0  # rows x width of every forward
         self.forward_overhead_tokens = forward_overhead_tokens
+        self.share_context = share_context
+        self.shared_context_calls = 0  # logits calls that ran the text before <P> once for all candidates
 
     # ------------------------------------------------------------------ facts an API would publish
 
@@ -281,24 +303,102 @@ class BlackBoxLM:
             tok_emb = self._model.get_input_embeddings()(ids).float()  # (B, T, H)
             slots = self._slot_base.to(dev)[None] + torch.as_tensor(prompts, device=dev)  # (P, n, H)
             label = torch.as_tensor(label_ids, device=dev)
-            for rows_np, width in plan_forwards(lengths, p_count, self.max_forward_rows, self.forward_overhead_tokens):
-                r = torch.as_tensor(rows_np, device=dev)
-                p, b = r // b_count, r % b_count  # (rows,) candidate and row of each forward row
-                x = tok_emb[b, :width].clone()  # (rows, width, H)
-                x[torch.arange(len(r), device=dev)[:, None], slot_idx[b]] = slots[p]
-                m = mask[b, :width]
-                full = bool((lengths[rows_np % b_count] == width).all())  # no padding in this forward
-                with self._autocast():
-                    x = x.to(self._model.dtype) if self._amp_dtype is None else x
-                    hidden = self._body(x, None if full else m)  # (rows, width, H); no mask: the fast causal path
-                    last = hidden[torch.arange(len(r), device=dev), answer[b]]  # (rows, H)
-                    logits = self._verbalize(last, label)
-                out[rows_np] = logits.float().cpu().numpy()
-                self.forward_calls += 1
-                self.rows_forwarded += len(r)
-                self.tokens_forwarded += int(m.sum())
-                self.padded_tokens_forwarded += len(r) * width
+            if self._sharing_pays(enc, p_count):
+                self._forward_shared(tok_emb, slots, enc, lengths, answer, label, out)
+            else:
+                self._forward_full(tok_emb, slots, mask, lengths, slot_idx, answer, label, out, b_count)
         return out.reshape(p_count, b_count, len(label_ids))
+
+    def _forward_full(self, tok_emb, slots, mask, lengths, slot_idx, answer, label, out, b_count):
+        """Every forward row holds a whole context: [text before <P>] prompt [rest]."""
+        import torch
+
+        dev = self._device
+        for rows_np, width in plan_forwards(lengths, slots.shape[0], self.max_forward_rows, self.forward_overhead_tokens):
+            r = torch.as_tensor(rows_np, device=dev)
+            p, b = r // b_count, r % b_count  # (rows,) candidate and row of each forward row
+            x = tok_emb[b, :width].clone()  # (rows, width, H)
+            x[torch.arange(len(r), device=dev)[:, None], slot_idx[b]] = slots[p]
+            m = mask[b, :width]
+            full = bool((lengths[rows_np % b_count] == width).all())  # no padding in this forward
+            with self._autocast():
+                x = self._input_dtype(x)
+                hidden = self._body(x, None if full else m)  # (rows, width, H); no mask: the fast causal path
+                last = hidden[torch.arange(len(r), device=dev), answer[b]]  # (rows, H)
+                logits = self._verbalize(last, label)
+            out[rows_np] = logits.float().cpu().numpy()
+            self._count(len(r), int(m.sum()), len(r) * width)
+
+    def _sharing_pays(self, enc: Encoded, p_count: int) -> bool:
+        """Share the text before <P> across candidates (causal LMs only: a masked LM's text
+        attends to the prompt) when the tokens saved outweigh the extra forwards."""
+        if self.kind != "causal" or not self.share_context or p_count < 2 or enc.slot_start.min() < 1:
+            return False
+        saved = (p_count - 1) * int(enc.slot_start.sum())
+        extra = -(-len(enc) // self.max_forward_rows) * self.forward_overhead_tokens
+        return saved > extra
+
+    def _forward_shared(self, tok_emb, slots, enc: Encoded, lengths, answer, label, out):
+        """Prefix sharing. In a causal LM the text before the prompt slot does not see the
+        prompt, so its keys and values are the same for every candidate: one pass over each
+        example's text before <P> builds them, and each candidate's forward runs only the
+        prompt and what follows, attending to that cache. Same logits as `_forward_full` up
+        to float rounding; the population's work drops by (P - 1) x the shared tokens."""
+        import torch
+        from transformers import DynamicCache
+
+        dev, cfg = self._device, self._model.config
+        b_count, n = len(enc), self.n_prompt_tokens
+        pre = enc.slot_start.astype(np.int64)  # tokens before the prompt slot, per example
+        rest = lengths - pre  # prompt slots + the rest of the context
+        pre_t, rest_t = torch.as_tensor(pre, device=dev), torch.as_tensor(rest, device=dev)
+        t_pre, t_all = int(pre.max()), tok_emb.shape[1]
+        keys = values = None  # per layer: (B, kv heads, t_pre, head dim), each example's text before <P>
+        for rows_np, width in plan_forwards(pre, 1, self.max_forward_rows, self.forward_overhead_tokens):
+            r = torch.as_tensor(rows_np, device=dev)
+            cache = DynamicCache(config=cfg)
+            with self._autocast():  # right-padded and causal: no mask, as pads sit after every real token
+                self._model.base_model(inputs_embeds=self._input_dtype(tok_emb[r, :width]), past_key_values=cache,
+                                       use_cache=True)
+            if keys is None:
+                keys = [layer.keys.new_zeros(b_count, layer.keys.shape[1], t_pre, layer.keys.shape[3]) for layer in cache.layers]
+                values = [k.clone() for k in keys]
+            for i, layer in enumerate(cache.layers):
+                keys[i][r, :, :width] = layer.keys
+                values[i][r, :, :width] = layer.values
+            self._count(len(r), int(pre[rows_np].sum()), len(r) * width)
+        self.shared_context_calls += 1
+        for rows_np, width in plan_forwards(rest, slots.shape[0], self.max_forward_rows, self.forward_overhead_tokens):
+            r = torch.as_tensor(rows_np, device=dev)
+            p, b = r // b_count, r % b_count
+            start = pre_t[b]  # (rows,) where each row's part begins
+            pos = start[:, None] + torch.arange(width, device=dev)  # (rows, width) absolute positions
+            x = tok_emb[b[:, None], pos.clamp(max=t_all - 1)]  # (rows, width, H)
+            x[:, :n] = slots[p]  # the part begins with the prompt slots
+            k_len = int(pre[rows_np % b_count].max())
+            cache = DynamicCache(config=cfg)
+            for i in range(len(keys)):
+                cache.update(keys[i][b, :, :k_len], values[i][b, :, :k_len], i)
+            m = torch.cat([torch.arange(k_len, device=dev) < start[:, None],
+                           torch.arange(width, device=dev) < rest_t[b][:, None]], 1).long()
+            with self._autocast():
+                hidden = self._model.base_model(inputs_embeds=self._input_dtype(x), attention_mask=m, position_ids=pos,
+                                                past_key_values=cache, use_cache=True).last_hidden_state
+                last = hidden[torch.arange(len(r), device=dev), answer[b] - start]
+                logits = self._verbalize(last, label)
+            out[rows_np] = logits.float().cpu().numpy()
+            self._count(len(r), int(rest[rows_np % b_count].sum()), len(r) * width)
+
+    def _count(self, rows: int, tokens: int, padded: int) -> None:
+        self.forward_calls += 1
+        self.rows_forwarded += rows
+        self.tokens_forwarded += tokens
+        self.padded_tokens_forwarded += padded
+
+    def _input_dtype(self, x):
+        """Inputs in the weights' dtype: a bf16 model keeps its residual stream in bf16 (as from
+        its own embedding table); an fp32 model under autocast keeps it in fp32."""
+        return x.to(self._model.dtype)
 
     def _autocast(self):
         from fedtune.models import autocast
@@ -316,6 +416,37 @@ class BlackBoxLM:
             bias = getattr(self._head, "bias", None)
             return out + bias[label].to(out.dtype) if bias is not None else out
         return self._head(last)[:, label]
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA that lets grouped-query attention broadcast its key/value heads even when there is
+    a mask (torch's CPU kernels support it). transformers' own SDPA path repeats the key/value
+    heads whenever a mask is given: on CPU that copy of every layer's keys and values cost more
+    than the attention itself in padded and cached forwards. Inference only (no dropout)."""
+    import torch
+
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                                           is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+_GQA_ATTENTION = "fedtune_sdpa_gqa"
+
+
+def _use_cpu_gqa_attention(model) -> None:
+    """Switch a causal LM that runs on CPU with SDPA to `_sdpa_gqa` (same masks as SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if model.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(_GQA_ATTENTION, _sdpa_gqa)
+    AttentionMaskInterface.register(_GQA_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(_GQA_ATTENTION)
 
 
 def plan_forwards(lengths: np.ndarray, p_count: int, max_rows: int, overhead_tokens: int) -> list[tuple[np.ndarray, int]]:
@@ -397,7 +528,8 @@ def load_blackbox(model_cfg, fb) -> BlackBoxLM:
     kind = fb.model_kind if fb.model_kind != "auto" else detect_kind(path)
     common = dict(n_prompt_tokens=fb.n_prompt_tokens, prompt_mode=fb.prompt_mode, init_prompt=fb.init_prompt,
                   max_seq_len=fb.max_seq_len, max_forward_rows=fb.max_forward_rows,
-                  forward_overhead_tokens=fb.forward_overhead_tokens, name=model_cfg.name)
+                  forward_overhead_tokens=fb.forward_overhead_tokens, share_context=fb.share_context,
+                  name=model_cfg.name)
     if kind == "causal":
         lm = load_causal_lm(model_cfg)
         return BlackBoxLM(lm.model, lm.tokenizer, "causal", lm.device, lm.amp_dtype, **common)

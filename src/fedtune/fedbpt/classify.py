@@ -22,6 +22,7 @@ class _BoxSettings:  # the [fedbpt] keys the black box reads, taken from the sav
     max_seq_len: int
     max_forward_rows: int = 256
     forward_overhead_tokens: int = 256
+    share_context: bool = True  # classify evaluates one prompt: nothing to share, but the key is read
 
 
 def read_inputs(spec: TaskSpec, texts: list[str], file: str | None) -> list[tuple[str, ...]]:

@@ -19,7 +19,7 @@ import numpy as np
 from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.fedbpt import objective as O
-from fedtune.fedbpt.blackbox import Encoded, concat
+from fedtune.fedbpt.blackbox import Encoded, concat, numpy_blas_single_threaded
 from fedtune.fedbpt.prompt import Projection
 
 PERTURB_STREAM = 0x9E  # seed stream of a client's perturbed copy, per round
@@ -77,6 +77,10 @@ class FedBPTClientApp:
     def evaluate(self, z: np.ndarray, shard: Shard, perturbed: Encoded | None) -> np.ndarray:
         """Fitness of each row of z (P, d) on the shard: one forward for the whole population
         (batch_population), or one forward per candidate."""
+        with numpy_blas_single_threaded():
+            return self._evaluate(z, shard, perturbed)
+
+    def _evaluate(self, z: np.ndarray, shard: Shard, perturbed: Encoded | None) -> np.ndarray:
         prompts = self.projection(z)  # (P, n, H)
         rows = shard.enc if perturbed is None else concat(shard.enc, perturbed, self.box.pad_id)
         b = len(shard)
@@ -90,6 +94,10 @@ class FedBPTClientApp:
     # ------------------------------------------------------------------ one round
 
     def fit(self, client_id: str, ins: FitIns) -> FitRes:
+        with numpy_blas_single_threaded():  # CMA-ES algebra between forwards: see the helper
+            return self._fit(client_id, ins)
+
+    def _fit(self, client_id: str, ins: FitIns) -> FitRes:
         shard = self.shards.get(client_id)
         if shard is None:
             raise KeyError(f"client '{client_id}' holds no data in this process")

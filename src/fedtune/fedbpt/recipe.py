@@ -21,7 +21,7 @@ from fedtune.config import Config
 from fedtune.data import partition as P
 from fedtune.engines.simulator import Simulator, SimulatorSettings, has_checkpoint, load_checkpoint
 from fedtune.fedbpt import objective as O
-from fedtune.fedbpt.blackbox import BlackBoxLM, Encoded, load_blackbox
+from fedtune.fedbpt.blackbox import BlackBoxLM, Encoded, load_blackbox, numpy_blas_single_threaded
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt, save_prompt
 from fedtune.fedbpt.strategy import FedBPTStrategy, Fixes
@@ -131,7 +131,8 @@ class FedBPT:
 
     def evaluate(self, z: np.ndarray | None, rows: EvalSet) -> dict:
         """Metric, accuracy and ce loss of one prompt (z None = the zero prompt) on a row set."""
-        prompt = None if z is None else self.projection(z)
+        with numpy_blas_single_threaded():
+            prompt = None if z is None else self.projection(z)
         logits, labels = [], []
         for enc, y in rows.batches:
             logits.append(self.box.logits(prompt, enc, self.label_ids)[0])
