@@ -126,6 +126,7 @@ def test_length_grouped_forwards_give_the_same_logits(llama_box):
 
 # text before <P>: the population can share it (the prompt sits between the text and the answer)
 TEXT_FIRST = replace(SPEC, template="{sentence} . <P> . It was <mask> .")
+TEXTS5 = TEXTS + [("ok",), ("the end of a long and winding road, and then some more",)]
 
 
 @pytest.mark.parametrize("mode", ["add", "cat"])
@@ -137,7 +138,7 @@ def test_shared_context_gives_the_same_logits(tiny_llama, mode, max_rows):
     box = _box(tiny_llama, mode=mode)
     box.max_forward_rows = max_rows
     ids = box.label_token_ids(SPEC.words, True)
-    enc = box.encode_texts(TEXT_FIRST, TEXTS + [("ok",), ("the end of a long and winding road, and then some more",)])
+    enc = box.encode_texts(TEXT_FIRST, TEXTS5)
     assert len(set(enc.slot_start.tolist())) > 1  # the shared parts differ in length
     prompts = np.random.default_rng(2).standard_normal((4, 3, box.hidden_size)).astype(np.float32) * 0.5
     shared_calls, calls, tokens = box.shared_context_calls, box.forward_calls, box.tokens_forwarded
@@ -153,6 +154,23 @@ def test_shared_context_gives_the_same_logits(tiny_llama, mode, max_rows):
     assert not np.allclose(shared[0], shared[1])  # the prompt still reaches the answer
     one = box.logits(prompts[:1], enc, ids)  # one candidate: nothing to share
     np.testing.assert_allclose(one[0], full[0], atol=1e-5)
+
+
+def test_shared_context_respects_the_cache_budget(tiny_llama, monkeypatch):
+    """A tiny budget for gathered key/value caches: one candidate row per forward, same logits."""
+    import fedtune.fedbpt.blackbox as B
+
+    box = _box(tiny_llama)
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(TEXT_FIRST, TEXTS5)
+    prompts = np.random.default_rng(3).standard_normal((4, 3, box.hidden_size)).astype(np.float32)
+    want = box.logits(prompts, enc, ids)
+    monkeypatch.setattr(B, "SHARED_CACHE_BYTES", 1)
+    calls, shared = box.forward_calls, box.shared_context_calls
+    got = box.logits(prompts, enc, ids)
+    assert box.shared_context_calls == shared + 1
+    assert box.forward_calls - calls >= 4 * len(enc)  # every candidate row alone, plus the shared passes
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_masked_lm_never_shares_context(tiny_roberta):

@@ -193,7 +193,7 @@ class FedBPTSection:
     bound: float = opt(0.0, "if > 0, CMA-ES searches within [-bound, bound] per coordinate")
     batch_population: bool = opt(True, "evaluate a whole CMA-ES population in one batched forward pass (false = one candidate at a time)")
     max_forward_rows: int = opt(512, "at most this many rows (candidates x examples) per forward pass")
-    forward_overhead_tokens: int = opt(256, "fixed cost of one forward pass, in tokens: rows are grouped by length into forwards minimizing overhead + padded tokens")
+    forward_overhead_tokens: int = opt(128, "fixed cost of one forward pass, in tokens: rows are grouped by length into forwards minimizing overhead + padded tokens, and the text before <P> is shared when that saves more (128: measured on SmolLM2-135M, CPU; docs/benchmarks.md)")
     share_context: bool = opt(True, "causal LMs: when the template has text before <P>, run that text once per example and let every candidate attend to its cached keys/values (same logits, less work per candidate)")
     max_seq_len: int = opt(256, "tokens per row (prompt included); the longest text field is cut to fit")
     distinct_seeds: bool = opt(True, "improved: each client gets its own CMA-ES seed each round (reference: one seed for all)")

@@ -31,6 +31,7 @@ from fedtune.errors import ConfigError, ModelError
 from fedtune.fedbpt.tasks import Rendered
 
 PLACEHOLDER_OFFSET = 1000  # BBT fills add-mode prompt slots with the token ids 1000, 1001, ...
+SHARED_CACHE_BYTES = 256 * 2**20  # at most this much gathered key/value cache per shared-context forward
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class BlackBoxLM:
     """Forward-only access to a frozen language model for prompt tuning."""
 
     def __init__(self, model, tokenizer, kind: str, device, amp_dtype, *, n_prompt_tokens: int, prompt_mode: str,
-                 init_prompt: str = "", max_seq_len: int = 256, max_forward_rows: int = 512, forward_overhead_tokens: int = 256, share_context: bool = True,
+                 init_prompt: str = "", max_seq_len: int = 256, max_forward_rows: int = 512, forward_overhead_tokens: int = 128, share_context: bool = True,
                  name: str = ""):
         import torch
 
@@ -368,7 +369,10 @@ class BlackBoxLM:
                 values[i][r, :, :width] = layer.values
             self._count(len(r), int(pre[rows_np].sum()), len(r) * width)
         self.shared_context_calls += 1
-        for rows_np, width in plan_forwards(rest, slots.shape[0], self.max_forward_rows, self.forward_overhead_tokens):
+        # each candidate forward gathers its rows' caches: keep that copy under SHARED_CACHE_BYTES
+        per_row = sum(k.element_size() * k[0].numel() * 2 for k in keys)
+        max_rows = max(1, min(self.max_forward_rows, SHARED_CACHE_BYTES // max(per_row, 1)))
+        for rows_np, width in plan_forwards(rest, slots.shape[0], max_rows, self.forward_overhead_tokens):
             r = torch.as_tensor(rows_np, device=dev)
             p, b = r // b_count, r % b_count
             start = pre_t[b]  # (rows,) where each row's part begins

@@ -21,7 +21,7 @@ class _BoxSettings:  # the [fedbpt] keys the black box reads, taken from the sav
     init_prompt: str
     max_seq_len: int
     max_forward_rows: int = 256
-    forward_overhead_tokens: int = 256
+    forward_overhead_tokens: int = 128
     share_context: bool = True  # classify evaluates one prompt: nothing to share, but the key is read
 
 
