@@ -173,6 +173,30 @@ def test_shared_context_respects_the_cache_budget(tiny_llama, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("sliding", [False, True])
+def test_sliding_window_models_do_not_share(tmp_path, sliding):
+    """A Qwen2 (another causal family): full attention shares and matches whole-context
+    forwards; with sliding-window layers (whose cache drops early tokens) it never shares."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, use_sliding_window=sliding, sliding_window=4, max_window_layers=0)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    box = _box(tmp_path)
+    ids = box.label_token_ids(SPEC.words, True)
+    enc = box.encode_texts(TEXT_FIRST, TEXTS5)
+    prompts = np.random.default_rng(4).standard_normal((4, 3, box.hidden_size)).astype(np.float32)
+    got = box.logits(prompts, enc, ids)
+    assert box.shared_context_calls == (0 if sliding else 1)
+    box.share_context = False
+    np.testing.assert_allclose(got, box.logits(prompts, enc, ids), atol=1e-5)
+
+
 def test_masked_lm_never_shares_context(tiny_roberta):
     """In a masked LM the text attends to the prompt: no sharing, whatever the setting."""
     box = _box(tiny_roberta)

@@ -165,6 +165,10 @@ class BlackBoxLM:
         self.padded_tokens_forwarded = 0  # rows x width of every forward
         self.forward_overhead_tokens = forward_overhead_tokens
         self.share_context = share_context
+        # a causal LM whose every layer attends to the whole context (a sliding-window layer's
+        # cache would drop early tokens; hybrid or recurrent models have no key/value cache)
+        layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+        self._can_share = kind == "causal" and all(t == "full_attention" for t in layer_types)
         self.shared_context_calls = 0  # logits calls that ran the text before <P> once for all candidates
 
     # ------------------------------------------------------------------ facts an API would publish
@@ -333,7 +337,7 @@ class BlackBoxLM:
     def _sharing_pays(self, enc: Encoded, p_count: int) -> bool:
         """Share the text before <P> across candidates (causal LMs only: a masked LM's text
         attends to the prompt) when the tokens saved outweigh the extra forwards."""
-        if self.kind != "causal" or not self.share_context or p_count < 2 or enc.slot_start.min() < 1:
+        if not self._can_share or not self.share_context or p_count < 2 or enc.slot_start.min() < 1:
             return False
         saved = (p_count - 1) * int(enc.slot_start.sum())
         extra = -(-len(enc) // self.max_forward_rows) * self.forward_overhead_tokens
