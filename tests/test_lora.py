@@ -78,3 +78,44 @@ def test_saved_adapter_opens_with_peft_from_pretrained(tiny_llama, tmp_path):
     got = AdapterSlot(loaded).get()
     for k in g:
         assert np.array_equal(got[k], g[k])
+
+
+def test_length_grouped_micro_batches_give_the_same_update(tiny_llama):
+    """group_by_length only regroups an optimizer batch into micro-batches (the loss is
+    normalized over the whole batch): same adapter after two steps, fewer padded tokens."""
+    from contextlib import nullcontext
+
+    from fedtune import config as C
+    from fedtune.data.instructions import Tokenized
+    from fedtune.fedit.train import micro_batches, padded_width, train_local
+
+    rng = np.random.default_rng(0)
+    lengths = [9, 200, 12, 15, 180, 10, 8, 150]  # short and long rows mixed: one micro-batch pads all to 200+
+    data = []
+    for n in lengths:
+        ids = rng.integers(5, 200, n).tolist()
+        data.append(Tokenized(ids, [-100] * (n // 2) + ids[n // 2:]))
+    after = {}
+    for grouped in (False, True):
+        cfg = C.load(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=2",
+                            f"train.group_by_length={str(grouped).lower()}", "train.micro_batch_overhead_tokens=64"])
+        groups = micro_batches(data, cfg.train)
+        assert sorted(len(t) for g in groups for t in g) == sorted(lengths)  # every row once
+        padded = sum(len(g) * padded_width(max(len(t) for t in g)) for g in groups)
+        if grouped:
+            assert 1 < len(groups) <= 8 and padded < 0.5 * len(data) * padded_width(max(lengths))
+        else:
+            assert len(groups) == 1
+        similar = [t for t in data if len(t) < 20]
+        assert micro_batches(similar, cfg.train) == [similar]  # nothing worth splitting: the batch as it is
+        torch.manual_seed(0)  # the same initial adapter for both
+        model = _peft(tiny_llama)
+        slot = AdapterSlot(model)
+        train_local(model, list(slot.params.values()), data, cfg.train, seed=3, pad_id=0, device=torch.device("cpu"),
+                    amp=nullcontext)
+        after[grouped] = slot.get()
+    torch.manual_seed(0)
+    start = AdapterSlot(_peft(tiny_llama)).get()
+    assert any(not np.allclose(after[False][k], start[k]) for k in start)  # training moved the adapter
+    for k in after[False]:
+        np.testing.assert_allclose(after[True][k], after[False][k], atol=1e-6)

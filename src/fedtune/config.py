@@ -115,6 +115,8 @@ class TrainSection:
     max_steps: int = opt(0, "if > 0, local optimizer steps per round (overrides epochs)")
     batch_size: int = opt(8, "examples per optimizer step")
     micro_batch_size: int = opt(8, "examples per forward/backward; batch_size / micro_batch_size = gradient accumulation")
+    group_by_length: bool = opt(True, "split each optimizer batch into micro-batches of similar length (each at most micro_batch_size rows) when the padding saved outweighs the fixed cost of another forward/backward; the same gradient up to float rounding (and LoRA dropout draws)")
+    micro_batch_overhead_tokens: int = opt(256, "with group_by_length: the fixed cost of one micro-batch's forward/backward, in tokens")
     lr: float = opt(3e-4, "AdamW peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "LR decay after warm-up, within each local round")
@@ -375,6 +377,8 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batch_size ({cfg.train.micro_batch_size})")
     need(cfg.train.lr > 0, "train.lr must be > 0")
     need(cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
+    need(cfg.train.micro_batch_overhead_tokens >= 0,
+         f"train.micro_batch_overhead_tokens must be >= 0, got {cfg.train.micro_batch_overhead_tokens}")
     need(cfg.data.cutoff_len >= 8, f"data.cutoff_len must be >= 8, got {cfg.data.cutoff_len}")
     need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client must be >= 1")
     need(cfg.partition.alpha > 0, "partition.alpha must be > 0")

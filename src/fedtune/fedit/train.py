@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
 
 
@@ -53,6 +54,19 @@ def collate(batch: list[Tokenized], pad_id: int, device: torch.device):
         labels[i, :n] = torch.tensor(t.labels)
         mask[i, :n] = 1
     return ids.to(device), mask.to(device), labels.to(device)
+
+
+def micro_batches(batch: list[Tokenized], cfg) -> list[list[Tokenized]]:
+    """The micro-batches of one optimizer batch: consecutive slices of micro_batch_size rows,
+    or with `group_by_length` rows of similar (padded) width grouped so as to minimize padded
+    tokens plus a fixed cost per micro-batch. The loss is normalized over the whole optimizer
+    batch, so the gradient does not depend on the grouping."""
+    m = cfg.micro_batch_size
+    if not cfg.group_by_length:
+        return [batch[i:i + m] for i in range(0, len(batch), m)]
+    widths = np.array([padded_width(len(t)) for t in batch])
+    plan = plan_forwards(widths, 1, m, cfg.micro_batch_overhead_tokens)
+    return [[batch[i] for i in sorted(rows.tolist())] for rows, _ in plan]  # batch order within a group: one group = the batch
 
 
 def causal_lm_loss(model, ids, mask, labels, reduction: str = "mean") -> torch.Tensor:
@@ -101,7 +115,6 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
     """
     t_start = time.perf_counter()
     steps = local_steps(len(data), cfg)
-    accum = cfg.batch_size // cfg.micro_batch_size
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
 
@@ -126,8 +139,8 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
         batch = next_batch(cfg.batch_size)
         n_label = sum(sum(1 for x in t.labels[1:] if x != -100) for t in batch)
         t0 = time.perf_counter()
-        for i in range(accum):
-            ids, mask, labels = collate(batch[i * cfg.micro_batch_size:(i + 1) * cfg.micro_batch_size], pad_id, device)
+        for micro in micro_batches(batch, cfg):
+            ids, mask, labels = collate(micro, pad_id, device)
             with amp():
                 loss = causal_lm_loss(model, ids, mask, labels, reduction="sum")
             # token-weighted mean over the whole optimizer batch
