@@ -35,17 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "glue_sst2"
 
 
-EXTRA: list[str] = []  # --set overrides, applied to every configuration below
-
-
-def config(extra: list[str]):
+def config(extra: list[str], overrides: list[str] = ()):
+    """The benchmark's SST-2 configuration, then `extra`, then the user's --set `overrides`."""
     from fedtune import config as C
 
     return C.load(None, ["run.algorithm='fedbpt'", f"task.train_path='{SST2 / 'train.tsv'}'",
                          f"task.test_path='{SST2 / 'dev.tsv'}'", "task.k_shot=16", "task.dev_shots=4",
                          "task.test_max_rows=8", "partition.method='iid'",
                          "fedbpt.n_prompt_tokens=10", "fedbpt.perturb=false", "model.dtype='bfloat16'",
-                         "run.progress=false", *extra, *EXTRA])
+                         "run.progress=false", *extra, *overrides])
 
 
 def time_population(app, z: np.ndarray, shard, reps: int) -> tuple[float, float]:
@@ -68,10 +66,12 @@ def time_population(app, z: np.ndarray, shard, reps: int) -> tuple[float, float]
 TEMPLATES = {"prompt-first": "<P> . {sentence} . It was <mask> .", "text-first": "{sentence} . <P> . It was <mask> ."}
 
 
-def candidate_speed(popsize: int, clients: int, reps: int, template: str = "prompt-first") -> dict:
+def candidate_speed(popsize: int, clients: int, reps: int, template: str = "prompt-first",
+                    overrides: list[str] = ()) -> dict:
     from fedtune.fedbpt.recipe import FedBPT, prepare_task
 
-    cfg = config([f"fedbpt.popsize={popsize}", f"partition.num_clients={clients}", f"task.template={TEMPLATES[template]!r}"])
+    cfg = config([f"fedbpt.popsize={popsize}", f"partition.num_clients={clients}", f"task.template={TEMPLATES[template]!r}"],
+                 overrides)
     fed = FedBPT(cfg, prepare_task(cfg))
     app = fed.client_app()
     shard = fed.shards["client_000"]
@@ -82,13 +82,13 @@ def candidate_speed(popsize: int, clients: int, reps: int, template: str = "prom
             "batched_per_s": popsize / b, "one_at_a_time_per_s": popsize / s, "ratio": s / b}
 
 
-def padding_of_test_rows(rows: int = 300) -> dict:
+def padding_of_test_rows(overrides: list[str] = (), rows: int = 300) -> dict:
     """Padded tokens of one pass over SST-2 dev rows: forwards planned by length (the black
     box's plan) vs every row padded to the longest. No forward runs: the plan is arithmetic."""
-    from fedtune.fedbpt.blackbox import plan_forwards
+    from fedtune.core.batching import plan_forwards
     from fedtune.fedbpt.recipe import FedBPT, prepare_task
 
-    cfg = config([f"task.test_max_rows={rows}", "partition.num_clients=1"])
+    cfg = config([f"task.test_max_rows={rows}", "partition.num_clients=1"], overrides)
     task = prepare_task(cfg)
     box = FedBPT(cfg, task).client_app().box
     lengths = box.encode_texts(task.spec, [e.texts for e in task.test]).attention_mask.sum(1)
@@ -97,12 +97,12 @@ def padding_of_test_rows(rows: int = 300) -> dict:
             "planned_padded": int(sum(len(r) * w for r, w in plan)), "longest_padded": int(len(lengths) * lengths.max())}
 
 
-def bytes_per_round(mode: str) -> dict:
+def bytes_per_round(mode: str, overrides: list[str] = ()) -> dict:
     from fedtune.engines.simulator import Simulator, SimulatorSettings
     from fedtune.fedbpt.recipe import FedBPT, prepare_task
 
     cfg = config([f"fedbpt.mode='{mode}'", "fedbpt.popsize=5", "fedbpt.local_iter=1", "run.rounds=1",
-                  "partition.num_clients=3"])
+                  "partition.num_clients=3"], overrides)
     fed = FedBPT(cfg, prepare_task(cfg))
     state = Simulator(fed.strategy(), fed.client_app(), list(fed.shards),
                       SimulatorSettings(rounds=1, progress=False)).run()
@@ -126,12 +126,11 @@ def main(argv=None) -> int:
     if not (SST2 / "train.tsv").is_file():
         print(f"skipped: {SST2} not found")
         return 0
-    EXTRA.extend(args.overrides)
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    speeds = [candidate_speed(int(p), int(c), args.reps, t) for t in args.templates.split(",")
+    speeds = [candidate_speed(int(p), int(c), args.reps, t, args.overrides) for t in args.templates.split(",")
               for c in args.clients.split(",") for p in args.popsizes.split(",")]
-    sizes = [bytes_per_round(m) for m in ("improved", "reference")]
-    pad = padding_of_test_rows()
+    sizes = [bytes_per_round(m, args.overrides) for m in ("improved", "reference")]
+    pad = padding_of_test_rows(args.overrides)
     print(f"\ncandidate evaluations per second (SST-2, one client's shard, medians of {args.reps}):")
     print(f"{'template':>12} {'clients':>7} {'popsize':>7} {'rows':>5} {'tokens/row':>10} {'batched':>9} {'one at a time':>14} {'ratio':>6} {'tok/s batched':>14} {'tok/s one':>10}")
     for s in speeds:

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cutoff-len", type=int, default=512)
     ap.add_argument("--overhead", type=int, default=256, help="train.micro_batch_overhead_tokens")
+    ap.add_argument("--demo-batches", type=int, default=2000, help="random demo batches checked for splitting")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     if not DOLLY.is_file():
@@ -80,6 +81,16 @@ def main(argv=None) -> int:
         plan[g] = {"padded_tokens": sum(len(m) * padded_width(max(len(t) for t in m)) for gs in groups for m in gs),
                    "micro_batches_per_step": sum(len(gs) for gs in groups) / len(groups)}
     real = sum(len(t) for b in batches[1:] for t in b)
+    # the packaged demo's rows (chat template, cutoff 256): does grouping ever split a batch of 8?
+    from fedtune.data import skills
+
+    demo = tokenize_rows(skills.generate(240, 0), PromptFormatter("chat", lm.tokenizer), 256, train_on_inputs=False)
+    draw = np.random.default_rng(0)
+    demo_split = sum(len(micro_batches([demo[i] for i in draw.choice(len(demo), 8, replace=False)], cfgs[True].train)) > 1
+                     for _ in range(args.demo_batches))
+    demo_lengths = [len(t) for t in demo]
+    print(f"demo rows {min(demo_lengths)}-{max(demo_lengths)} tokens: {demo_split} of {args.demo_batches} random "
+          f"batches of 8 split by length grouping")
     runs = {False: [], True: []}
     rss = {}
     for rep in range(args.reps):
@@ -91,7 +102,8 @@ def main(argv=None) -> int:
             rss[g] = psutil.Process().memory_info().rss / 2**20
             s, tok, _ = runs[g][-1]
             print(f"  block {rep + 1} {names[g]:18}: {tok / s:7.1f} tokens/s", flush=True)
-    out = {"real_tokens": real, "sides": {}}
+    out = {"real_tokens": real, "sides": {}, "demo": {"batches": args.demo_batches, "split": demo_split,
+                                                      "min_tokens": min(demo_lengths), "max_tokens": max(demo_lengths)}}
     for g in (False, True):
         tps = statistics.median(x[1] / x[0] for x in runs[g])
         out["sides"][names[g]] = {"tokens_per_s": tps, **plan[g], "rss_mb_after": rss[g],

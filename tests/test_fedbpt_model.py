@@ -2,7 +2,6 @@
 task files and few-shot splits, and the client's local CMA-ES."""
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,8 +22,8 @@ TEXTS = [("the movie was great",), ("a dull film, long and slow",), ("It was fin
 
 def _box(path, mode="add", n=3, init=""):
     cfg = C.load(None, [f"model.name={str(path)!r}", "model.autocast='off'"])
-    fb = SimpleNamespace(model_kind="auto", n_prompt_tokens=n, prompt_mode=mode, init_prompt=init, max_seq_len=64,
-                         max_forward_rows=7, forward_overhead_tokens=256, share_context=True)  # 7: a population's rows are split over several forwards
+    fb = replace(cfg.fedbpt, model_kind="auto", n_prompt_tokens=n, prompt_mode=mode, init_prompt=init, max_seq_len=64,
+                 max_forward_rows=7, forward_overhead_tokens=256)  # 7: a population's rows are split over several forwards
     return load_blackbox(cfg.model, fb)
 
 

@@ -73,8 +73,9 @@ def numpy_blas_single_threaded():
     """A context in which numpy's BLAS runs on one thread. Client code does its CMA-ES and
     projection algebra in numpy between forwards; a multi-threaded OpenBLAS leaves its threads
     spinning after each call, and on a small CPU they take the cores from the next forward
-    (measured here on 2 cores: a 4 x 24-token SmolLM2 forward right after a 5 x 500 @ 500 x 5,760
-    product took 130-180 ms instead of 62 ms). The algebra is small; one thread loses nothing."""
+    (`benchmarks/blas_spin.py` on 2 cores: a 4 x 24-token SmolLM2 forward took 61 ms alone and
+    161 ms right after a 5 x 500 @ 500 x 5,760 product). The algebra is small; one thread loses
+    nothing."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from fedtune.config import FedBPTSection
 from fedtune.errors import ConfigError, DataError, FedtuneError
 from fedtune.fedbpt.blackbox import load_blackbox
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt
 from fedtune.fedbpt.tasks import TaskSpec, read_table, check_text
-
-
-@dataclass
-class _BoxSettings:  # the [fedbpt] keys the black box reads, taken from the saved prompt
-    model_kind: str
-    n_prompt_tokens: int
-    prompt_mode: str
-    init_prompt: str
-    max_seq_len: int
-    max_forward_rows: int = 256
-    forward_overhead_tokens: int = 128
-    share_context: bool = True  # classify evaluates one prompt: nothing to share, but the key is read
 
 
 def read_inputs(spec: TaskSpec, texts: list[str], file: str | None) -> list[tuple[str, ...]]:
@@ -65,8 +54,11 @@ def classify(prompt_dir: str | Path, rows: list[tuple[str, ...]], model_cfg, mod
         raise FedtuneError(f"{prompt_dir}: prompt_embeds differ from A z rebuilt from the saved seed and settings")
     bb = meta["blackbox"]
     model_cfg.name = model_name or meta["model"]
-    box = load_blackbox(model_cfg, _BoxSettings(bb["kind"], bb["n_prompt_tokens"], bb["prompt_mode"],
-                                                bb.get("init_prompt", ""), int(meta.get("max_seq_len", 256))))
+    # the [fedbpt] keys the black box reads: the saved prompt's, every other at its default
+    settings = replace(FedBPTSection(), model_kind=bb["kind"], n_prompt_tokens=bb["n_prompt_tokens"],
+                       prompt_mode=bb["prompt_mode"], init_prompt=bb.get("init_prompt", ""),
+                       max_seq_len=int(meta.get("max_seq_len", 256)))
+    box = load_blackbox(model_cfg, settings)
     if box.hidden_size != proj.spec.hidden_size:
         raise FedtuneError(f"model '{model_cfg.name}' has hidden size {box.hidden_size}; the prompt was tuned for "
                            f"{proj.spec.hidden_size} ({meta['model']})")

@@ -119,12 +119,12 @@ class FedBPTClientApp:
                 sigmas.append(float(es.sigma))
                 z = np.array(es.ask())  # (popsize, d)
                 t1 = time.perf_counter()
-                f = self.evaluate(z, shard, perturbed)
+                f = self._evaluate(z, shard, perturbed)
                 t_eval += time.perf_counter() - t1
                 evals += len(z)
                 es.tell(list(z), f.tolist())
             final = np.array(es.mean, dtype=np.float64)
-        f_final = float(self.evaluate(final[None], shard, perturbed)[0])
+        f_final = float(self._evaluate(final[None], shard, perturbed)[0])
         seconds = time.perf_counter() - t0
         reply = {"mean": final.astype(mean.dtype), "fitness": np.array([f_final], dtype=np.float64),
                  "sigmas": np.array(sigmas, dtype=np.float64)}
