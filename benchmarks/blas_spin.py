@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import torch
 
     from fedtune import config as C
-    from fedtune.fedbpt.blackbox import numpy_blas_single_threaded
+    from fedtune.fedbpt.encoded import numpy_blas_single_threaded
     from fedtune.models import load_causal_lm
 
     lm = load_causal_lm(C.load(None, ["model.dtype='bfloat16'"]).model)

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from rich.console import Console
 
     from fedtune import config as C
-    from fedtune.fedit import recipe
+    from fedtune import runner as recipe
 
     console = Console(highlight=False)
     out = Path(args.out)

@@ -28,8 +28,9 @@ def child(threads: int, dtype: str, rows: int, reps: int, acc_rows: int) -> dict
     sys.path.insert(0, str(ROOT / "src"))
     from fedtune import config as C
     from fedtune.fedbpt import objective as O
-    from fedtune.fedbpt.blackbox import load_blackbox
-    from fedtune.fedbpt.recipe import encode_eval, space_before_answer
+    from fedtune.fedbpt.loading import load_blackbox
+    from fedtune.fedbpt.session import encode_eval
+    from fedtune.fedbpt.tasks import space_before_answer
     from fedtune.fedbpt.tasks import BUILTIN, load_examples
 
     spec = BUILTIN["sst2"]

@@ -68,7 +68,7 @@ TEMPLATES = {"prompt-first": "<P> . {sentence} . It was <mask> .", "text-first":
 
 def candidate_speed(popsize: int, clients: int, reps: int, template: str = "prompt-first",
                     overrides: list[str] = ()) -> dict:
-    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+    from fedtune.fedbpt.session import FedBPTSession as FedBPT, prepare_task
 
     cfg = config([f"fedbpt.popsize={popsize}", f"partition.num_clients={clients}", f"task.template={TEMPLATES[template]!r}"],
                  overrides)
@@ -86,11 +86,11 @@ def padding_of_test_rows(overrides: list[str] = (), rows: int = 300) -> dict:
     """Padded tokens of one pass over SST-2 dev rows: forwards planned by length (the black
     box's plan) vs every row padded to the longest. No forward runs: the plan is arithmetic."""
     from fedtune.core.batching import plan_forwards
-    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+    from fedtune.fedbpt.session import FedBPTSession as FedBPT, prepare_task
 
     cfg = config([f"task.test_max_rows={rows}", "partition.num_clients=1"], overrides)
     task = prepare_task(cfg)
-    box = FedBPT(cfg, task).client_app().box
+    box = FedBPT(cfg, task).model.box
     lengths = box.encode_texts(task.spec, [e.texts for e in task.test]).attention_mask.sum(1)
     plan = plan_forwards(lengths, 1, box.max_forward_rows, box.forward_overhead_tokens)
     return {"rows": len(lengths), "real_tokens": int(lengths.sum()), "planned_forwards": len(plan),
@@ -99,7 +99,7 @@ def padding_of_test_rows(overrides: list[str] = (), rows: int = 300) -> dict:
 
 def bytes_per_round(mode: str, overrides: list[str] = ()) -> dict:
     from fedtune.engines.simulator import Simulator, SimulatorSettings
-    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+    from fedtune.fedbpt.session import FedBPTSession as FedBPT, prepare_task
 
     cfg = config([f"fedbpt.mode='{mode}'", "fedbpt.popsize=5", "fedbpt.local_iter=1", "run.rounds=1",
                   "partition.num_clients=3"], overrides)

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fedtune import config as C  # noqa: E402
 from fedtune.data import partition as P  # noqa: E402
-from fedtune.fedbpt import recipe  # noqa: E402
+from fedtune import runner as recipe  # noqa: E402
+from fedtune.fedbpt import session as bpt  # noqa: E402
 from fedtune.fedbpt.prompt import load_prompt  # noqa: E402
 from fedbpt_speed import time_population  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
@@ -78,7 +79,7 @@ def speed(fed, reps: int) -> dict:
     from fedtune.fedbpt.client import Shard
 
     all_rows = fed.data.train
-    shards["all training rows"] = Shard(fed.box.encode_texts(fed.spec, [e.texts for e in all_rows]),
+    shards["all training rows"] = Shard(fed.model.box.encode_texts(fed.spec, [e.texts for e in all_rows]),
                                         np.array([e.label for e in all_rows]))
     for name, shard in shards.items():
         b, s = time_population(app, z, shard, reps)
@@ -93,13 +94,13 @@ def speed(fed, reps: int) -> dict:
 def audit(fed, runs: dict, rows: int) -> dict:
     """Test metric of every round's global prompt on a fixed subset (after the fact; not used)."""
     test = P.stratified_subset(fed.data.test, [str(e.label) for e in fed.data.test], rows)
-    ev = recipe.encode_eval(fed.box, fed.spec, test, fed.cfg.eval.batch_size)
-    out = {"rows": len(test), "zero": fed.evaluate(None, ev)["score"]}
+    ev = bpt.encode_eval(fed.model.box, fed.spec, test, fed.cfg.eval.batch_size)
+    out = {"rows": len(test), "zero": fed.model.evaluate(None, ev)["score"]}
     for mode, r in runs.items():
         curve = []
         for rec in r["history"]:
             z, _, _ = load_prompt(Path(r["run_dir"]) / "rounds" / f"round_{rec['round']:03d}")
-            curve.append(fed.evaluate(z, ev)["score"])
+            curve.append(fed.model.evaluate(z, ev)["score"])
         out[mode] = curve
         print(f"audit {mode}: " + " ".join(f"{x:.3f}" for x in curve), flush=True)
     return out
@@ -145,7 +146,7 @@ def main() -> int:
     work = Path(args.work)
     t0 = time.perf_counter()
     runs = {mode: run_mode(cfg, mode, work) for mode in ("reference", "improved")}
-    fed = recipe.FedBPT(cfg, recipe.prepare_task(cfg))  # the same model, data and seeds, for timing and the audit
+    fed = bpt.FedBPTSession(cfg, bpt.prepare_task(cfg))  # the same model, data and seeds, for timing and the audit
     sp = speed(fed, args.speed_reps)
     aud = audit(fed, runs, args.audit_rows) if args.audit_rows else None
     out = Path(args.out)

@@ -44,7 +44,7 @@ def child_fedit(n: int, per_round: int) -> dict:
     from fedtune.engines.simulator import Simulator, SimulatorSettings
     from fedtune.core.strategy import FitIns
     from fedtune.fedit.client import FedITClientApp
-    from fedtune.fedit.recipe import FedIT, prepare_data
+    from fedtune.fedit.session import FedITSession as FedIT, prepare_data
     from fedtune.fedit.train import padded_width
 
     # 3,000 rows for every client count (1,000 clients: 3 rows each), all of one token length:
@@ -63,7 +63,7 @@ def child_fedit(n: int, per_round: int) -> dict:
                         "partition.test_per_category=2", "train.max_steps=1", "train.batch_size=1",
                         "train.micro_batch_size=1", "run.progress=false", "eval.generate=false",
                         "run.rounds=1", f"server.clients_per_round={per_round}"])
-    fed = FedIT(cfg, prepare_data(cfg), progress=False)
+    fed = FedIT(cfg, prepare_data(cfg))
     app = fed.client_app()
     # Warm-up: one local step on a row of every padded width the data holds, before anything
     # is measured. Each new input shape makes oneDNN build and keep kernels (tens of MB):
@@ -91,7 +91,7 @@ def child_fedit(n: int, per_round: int) -> dict:
 def child_fedbpt(n: int, per_round: int) -> dict:
     from fedtune import config as C
     from fedtune.engines.simulator import Simulator, SimulatorSettings
-    from fedtune.fedbpt.recipe import FedBPT, prepare_task
+    from fedtune.fedbpt.session import FedBPTSession as FedBPT, prepare_task
 
     # SST-2, 500 rows per class = 1,000 training rows for every client count (1,000 clients: 1 row each)
     cfg = C.load(None, ["run.algorithm='fedbpt'", f"task.train_path='{SST2}'", f"task.test_path='{SST2}'",

@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", help="keep both run folders here (default: a temporary folder)")
     args = ap.parse_args()
-    from fedtune.engines import nvflare
+    from fedtune import runner
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nvflare-bench-"))
     overrides = args.overrides + ["run.progress=false"]
@@ -40,15 +40,10 @@ def main() -> int:
         run_dir = out / engine
         run_dir.mkdir(parents=True, exist_ok=False)
         t0 = time.perf_counter()
+        summary = runner.run(cfg, run_dir)  # the same driver; the engine supplies the transport
         if engine == "nvflare":
-            summary = nvflare.run(cfg, run_dir)
             finals[engine] = A.unpack((Path(summary["nvflare"]["results"]) / "global.safetensors").read_bytes())
         else:
-            if cfg.run.algorithm == "fedbpt":
-                from fedtune.fedbpt import recipe
-            else:
-                from fedtune.fedit import recipe
-            summary = recipe.run(cfg, run_dir)
             finals[engine] = A.unpack((run_dir / "checkpoint" / "global.safetensors").read_bytes())
         wall = time.perf_counter() - t0
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

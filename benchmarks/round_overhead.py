@@ -39,12 +39,12 @@ def main(argv=None) -> int:
 
     from fedtune import config as C
     from fedtune.engines.simulator import Simulator, SimulatorSettings
-    from fedtune.fedit.recipe import FedIT, prepare_data
+    from fedtune.fedit.session import FedITSession as FedIT, prepare_data
 
     cfg = C.load(None, [f"partition.num_clients={args.clients}", f"train.max_steps={args.max_steps}",
                         f"train.batch_size={args.batch_size}", f"train.micro_batch_size={args.batch_size}",
                         f"run.rounds={args.rounds}", "run.progress=true", "eval.generate=false"])
-    fed = FedIT(cfg, prepare_data(cfg), progress=False)
+    fed = FedIT(cfg, prepare_data(cfg))
     print(f"load average at start: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)

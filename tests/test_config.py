@@ -68,3 +68,57 @@ def test_invalid_toml_and_missing_file(tmp_path):
 
 def test_printed_config_is_valid_toml():
     tomllib.loads(C.to_toml(C.load()))
+
+
+# ----------------------------------------------------------------------------- TOML round trip
+
+
+def test_random_strings_keys_and_values_survive_save_and_load(tmp_path):
+    """Property test: templates, verbalizer keys and column names made of random characters
+    (newlines, tabs, quotes, backslashes, control characters, non-ASCII) are written by
+    config.save and read back by config.load unchanged."""
+    import random
+
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(0, 0x80)] + list("é∑\u2028\U0001F600 \"'\\[]{}=#.")
+
+    def text(n):
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
+
+    for i in range(60):
+        cfg = C.load(None)
+        cfg.run.name = text(12)
+        cfg.task.template = text(40)
+        cfg.task.verbalizer = {text(6) or "k": text(6) for _ in range(rng.randint(0, 4))}
+        cfg.data.columns = {"instruction": text(8), "output": text(8)}
+        cfg.task.text_columns = [text(5) for _ in range(rng.randint(0, 3))]
+        cfg.judge.endpoint = ""
+        path = tmp_path / f"c{i}.toml"
+        C.save(cfg, path)
+        back = tomllib.loads(path.read_text(encoding="utf-8"))
+        assert back["task"]["template"] == cfg.task.template
+        assert back["task"]["verbalizer"] == cfg.task.verbalizer
+        assert back["data"]["columns"] == cfg.data.columns
+        assert back["task"]["text_columns"] == cfg.task.text_columns and back["run"]["name"] == cfg.run.name
+
+
+def test_a_template_with_a_newline_and_a_verbalizer_key_with_a_space_round_trip_through_load(tmp_path):
+    cfg = C.load(None, ["run.algorithm='fedbpt'", "task.name='custom'", "task.text_columns=['text']",
+                        "task.template=\"Review:\\n{text}\\nSentiment: <mask>\"",
+                        "task.verbalizer={'very bad' = 'bad', 'very good' = 'good'}"])
+    C.save(cfg, tmp_path / "config.toml")
+    again = C.load(tmp_path / "config.toml")
+    assert again.task.template == "Review:\n{text}\nSentiment: <mask>"
+    assert list(again.task.verbalizer) == ["very bad", "very good"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_accepts_rounds_and_refuses_keys_that_would_mix_two_runs():
+    saved = C.load(None)
+    merged = C.for_resume(saved, ["run.rounds=12", "eval.generate=false"], "run/config.toml")
+    assert merged.run.rounds == 12 and not merged.eval.generate
+    for key in ("run.seed=7", "partition.num_clients=3", "server.aggregation='fedadam'", "model.name='x'"):
+        with pytest.raises(ConfigError, match=rf"--resume: {key.split('=')[0]} cannot change in a resumed run"):
+            C.for_resume(saved, [key], "run/config.toml")

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from fedtune.data import skills
+from fedtune.eval.metrics import normalize_answer
 from fedtune.data.instructions import PromptFormatter, Row, load_rows, tokenize_rows
 from fedtune.errors import DataError
 from conftest import write_jsonl
@@ -74,4 +75,31 @@ def test_skills_are_deterministic_and_correct():
             assert str(eval(expr)) == r.output
         if r.category == "to_json":
             assert set(json.loads(r.output)) == {"name", "age", "city"}
-    assert skills.normalize_answer(" 42.\nmore") == "42"
+    assert normalize_answer(" 42.\nmore") == "42"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_an_instruction_file_with_a_utf8_byte_order_mark_loads(tmp_path, suffix):
+    rows = [{"instruction": "Say hi", "input": "", "output": "hi", "category": "greet"}]
+    text = "\n".join(json.dumps(r) for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    p = tmp_path / f"bom{suffix}"
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    (row,) = load_rows(str(p))
+    assert row.instruction == "Say hi" and row.output == "hi"
+
+
+def test_test_rows_repeated_in_training_are_removed_by_normalized_text(tmp_path):
+    from fedtune import config as C
+    from fedtune.fedit.session import prepare_data
+
+    train = [{"instruction": f"Q{i}", "input": "", "output": f"a{i}", "category": "x"} for i in range(20)]
+    train += [{"instruction": "  what is   THE capital of France?! ", "input": "", "output": "Paris, of course",
+               "category": "x"}]
+    test = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris", "category": "x"}]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", test)
+    cfg = C.load(None, [f"data.path={str(tmp_path / 'train.jsonl')!r}", f"data.test_path={str(tmp_path / 'test.jsonl')!r}",
+                        "partition.num_clients=2", "partition.method='iid'"])
+    data = prepare_data(cfg)
+    assert data.overlap_removed == 1 and len(data.rows) == 20
+    assert all("capital" not in r.instruction for r in data.rows)

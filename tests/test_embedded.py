@@ -29,5 +29,15 @@ def test_embedded_model_learns_in_one_federated_round(tmp_path):
 
     from fedtune.models import resolve_model_path
 
+    from safetensors.numpy import load_file
+
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m"))
-    PeftModel.from_pretrained(base, str(out / "adapter"))
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    # what PEFT loaded is exactly the federated global adapter the run saved (the last checkpoint's arrays)
+    saved = load_file(str(out / "checkpoint" / "global.safetensors"))
+    loaded = {n.replace(".default.", "."): p.detach().numpy() for n, p in model.named_parameters() if "lora_" in n}
+    assert sorted(loaded) == sorted(saved)
+    assert all((loaded[k] == saved[k]).all() for k in saved)
+    assert any((saved[k] != 0).any() for k in saved if "lora_B" in k)  # and it is not the untrained init
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # opens on another machine

@@ -155,3 +155,98 @@ def test_load_questions_reads_vicuna_formats(tmp_path):
         J.load_questions(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="not found"):
         J.load_questions(tmp_path / "none.jsonl")
+
+
+# ----------------------------------------------------------------------------- the HTTP client's safety
+
+
+class Scripted:
+    """A loopback server whose replies are scripted per request: (status, headers, body bytes,
+    seconds between bytes)."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                srv.requests.append(dict(self.headers))
+                status, headers, body, trickle = srv.script.pop(0) if srv.script else (200, {}, OK, 0)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not trickle:
+                    self.wfile.write(body)
+                    return
+                for i in range(len(body)):  # one byte at a time, until the client gives up
+                    try:
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    srv.stop.wait(trickle)
+
+        self.stop = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+
+
+OK = json.dumps({"choices": [{"message": {"content": "Rating: [[7]]"}}]}).encode()
+
+
+def test_a_redirect_is_not_followed_so_the_key_never_reaches_another_host():
+    other = Scripted([])
+    first = Scripted([(307, {"Location": other.url + "/chat/completions"}, b"", 0)])
+    try:
+        judge = J.Judge(first.url, "m", api_key="sk-secret-123")
+        with pytest.raises(J.JudgeError, match="redirect .* not followed"):
+            judge.chat("s", "u")
+        assert other.requests == []  # the other host never saw a request, let alone the key
+        assert first.requests[0]["Authorization"] == "Bearer sk-secret-123"
+    finally:
+        first.close(), other.close()
+
+
+def test_the_key_is_not_in_repr_and_plain_http_to_a_remote_host_warns():
+    judge = J.Judge("http://127.0.0.1:9/v1", "m", api_key="sk-secret-123")
+    assert "sk-secret-123" not in repr(judge) and "sk-secret-123" not in str(judge)
+    with pytest.warns(UserWarning, match="plain http"):
+        J.Judge("http://judge.example.org/v1", "m", api_key="sk-secret-123")
+
+
+def test_retry_after_is_honoured_and_a_long_one_is_not_waited_for():
+    srv = Scripted([(429, {"Retry-After": "0"}, b"slow down", 0), (200, {}, OK, 0)])
+    try:
+        assert J.Judge(srv.url, "m").chat("s", "u") == "Rating: [[7]]" and len(srv.requests) == 2
+    finally:
+        srv.close()
+    srv = Scripted([(503, {"Retry-After": "3600"}, b"maintenance", 0)])
+    try:
+        with pytest.raises(J.JudgeError, match="HTTP 503"):
+            J.Judge(srv.url, "m").chat("s", "u")
+        assert len(srv.requests) == 1  # an hour is not waited for: the error says so at once
+    finally:
+        srv.close()
+    assert J.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 5.0) == 0.0  # a date in the past
+    assert J.retry_after_seconds(None, 5.0) == 5.0 and J.retry_after_seconds("junk", 5.0) == 5.0
+
+
+def test_the_timeout_bounds_the_whole_request_not_each_read():
+    srv = Scripted([(200, {}, OK, 0.15)] * 3)  # every byte arrives well within a per-read timeout
+    try:
+        judge = J.Judge(srv.url, "m", timeout_s=0.5, retries=0)
+        with pytest.raises(J.JudgeError, match="longer than judge.timeout_s"):
+            judge.chat("s", "u")
+    finally:
+        srv.close()

@@ -20,7 +20,8 @@ def _data(tmp_path, labels=(0, 1)):
         lines = ["sentence\tlabel"]
         for i in range(n):
             lab = labels[i % len(labels)]
-            lines.append(f"the movie was {rng.choice(pos if lab else neg)} and {rng.choice(['long', 'short'])} \t{lab}")
+            lead = "the movie was" if name == "train" else "it was"  # no test sentence repeats a training one
+            lines.append(f"{lead} {rng.choice(pos if lab else neg)} and {rng.choice(['long', 'short'])} \t{lab}")
         (tmp_path / f"{name}.tsv").write_text("\n".join(lines) + "\n")
     return tmp_path / "train.tsv", tmp_path / "test.tsv"
 
@@ -58,7 +59,7 @@ def test_run_resume_and_classify_on_tiny_llama(tiny_llama, tmp_path):
     assert s["communication"]["bytes_down_per_client_round_max"] <= 8192
     meta = json.loads((out / "prompt" / "prompt.json").read_text())
     assert meta["round"] == s["best"]["round"] and meta["projection"]["intrinsic_dim"] == 24
-    assert (out / "report.md").is_file() and (out / "plots" / "fedbpt_rounds.png").is_file()
+    assert (out / "report.md").is_file() and (out / "plots" / "server_metrics.png").is_file()
     # classify new text with the saved global prompt
     c = fedtune("classify", str(out / "prompt"), "--text", "the movie was great", "--text", "so dull",
                 "--set", "model.autocast='off'")

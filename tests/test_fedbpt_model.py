@@ -10,7 +10,9 @@ import torch
 from fedtune import config as C
 from fedtune.core.strategy import FitIns
 from fedtune.errors import ConfigError, DataError
-from fedtune.fedbpt.blackbox import concat, load_blackbox, plan_forwards
+from fedtune.core.batching import plan_forwards
+from fedtune.fedbpt.encoded import concat
+from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt, save_prompt
 from fedtune.fedbpt.tasks import BUILTIN, Example, check_spec, few_shot, load_examples, render
@@ -245,6 +247,17 @@ def test_perturb_replaces_only_text_tokens(llama_box):
     assert len(both) == 2 * len(enc)
 
 
+def test_perturbed_copies_never_draw_special_tokens(llama_box):
+    """<mask>, EOS, padding and the chat markers are special; a replaced token is never one
+    (the tiny tokenizer's vocabulary is small, so 200 full replacements would hit them often)."""
+    specials = set(llama_box.tokenizer.all_special_ids)
+    assert len(specials) >= 3
+    enc = llama_box.encode_texts(SPEC, TEXTS)
+    for seed in range(200):
+        p = llama_box.perturb(enc, 1.0, seed=seed)
+        assert not set(p.input_ids[enc.free].tolist()) & specials, seed
+
+
 def test_long_text_is_cut_to_max_seq_len(llama_box):
     enc = llama_box.encode_texts(SPEC, [("word " * 200,)])
     assert enc.attention_mask.sum() <= llama_box.max_seq_len
@@ -353,7 +366,7 @@ def test_client_starts_from_the_global_covariance(llama_box):
 
 def test_prepare_task_label_skew_split(tmp_path):
     """Dirichlet label skew across clients from the few-shot training rows (no model needed)."""
-    from fedtune.fedbpt.recipe import prepare_task
+    from fedtune.fedbpt.session import prepare_task
 
     tsv = tmp_path / "t.tsv"
     tsv.write_text("sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(200)))
@@ -366,3 +379,19 @@ def test_prepare_task_label_skew_split(tmp_path):
     assert sum(len(v) for v in parts.values()) == 80 and min(len(v) for v in parts.values()) >= 5
     mix = [np.mean([e.label for e in rows]) for rows in parts.values()]
     assert max(mix) - min(mix) > 0.3  # skewed label mixes
+
+
+def test_training_rows_that_repeat_a_test_row_are_removed(tmp_path):
+    from fedtune.fedbpt.session import prepare_task
+
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(40))
+                     + "A  Great, great FILM!\t1\n")
+    test = tmp_path / "test.tsv"
+    test.write_text("sentence\tlabel\na great great film\t1\nunseen one\t0\n")
+    cfg = C.load(None, ["run.algorithm='fedbpt'", f"task.train_path={str(train)!r}", f"task.test_path={str(test)!r}",
+                        "task.k_shot=0", "task.dev_shots=2", "partition.num_clients=2", "partition.method='iid'"])
+    data = prepare_task(cfg)
+    assert data.overlap_removed == 1
+    assert all("great" not in e.texts[0].lower() for e in data.train + data.dev)
+    assert len(data.train) + len(data.dev) == 40

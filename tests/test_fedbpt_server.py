@@ -190,3 +190,65 @@ def test_f1_binary_and_macro():
     logits[0, [0, 2, 3], 1] = 1.0  # predict 1 on rows 0, 2, 3
     # tp = 1 (row 0), fp = 2 (rows 2, 3), fn = 2 (rows 1, 4): F1 = 2 / (2 + 2 + 2)
     assert O.f1(logits, labels)[0] == pytest.approx(2 / 6)
+
+
+def test_rank_weights_follow_hansens_formula():
+    """Independent oracle: cma's default positive weights for a population of lam are
+    w_i ∝ ln((lam + 1) / 2) - ln(i) for i = 1..mu, mu = lam // 2, normalized to sum 1
+    (Hansen, The CMA Evolution Strategy: A Tutorial, eq. 49)."""
+    for k in (2, 3, 4, 10, 17):
+        lam = 2 * k
+        mu = lam // 2
+        raw = np.array([math.log((lam + 1) / 2) - math.log(i) for i in range(1, mu + 1)])
+        np.testing.assert_allclose(rank_weights(k), raw / raw.sum(), rtol=1e-12)
+    for popsize in (5, 8, 20):
+        assert local_mu(popsize) == popsize // 2
+
+
+def test_cma_draws_from_a_private_generator():
+    """Another draw from numpy's global random state between two local searches changes
+    nothing, and a search leaves the global state where it was."""
+    from fedtune.fedbpt.client import LocalSettings, make_local_es
+
+    def run(disturb):
+        es = make_local_es(np.zeros(6), 0.5, 11, LocalSettings(popsize=4, local_iter=3))
+        out = []
+        for _ in range(3):
+            if disturb:
+                np.random.seed(disturb)
+                np.random.standard_normal(100)
+            z = np.array(es.ask())
+            out.append(z)
+            es.tell(list(z), [float(np.sum(x**2)) for x in z])
+        return np.concatenate(out)
+
+    assert np.array_equal(run(0), run(123))
+    np.random.seed(5)
+    before = np.random.get_state()[1].copy()
+    run(0)
+    assert np.array_equal(np.random.get_state()[1], before)
+    # the same stream cma would have drawn after np.random.seed(11): the reference's mechanics are kept
+    import cma
+
+    ref = cma.CMAEvolutionStrategy(np.zeros(6), 1.0, {"seed": 11, "popsize": 4, "maxiter": 3, "verbose": -9,
+                                                       "CMA_mu": None})
+    es = make_local_es(np.zeros(6), 1.0, 11, LocalSettings(popsize=4, local_iter=3))
+    assert np.array_equal(np.array(es.ask()), np.array(ref.ask()))
+
+
+def test_reference_resume_tolerates_last_bit_differences_in_the_replayed_search():
+    d, k = 12, 4
+    a = _strategy("reference", d=d, clients=k)
+    rng = np.random.default_rng(3)
+    g = a.initial_arrays()
+    for rnd in range(1, 4):
+        g, _ = a.aggregate_fit(rnd, g, _results(rng, np.zeros(d), k, d, step=0.3, dtype=g["mean"].dtype))
+    arrays, meta = a.state()
+    arrays = {key: np.array(v) for key, v in arrays.items()}
+    arrays["es/mean"] = arrays["es/mean"] * (1 + 1e-12)  # as another BLAS thread count may leave it
+    meta = dict(meta, sigma=meta["sigma"] * (1 + 1e-12))
+    b = _strategy("reference", d=d, clients=k)
+    b.load_state(arrays, meta)  # accepted
+    arrays["es/mean"] = arrays["es/mean"] + 1e-3  # a real mismatch is still refused
+    with pytest.raises(FedtuneError, match="did not reproduce"):
+        _strategy("reference", d=d, clients=k).load_state(arrays, meta)

@@ -208,7 +208,7 @@ def _mutate(rng: random.Random, raw: bytes) -> bytes:
 
 
 def test_randomly_damaged_configs_load_or_raise_config_error(tmp_path):
-    cfg = C.from_dict({"run": {"rounds": 3}, "server": {"aggregation": "trimmed_mean", "clip_norm": 1.0},
+    cfg = C.from_dict({"run": {"rounds": 3}, "server": {"aggregation": "trimmed_mean", "clip_norm": 1.0, "trim_fraction": 0.2},
                        "faults": {"probability": 0.2, "kinds": ["raise"]}, "data": {"columns": {"instruction": "q"}}})
     base = C.to_toml(cfg).encode()
     rng = random.Random(1234)

@@ -119,3 +119,76 @@ def test_length_grouped_micro_batches_give_the_same_update(tiny_llama):
     assert any(not np.allclose(after[False][k], start[k]) for k in start)  # training moved the adapter
     for k in after[False]:
         np.testing.assert_allclose(after[True][k], after[False][k], atol=1e-6)
+
+
+def test_a_shape_mismatch_leaves_the_model_untouched(tiny_llama):
+    slot = AdapterSlot(_peft(tiny_llama))
+    before = slot.get()
+    bad = {k: v + 1.0 for k, v in before.items()}
+    last = sorted(bad)[-1]  # the mismatch is in the last key: every other key would be written first
+    bad[last] = np.zeros((1, 1), np.float32)
+    with pytest.raises(UpdateRejected, match="shape"):
+        slot.set(bad)
+    assert all(np.array_equal(slot.get()[k], before[k]) for k in before)
+
+
+def test_lora_on_embeddings_starts_trainable_as_peft_inits_it(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.requires_grad_(False)
+    slot = AdapterSlot(attach_lora(base, 4, 8, 0.0, ["embed_tokens", "q_proj"]))
+    init = init_adapter(slot.shapes(), seed=1)
+    emb_a = [k for k in init if "lora_embedding_A" in k]
+    emb_b = [k for k in init if "lora_embedding_B" in k]
+    assert emb_a and emb_b
+    assert all(np.all(init[k] == 0) for k in emb_a)  # A = 0 and B ~ N(0, 1), as PEFT does for embeddings:
+    assert all(0.5 < float(np.std(init[k])) < 1.5 for k in emb_b)  # the product starts at zero, and both get gradients
+
+
+def test_saved_adapter_config_is_portable_and_the_same_every_time(tiny_llama, tmp_path):
+    import json
+
+    model = _peft(tiny_llama)
+    slot = AdapterSlot(model)
+    cfg = model.peft_config["default"]
+    cfg.target_modules = {"v_proj", "q_proj"}  # PEFT keeps a set: its order changes from run to run
+    save_adapter(slot.get(), cfg, tmp_path / "a", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    save_adapter(slot.get(), cfg, tmp_path / "b", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    doc = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert doc["target_modules"] == ["q_proj", "v_proj"]
+    assert doc["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # saving over an existing adapter swaps the folder whole: nothing stale, no temporary left
+    save_adapter(slot.get(), cfg, tmp_path / "a", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_fp16_autocast_trains_with_a_gradient_scaler(tiny_llama, monkeypatch):
+    from fedtune import config as C
+    from fedtune.data.instructions import PromptFormatter, Row, tokenize_rows
+    from fedtune.fedit.train import train_local
+    from fedtune.models import autocast, load_tokenizer
+
+    made = []
+
+    class CountingScaler(torch.amp.GradScaler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
+    model = _peft(tiny_llama)
+    slot = AdapterSlot(model)
+    tok = load_tokenizer(tiny_llama)
+    rows = tokenize_rows([Row("say hi", "", "hi there", "x")] * 4, PromptFormatter("plain", tok), 64, False, "error")
+    train_cfg = C.load(None, ["train.max_steps=2", "train.batch_size=2", "train.micro_batch_size=2"]).train
+    dev = torch.device("cpu")
+    train_local(model, list(slot.params.values()), rows, train_cfg, seed=0, pad_id=tok.pad_token_id, device=dev,
+                amp=lambda: autocast(dev, torch.float16))
+    assert len(made) == 1  # fp16: a scaler
+    train_local(model, list(slot.params.values()), rows, train_cfg, seed=0, pad_id=tok.pad_token_id, device=dev,
+                amp=lambda: autocast(dev, torch.bfloat16))
+    assert len(made) == 1  # bf16 needs none
+    assert all(np.all(np.isfinite(v)) for v in slot.get().values())

@@ -26,7 +26,7 @@ import pytest
 
 from conftest import write_jsonl
 
-pytest.importorskip("nvflare")
+import nvflare  # noqa: E402,F401  (a pinned dependency: a broken install fails, never skips)
 
 from fedtune.core import arrays as A  # noqa: E402
 from fedtune.engines.nvflare.job import kill_tree  # noqa: E402
@@ -199,9 +199,13 @@ max_seq_len = 32
     job = json.loads((tmp_path / "job" / "app" / "custom" / "fedtune_job.json").read_text())
     assert job["config"]["task"]["train_path"] == "" and job["config"]["data"]["path"] == ""
 
-    # --- collect: the global prompt as a run folder, usable by `fedtune classify`
+    # --- collect: best-by-dev needs the dev rows, which the server never had: a clear error says what to set
+    r = subprocess.run([sys.executable, "-m", "fedtune.cli", "nvflare", "collect", str(tmp_path / "result" / job_id),
+                        "--out", str(tmp_path / "run0")], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "task.train_path=FILE" in r.stderr and "fedbpt.select_on_dev=false" in r.stderr
+    # the final global prompt as a run folder, usable by `fedtune classify`
     cli(sys.executable, "-m", "fedtune.cli", "nvflare", "collect", str(tmp_path / "result" / job_id),
-        "--out", str(tmp_path / "run"))
+        "--out", str(tmp_path / "run"), "--set", "fedbpt.select_on_dev=false")
     from fedtune.fedbpt.prompt import load_prompt
 
     z, _, meta = load_prompt(tmp_path / "run" / "prompt")

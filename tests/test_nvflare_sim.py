@@ -13,11 +13,12 @@ from safetensors.numpy import load_file
 
 from conftest import write_jsonl
 
-pytest.importorskip("nvflare")
+import nvflare  # noqa: E402,F401  (a pinned dependency: a broken install fails, never skips)
 
 from fedtune import config as C  # noqa: E402
 from fedtune.core import arrays as A  # noqa: E402
 from fedtune.engines.nvflare import site as S  # noqa: E402
+from fedtune.engines.nvflare import wire as W  # noqa: E402
 from fedtune.errors import ConfigError, DataError  # noqa: E402
 
 
@@ -31,15 +32,33 @@ def _tiny(model, *extra):
 # ----------------------------------------------------------------------------- parity
 
 
+def _fault_seed(ids, per_round, seed=42) -> int:
+    """A fault seed under which round 1 drops a selected client and every retry of it works."""
+    from fedtune.core.selection import select_clients
+    from fedtune.engines.faults import FaultInjector
+
+    picked = select_clients(ids, 1, seed, count=per_round)
+    for fs in range(200):
+        f = FaultInjector(0.5, fs, ("raise", "disappear"))
+        first = [f.draw(1, 0, c) for c in picked]
+        if any(first) and all(f.draw(1, 1, c) is None for c, d in zip(picked, first) if d) and \
+                not any(f.draw(2, 0, c) for c in ids):
+            return fs
+    raise AssertionError("no fault seed found")
+
+
 def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, tmp_path):
     from fedtune.engines import nvflare
-    from fedtune.fedit import recipe
+    from fedtune import runner
 
-    overrides = _tiny(tiny_llama, "server.clients_per_round=2")  # selection must match too
+    # selection must match too, and a seeded injected fault drops a client in round 1 and its retry succeeds
+    overrides = _tiny(tiny_llama, "server.clients_per_round=2", "server.min_clients=2", "server.round_retries=3",
+                      f"faults.seed={_fault_seed(['client_000', 'client_001', 'client_002'], 2)}",
+                      "faults.probability=0.5", "faults.kinds=['raise', 'disappear']")
     emb, flr = tmp_path / "embedded", tmp_path / "flare"
     emb.mkdir(), flr.mkdir()
-    recipe.run(C.load(None, overrides), emb)
-    summary = nvflare.run(C.load(None, overrides), flr)
+    runner.run(C.load(None, overrides), emb)
+    summary = runner.run(C.load(None, overrides + ["run.engine='nvflare'"]), flr)
     assert summary["engine"] == "nvflare" and summary["rounds"] == 2
 
     a = load_file(str(emb / "adapter" / "adapter_model.safetensors"))
@@ -60,7 +79,11 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                    rtol=0, atol=1e-6)
         np.testing.assert_allclose(y["eval"]["loss"], x["eval"]["loss"], rtol=0, atol=1e-6)
         assert y["bytes_down"] == x["bytes_down"] and y["bytes_up"] == x["bytes_up"]
-        assert set(x) <= set(y) and all(set(c) <= set(d) for c, d in zip(x["clients"], y["clients"]))  # same records
+        assert set(x) == set(y) and all(set(c) == set(d) for c, d in zip(x["clients"], y["clients"]))  # same records
+        assert x["attempts"] == y["attempts"] and x["engine"] == "simulator" and y["engine"] == "nvflare"
+        assert [(d["id"], d["attempt"], d["cause"], d["injected"]) for d in x["dropped"]] == \
+               [(d["id"], d["attempt"], d["cause"], d["injected"]) for d in y["dropped"]]
+    assert ra[0]["attempts"] > 1 and ra[0]["dropped"]  # the round with a drop and a retry
     # each simulated site was launched once and kept its model across rounds
     log = (flr / "nvflare" / "simulator.log").read_text()
     for site in ("client_000", "client_001", "client_002"):
@@ -82,7 +105,7 @@ def _run_job(tmp_path, model, sites: dict[str, Path], min_clients: int):
     """Build the job as `fedtune nvflare export` does and run it in FLARE's simulator with a
     site config naming each site's data path (as a deployment's sites do)."""
     from fedtune.engines.nvflare import job as J
-    from fedtune.engines.nvflare.algorithms import get_algorithm
+    from fedtune.core.algorithm import get as get_algorithm
 
     cfg = C.load(None, _tiny(model, f"server.min_clients={min_clients}", "server.round_retries=0"))
     initial = get_algorithm("fedit").initial_arrays(cfg)
@@ -104,7 +127,7 @@ def test_too_few_sites_with_data_stops_the_run_with_a_clear_error(tiny_llama, tm
     missing = tmp_path / "nowhere" / "b.jsonl"
     results, _, _ = _run_job(tmp_path, tiny_llama, {"site-a": empty, "site-b": missing}, min_clients=1)
     err = (results / "error.txt").read_text()
-    assert "round 1: 0 site update(s) arrived" in err and "server.min_clients = 1" in err
+    assert "round 1: 0 client update(s) arrived" in err and "server.min_clients = 1" in err
     assert f"site-a: site 'site-a': data path {empty} is empty" in err
     assert f"site-b: site 'site-b': data path {missing} does not exist" in err
     assert not (results / "done.json").exists()
@@ -142,6 +165,31 @@ def test_site_config_lookup_and_errors(tmp_path, monkeypatch):
         S.read_site_settings("site-9", ws)
 
 
+def test_only_the_site_decides_trust_remote_code_and_its_model(tmp_path, monkeypatch):
+    """A job that asks for model.trust_remote_code does not get it on a site whose own config
+    does not say so; the site's own model setting wins over the job's."""
+    cfg = C.load(None, ["model.trust_remote_code=true", "model.name='org/from-the-job'"])
+    site_file = tmp_path / "site.toml"
+    site_file.write_text('data_path = "/srv/d.jsonl"\n')
+    monkeypatch.setenv(S.SITE_CONFIG_ENV, str(site_file))
+    s = S.read_site_settings("site-1", None)
+    run = S.site_config(cfg, s)
+    assert run.model.trust_remote_code is False and run.model.name == "org/from-the-job"
+    site_file.write_text('data_path = "/srv/d.jsonl"\ntrust_remote_code = true\nmodel = "/srv/models/mine"\n')
+    run = S.site_config(cfg, S.read_site_settings("site-1", None))
+    assert run.model.trust_remote_code is True and run.model.name == "/srv/models/mine"
+    site_file.write_text('data_path = "/srv/d.jsonl"\ntrust_remote_code = "yes"\n')
+    with pytest.raises(ConfigError, match="trust_remote_code must be a bool"):
+        S.read_site_settings("site-1", None)
+
+
+def test_a_deployment_gets_a_finite_task_timeout_by_default():
+    cfg = C.load(None)
+    assert cfg.server.client_timeout == 0 and cfg.nvflare.task_timeout == 3600.0
+    with pytest.raises(ConfigError, match="nvflare.task_timeout must be > 0"):
+        C.load(None, ["nvflare.task_timeout=0"])
+
+
 def test_on_the_wire_only_arrays_numbers_and_strings():
     """FLARE serializes a task with FOBS (msgpack; numpy arrays through np.save with
     allow_pickle=False): what fedtune sends comes back equal, and an object array cannot
@@ -153,12 +201,12 @@ def test_on_the_wire_only_arrays_numbers_and_strings():
 
     common_decomposers.register()
     sent = FLModel(params={"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.array([0.5])},
-                   meta={S.META_CONFIG: json.dumps({"round": 3, "es_seed": 7}), S.META_INDEX: 2})
+                   meta={W.META_CONFIG: json.dumps({"round": 3, "es_seed": 7}), W.META_INDEX: 2})
     blob = fobs.dumps(FLModelUtils.to_shareable(sent))
     got = FLModelUtils.from_shareable(fobs.loads(blob))
     assert all(np.array_equal(got.params[k], v) and got.params[k].dtype == v.dtype for k, v in sent.params.items())
-    assert got.meta[S.META_CONFIG] == sent.meta[S.META_CONFIG] and got.meta[S.META_INDEX] == 2
-    assert list(S._plain_arrays(got.params)) == ["a", "b"]  # sorted, as the embedded simulator's unpack
+    assert got.meta[W.META_CONFIG] == sent.meta[W.META_CONFIG] and got.meta[W.META_INDEX] == 2
+    assert list(W.plain_arrays(got.params)) == ["a", "b"]  # sorted, as the embedded simulator's unpack
     with pytest.raises(Exception, match="Object arrays cannot be saved when allow_pickle=False"):
         fobs.dumps(FLModelUtils.to_shareable(FLModel(params={"w": np.array([object()], dtype=object)})))
 
@@ -166,11 +214,11 @@ def test_on_the_wire_only_arrays_numbers_and_strings():
 def test_replies_must_be_plain_arrays_and_numbers():
     from nvflare.app_common.abstract.fl_model import FLModel
 
-    from fedtune.engines.nvflare.controller import reply_to_fitres
+    from fedtune.engines.nvflare.wire import reply_to_fitres
     from fedtune.errors import UpdateRejected
 
     ok = FLModel(params={"w": np.ones(3, np.float32)},
-                 meta={S.META_EXAMPLES: 4, S.META_METRICS: json.dumps({"train_loss": 1.5}), S.META_SECONDS: 0.1})
+                 meta={W.META_EXAMPLES: 4, W.META_METRICS: json.dumps({"train_loss": 1.5}), W.META_SECONDS: 0.1})
     res, seconds = reply_to_fitres("s", ok)
     assert res.num_examples == 4 and res.metrics == {"train_loss": 1.5} and seconds == 0.1
     for bad, msg in [({"w": [1.0, 2.0]}, "not a numeric numpy array"),
@@ -178,11 +226,15 @@ def test_replies_must_be_plain_arrays_and_numbers():
         with pytest.raises(UpdateRejected, match=msg):
             reply_to_fitres("s", FLModel(params=bad, meta=ok.meta))
     with pytest.raises(UpdateRejected, match="num_examples must be an integer"):
-        reply_to_fitres("s", FLModel(params=ok.params, meta={S.META_EXAMPLES: "4"}))
+        reply_to_fitres("s", FLModel(params=ok.params, meta={W.META_EXAMPLES: "4"}))
     with pytest.raises(UpdateRejected, match="metrics must be numbers or strings"):
-        reply_to_fitres("s", FLModel(params=ok.params, meta={S.META_EXAMPLES: 4, S.META_METRICS: '{"x": [1]}'}))
-    with pytest.raises(RuntimeError, match="site 's': boom"):
-        reply_to_fitres("s", FLModel(params={}, meta={S.META_ERROR: "site 's': boom"}))
+        reply_to_fitres("s", FLModel(params=ok.params, meta={W.META_EXAMPLES: 4, W.META_METRICS: '{"x": [1]}'}))
+    from fedtune.engines.nvflare.controller import FlareTransport
+
+    r = FlareTransport._reply("s", FLModel(params={}, meta={W.META_ERROR: "site 's': boom"}), 0)
+    assert r.res is None and r.cause == "error" and r.reason == "site 's': boom"
+    r = FlareTransport._reply("s", FLModel(params={"w": [1.0]}, meta=ok.meta), 0)
+    assert r.res is None and r.cause == "rejected" and "not a numeric numpy array" in r.reason
 
 
 # ----------------------------------------------------------------------------- FedBPT parity
@@ -193,11 +245,13 @@ def _bpt_task(tmp_path) -> list[str]:
     rng = np.random.default_rng(0)
     pos, neg = ["the movie was great", "It was good", "good movie"], ["the movie was terrible", "It was bad", "bad news"]
 
-    def rows(n):
+    def rows(n, pos, neg):
         return [r for _ in range(n) for r in ({"sentence": str(rng.choice(pos)), "label": 1},
                                               {"sentence": str(rng.choice(neg)), "label": 0})]
 
-    train, test = write_jsonl(tmp_path / "train.jsonl", rows(12)), write_jsonl(tmp_path / "test.jsonl", rows(4))
+    train = write_jsonl(tmp_path / "train.jsonl", rows(12, pos, neg))
+    # test sentences that are not in the training file (a repeated one would be removed from training)
+    test = write_jsonl(tmp_path / "test.jsonl", rows(4, ["good news", "It was great"], ["terrible movie", "bad"]))
     return ["run.algorithm='fedbpt'", "task.name='custom'", f"task.train_path={json.dumps(str(train))}",
             f"task.test_path={json.dumps(str(test))}", "task.text_columns=['sentence']",
             "task.template='<P> . {sentence} . It was <mask> .'", "task.verbalizer={0 = 'was', 1 = 'the'}",
@@ -207,13 +261,15 @@ def _bpt_task(tmp_path) -> list[str]:
 
 def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path):
     from fedtune.engines import nvflare
-    from fedtune.fedbpt import recipe
+    from fedtune import runner
 
-    overrides = _tiny(tiny_llama) + _bpt_task(tmp_path)
+    ids = ["client_000", "client_001", "client_002"]
+    overrides = _tiny(tiny_llama, "server.min_clients=3", "server.round_retries=3", "faults.probability=0.5",
+                      f"faults.seed={_fault_seed(ids, 3)}", "faults.kinds=['raise', 'disappear']") + _bpt_task(tmp_path)
     emb, flr = tmp_path / "embedded", tmp_path / "flare"
     emb.mkdir(), flr.mkdir()
-    se = recipe.run(C.load(None, overrides), emb)
-    sf = nvflare.run(C.load(None, overrides), flr)
+    se = runner.run(C.load(None, overrides), emb)
+    sf = runner.run(C.load(None, overrides + ["run.engine='nvflare'"]), flr)
     a = A.unpack((emb / "checkpoint" / "global.safetensors").read_bytes())
     b = A.unpack((Path(sf["nvflare"]["results"]) / "global.safetensors").read_bytes())
     assert sorted(a) == sorted(b) and np.linalg.norm(a["mean"]) > 0
@@ -222,11 +278,15 @@ def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp
     for part in ("zero_prompt", "best", "final"):
         assert sf[part]["dev"]["loss"] == pytest.approx(se[part]["dev"]["loss"], abs=1e-6)
         assert sf[part]["test"]["accuracy"] == pytest.approx(se[part]["test"]["accuracy"], abs=1e-9)
-    assert (flr / "prompt" / "prompt.json").is_file() and sf["selected"] == se["selected"]
+    assert (flr / "prompt" / "prompt.json").is_file() and sf["selected"] == se["selected"] == "best"
+    assert json.loads((flr / "prompt" / "prompt.json").read_text())["round"] == se["best"]["round"]
     ra = [json.loads(x) for x in (emb / "metrics.jsonl").read_text().splitlines()]
     rb = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(ra, rb):
-        assert x["selected"] == y["selected"] and x["bytes_up"] == y["bytes_up"]
+        assert x["selected"] == y["selected"] and x["bytes_up"] == y["bytes_up"] and x["attempts"] == y["attempts"]
+        assert set(x) == set(y) and set(x["eval"]) == set(y["eval"])
+        assert [(d["id"], d["attempt"], d["cause"]) for d in x["dropped"]] == \
+               [(d["id"], d["attempt"], d["cause"]) for d in y["dropped"]]
         assert x["aggregate"]["sigma"] == pytest.approx(y["aggregate"]["sigma"], abs=1e-9)
 
 

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -217,14 +216,34 @@ def test_persistent_failure_stops_after_bounded_retries_with_a_clear_error():
     assert sorted(clients.calls) == sorted([(1, "c00")] + [(1, c) for c in ("c01", "c02")] * 3)  # c00 only once
 
 
+class _ReleaseOnDrop(logging.Handler):
+    """Sets `event` when the driver logs that `cid` was dropped (the event the tests wait on)."""
+
+    def __init__(self, cid, event):
+        super().__init__()
+        self.cid, self.event = cid, event
+
+    def emit(self, record):
+        if f"client {self.cid} dropped" in record.getMessage():
+            self.event.set()
+
+
 def test_a_slow_client_is_dropped_at_its_time_limit_and_never_overlaps_the_next_call():
-    def slow(ins, res):
-        time.sleep(0.3)
+    dropped = threading.Event()
+
+    def slow(ins, res):  # blocks until the driver has dropped it for its time limit, then replies late
+        assert dropped.wait(30)
+        dropped.clear()
         return res
 
-    clients = OffsetClients(3, hooks={"c01": slow})
-    sim, _ = _sim(clients, rounds=2, client_timeout=0.2)
-    state = sim.run()
+    handler = _ReleaseOnDrop("c01", dropped)
+    logging.getLogger("fedtune.driver").addHandler(handler)
+    try:
+        clients = OffsetClients(3, hooks={"c01": slow})
+        sim, _ = _sim(clients, rounds=2, client_timeout=0.2)
+        state = sim.run()
+    finally:
+        logging.getLogger("fedtune.driver").removeHandler(handler)
     for rec in state.history:
         assert [(d["id"], d["cause"], d["injected"]) for d in rec["dropped"]] == [("c01", "timeout", False)]
         assert "no reply within the time limit of 0.2s" in rec["dropped"][0]["reason"]
@@ -233,22 +252,30 @@ def test_a_slow_client_is_dropped_at_its_time_limit_and_never_overlaps_the_next_
 
 
 def test_a_client_still_running_after_twice_its_limit_stops_the_run():
-    def stuck(ins, res):
-        time.sleep(1.0)
+    release = threading.Event()
+
+    def stuck(ins, res):  # never returns until the test is over
+        release.wait(60)
         return res
 
     clients = OffsetClients(2, hooks={"c00": stuck})
     sim, _ = _sim(clients, rounds=1, client_timeout=0.1)
-    with pytest.raises(RoundFailed, match="c00 is still running.*cannot be stopped"):
-        sim.run()
+    try:
+        with pytest.raises(RoundFailed, match="c00 is still running.*cannot be stopped"):
+            sim.run()
+    finally:
+        release.set()
 
 
 def test_call_with_time_limit_returns_raises_or_times_out():
     assert call_with_time_limit(lambda: 7, 1.0) == 7
     with pytest.raises(KeyError):
         call_with_time_limit(lambda: {}["x"], 1.0)
+    release = threading.Event()
     with pytest.raises(ClientTimeout) as e:
-        call_with_time_limit(lambda: time.sleep(0.3), 0.05)
+        call_with_time_limit(lambda: release.wait(60), 0.05)
+    assert e.value.thread.is_alive()
+    release.set()
     e.value.thread.join()
 
 

@@ -72,7 +72,7 @@ def test_report_of_an_unfinished_run_and_of_bad_input(tmp_path):
 
 def test_fedit_run_writes_its_report(tiny_llama, tmp_path):
     """The hook at the end of the FedIT recipe: a real (tiny) run gets report.md with plots."""
-    from fedtune.fedit import recipe
+    from fedtune import runner
 
     cfg = C.load(None, [f"model.name={json.dumps(str(tiny_llama))}", "model.autocast='off'", "run.rounds=2",
                         "data.demo_rows_per_skill=12", "partition.num_clients=3", "partition.test_per_category=2",
@@ -81,7 +81,7 @@ def test_fedit_run_writes_its_report(tiny_llama, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     C.save(cfg, run / "config.toml")
-    summary = recipe.run(cfg, run)
+    summary = runner.run(cfg, run)
     text = (run / "report.md").read_text()
     assert "Algorithm **fedit** · 2 rounds" in text
     assert "base rouge_l" in text and "final exact_match" in text and "| **all** |" in text
@@ -89,6 +89,21 @@ def test_fedit_run_writes_its_report(tiny_llama, tmp_path):
     for name in ("global_metric", "client_train_loss", "communication"):
         _png_size(run / "plots" / f"{name}.png")
     assert "rouge_l_by_category" in summary["final"]
+
+
+def test_a_run_without_held_out_rows_reports_no_metric_not_zero(tiny_llama, tmp_path):
+    from fedtune import runner
+
+    cfg = C.load(None, [f"model.name={json.dumps(str(tiny_llama))}", "model.autocast='off'", "run.rounds=1",
+                        "data.demo_rows_per_skill=12", "partition.num_clients=2", "partition.test_per_category=0",
+                        "train.max_steps=1", "train.batch_size=2", "train.micro_batch_size=2",
+                        "run.progress=false", "run.save_every_round=false"])
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = runner.run(cfg, run)
+    assert summary["final"] == {"rows": 0} and summary["base"] == {"rows": 0}  # no loss of 0.0, no exact match of 0%
+    text = (run / "report.md").read_text()
+    assert "0.0000" not in text and "0.0%" not in text
 
 
 def test_report_for_a_fedbpt_shaped_run(tmp_path):

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from fedtune.core.strategy import FitRes
+from fedtune.core.strategy import CollectingAggregator, FitRes
 from fedtune.engines.simulator import Simulator, SimulatorSettings
 from fedtune.fedit.strategy import FedAvgStrategy
 
@@ -54,12 +54,12 @@ def test_folding_gives_exactly_what_aggregate_fit_gives(aggregation, clip):
     b = FedAvgStrategy(g, seed=0, aggregation=aggregation, clip_norm=clip)
     for rnd in (1, 2):  # two rounds: the server optimizer's state carries over identically
         ga, ma = a.aggregate_fit(rnd, g, res)
-        fold = b.fold(rnd, g)
+        fold = b.aggregator(rnd, g)
         for r in res:
             fold.add(r)
         gb, mb = fold.result()
         assert ma == mb and all(np.array_equal(ga[k], gb[k]) for k in g)
-    assert FedAvgStrategy(g, seed=0, aggregation="trimmed_mean").fold(1, g) is None
+    assert isinstance(FedAvgStrategy(g, seed=0, aggregation="trimmed_mean").aggregator(1, g), CollectingAggregator)
 
 
 def test_padded_widths_are_few_and_cheap():

@@ -6,7 +6,8 @@ import pytest
 
 from fedtune.core.arrays import pack, unpack
 from fedtune.core.strategy import FitRes
-from fedtune.engines.simulator import RoundFailed, Simulator, SimulatorSettings, load_checkpoint
+from fedtune.core.checkpoint import load as load_checkpoint
+from fedtune.engines.simulator import RoundFailed, Simulator, SimulatorSettings
 from fedtune.errors import UpdateRejected
 from fedtune.fedit.strategy import FedAvgStrategy
 

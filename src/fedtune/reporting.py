@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from fedtune.core import atomic
 from fedtune.errors import FedtuneError
 
 # Scalar eval keys plotted per round, in this order when present; any other numeric key follows.
@@ -187,6 +188,26 @@ def plot_communication(records: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_server_metrics(records: list[dict], path: Path) -> bool:
+    """The server step's own numbers per round (FedBPT: sigma, |z|; clipping counts...)."""
+    aggs = [(r["round"], r.get("aggregate") or {}) for r in records]
+    keys = [k for k in scalar_keys([a for _, a in aggs])][:4]
+    if not keys:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(rnd, a[k]) for rnd, a in aggs if _is_num(a.get(k))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color="C2")
+        ax.set_title(f"server: {k}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -257,6 +278,7 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
         "global_metric": plot_global_metric(records, plots / "global_metric.png"),
         "client_train_loss": plot_client_loss(records, plots / "client_train_loss.png"),
         "communication": plot_communication(records, plots / "communication.png"),
+        "server_metrics": plot_server_metrics(records, plots / "server_metrics.png"),
     }
     algo = (summary or {}).get("algorithm", "?")
     lines = [f"# Run report: {run_dir.name}", ""]
@@ -274,7 +296,8 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
     lines += ["", "## Plots", ""]
     titles = {"global_metric": "Global model on the held-out set, per round",
               "client_train_loss": "Each client's training loss per round",
-              "communication": "Communication per round"}
+              "communication": "Communication per round",
+              "server_metrics": "The server step's numbers per round"}
     for name, ok in made.items():
         if ok:
             lines += [f"### {titles[name]}", "", f"![{titles[name]}](plots/{name}.png)", ""]
@@ -300,7 +323,78 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
     else:
         lines += ["_no config.toml in the run folder_", ""]
     out = run_dir / "report.md"
-    tmp = run_dir / "report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out)
+    atomic.write_text(out, "\n".join(lines))
     return out
+
+
+def write_outputs(run_dir: str | Path, summary: dict) -> None:
+    """A finished run's summary.json and report.md."""
+    atomic.write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2))
+    write_report(run_dir, summary)
+
+
+# ----------------------------------------------------------------------------- the console
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
+
+
+def print_summary(summary: dict, console) -> None:
+    from rich.table import Table
+
+    final, base = summary.get("final", {}), summary.get("base")
+    if summary.get("algorithm") == "fedit":
+        cats = sorted(set(final.get("loss_by_category", {})) | set(final.get("exact_match_by_category", {})))
+        has_em = "exact_match" in final
+        table = Table(title=f"Held-out results after {summary['rounds']} rounds")
+        table.add_column("category")
+        if base is not None:
+            if has_em:
+                table.add_column("base EM", justify="right")
+            table.add_column("base loss", justify="right")
+        if has_em:
+            table.add_column("federated EM", justify="right")
+        table.add_column("federated loss", justify="right")
+
+        def row(name, key_em, key_loss, get):
+            cells = [name]
+            if base is not None:
+                if has_em:
+                    cells.append(_fmt(get(base, key_em), pct=True))
+                cells.append(_fmt(get(base, key_loss)))
+            if has_em:
+                cells.append(_fmt(get(final, key_em), pct=True))
+            cells.append(_fmt(get(final, key_loss)))
+            table.add_row(*cells)
+
+        for c in cats:
+            row(c, "exact_match_by_category", "loss_by_category", lambda d, k: d.get(k, {}).get(c))
+        row("[bold]all[/]", "exact_match", "loss", lambda d, k: d.get(k))
+        console.print(table)
+    if summary.get("algorithm") == "fedbpt":
+        _print_fedbpt(summary, console)
+    console.print(f"total time {summary.get('seconds', 0):.0f}s")
+
+
+def _print_fedbpt(summary: dict, console) -> None:
+    """Zero prompt vs best-by-dev vs final-round prompt, dev and test, and bytes on the wire."""
+    from rich.table import Table
+
+    metric = summary.get("metric", "accuracy")
+    table = Table(title=f"FedBPT ({summary.get('mode')}) on {summary.get('task')}: {metric}, "
+                        f"{summary['rounds']} rounds (saved prompt: {summary.get('selected')})")
+    for col in ("prompt", "round", f"dev {metric}", "dev loss", f"test {metric}", "test loss"):
+        table.add_column(col, justify="left" if col == "prompt" else "right")
+    for name, key in (("zero prompt", "zero_prompt"), ("best by dev", "best"), ("final round", "final")):
+        r = summary.get(key) or {}
+        dev, test = r.get("dev") or {}, r.get("test") or {}
+        table.add_row(name, str(r.get("round", 0)), _fmt(dev.get("score"), pct=True), _fmt(dev.get("loss")),
+                      _fmt(test.get("score"), pct=True), _fmt(test.get("loss")))
+    console.print(table)
+    comm = summary.get("communication") or {}
+    if comm:
+        console.print(f"bytes per client per round: down {comm['bytes_down_per_client_round_max']:,}, "
+                      f"up {comm['bytes_up_per_client_round_max']:,} (max over the run)")

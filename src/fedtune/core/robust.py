@@ -62,6 +62,11 @@ def coordinate_median(updates: list[Arrays]) -> Arrays:
     return {k: np.median(_stack(updates, k), axis=0).astype(ref.dtype) for k, ref in updates[0].items()}
 
 
+def trimmed_count(n: int, trim_fraction: float) -> int:
+    """How many values trimmed_mean drops at each end, per coordinate, out of n."""
+    return int(math.floor(trim_fraction * n))
+
+
 def trimmed_mean(updates: list[Arrays], trim_fraction: float) -> Arrays:
     """Coordinate-wise mean after dropping the floor(trim_fraction * n) smallest and as
     many largest values. trim_fraction must be in [0, 0.5); at least one value remains."""
@@ -69,7 +74,7 @@ def trimmed_mean(updates: list[Arrays], trim_fraction: float) -> Arrays:
     if not 0.0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
     n = len(updates)
-    cut = int(math.floor(trim_fraction * n))
+    cut = trimmed_count(n, trim_fraction)
     out = {}
     for k, ref in updates[0].items():
         s = np.sort(_stack(updates, k), axis=0)

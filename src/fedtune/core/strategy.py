@@ -31,12 +31,34 @@ class FitRes:
     metrics: dict = field(default_factory=dict)  # JSON-able numbers
 
 
+class Aggregator(Protocol):
+    """One round's aggregation, fed one accepted result at a time (the driver keeps no update).
+
+    A protocol with more than one message exchange per round (secure aggregation, say)
+    returns the next messages from `next_exchange` (None when done); their replies come back
+    through `add_reply`, and a client lost in that phase through `lost`."""
+
+    def add(self, res: FitRes) -> None: ...
+
+    def next_exchange(self, accepted: list[str]) -> dict[str, "FitIns"] | None: ...
+
+    def add_reply(self, phase: int, res: FitRes) -> None: ...
+
+    def lost(self, phase: int, client_id: str, reason: str) -> None: ...
+
+    def result(self) -> tuple[Arrays, dict]: ...
+
+
 class Strategy(Protocol):
     def initial_arrays(self) -> Arrays: ...
 
     def configure_fit(self, rnd: int, global_arrays: Arrays, client_ids: list[str]) -> dict[str, FitIns]: ...
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]: ...
+
+    def aggregator(self, rnd: int, global_arrays: Arrays) -> Aggregator:
+        """This round's aggregation, one result at a time (SelectingStrategy: collect, then aggregate_fit)."""
+        ...
 
     def check_reply(self, ins: FitIns, res: FitRes) -> None:
         """Raise UpdateRejected (with the reason) if a client's reply must not be aggregated."""
@@ -71,3 +93,55 @@ class SelectingStrategy:
 
     def select(self, rnd: int, client_ids: list[str]) -> list[str]:
         return select_clients(client_ids, rnd, self.seed, self.fraction, self.clients_per_round)
+
+    def aggregator(self, rnd: int, global_arrays: Arrays) -> Aggregator:
+        return CollectingAggregator(self, rnd, global_arrays)
+
+
+class OneExchange:
+    """The parts of an Aggregator for a round with a single message exchange."""
+
+    def next_exchange(self, accepted: list[str]) -> dict[str, FitIns] | None:
+        return None
+
+    def add_reply(self, phase: int, res: FitRes) -> None:
+        raise UpdateRejected(f"unexpected reply in exchange {phase}: this round has one exchange")
+
+    def lost(self, phase: int, client_id: str, reason: str) -> None:
+        pass
+
+
+class CollectingAggregator(OneExchange):
+    """Keeps every accepted result, then calls the strategy's aggregate_fit (rules that need
+    all updates at once: median, trimmed mean, FedBPT's server step)."""
+
+    def __init__(self, strategy, rnd: int, global_arrays: Arrays):
+        self.strategy, self.rnd, self.global_arrays = strategy, rnd, global_arrays
+        self.results: list[FitRes] = []
+
+    def add(self, res: FitRes) -> None:
+        self.results.append(res)
+
+    def result(self) -> tuple[Arrays, dict]:
+        return self.strategy.aggregate_fit(self.rnd, self.global_arrays, self.results)
+
+
+def aggregator_for(strategy, rnd: int, global_arrays: Arrays) -> Aggregator:
+    if hasattr(strategy, "aggregator"):
+        return strategy.aggregator(rnd, global_arrays)
+    return CollectingAggregator(strategy, rnd, global_arrays)
+
+
+def check_metrics(metrics) -> dict:
+    """A client's metrics as JSON numbers and strings (numpy scalars become Python ones);
+    anything else is an invalid reply."""
+    if not isinstance(metrics, dict):
+        raise UpdateRejected(f"metrics must be a dict, got {type(metrics).__name__}")
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+            v = v.item()
+        if not isinstance(k, str) or not isinstance(v, (bool, int, float, str)):
+            raise UpdateRejected(f"metric {k!r} = {v!r}: metrics must be numbers or strings")
+        out[k] = v
+    return out

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.data import hub
 from fedtune.errors import DataError
 
 ROLES = ("instruction", "input", "output", "category")
@@ -34,6 +35,17 @@ class Row:
     def key(self) -> tuple[str, str, str]:
         return (self.instruction, self.input, self.output)
 
+    def norm_key(self) -> tuple[str, str]:
+        """The question, normalized (case, whitespace, punctuation): two rows with the same
+        norm_key ask the same thing, whatever their answers (Dolly repeats instructions)."""
+        return (normalize_text(self.instruction), normalize_text(self.input))
+
+
+def normalize_text(text: str) -> str:
+    """Case-folded, punctuation and runs of whitespace removed: how duplicates are recognised."""
+    kept = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.casefold())
+    return " ".join(kept.split())
+
 
 # ----------------------------------------------------------------------------- reading
 
@@ -43,6 +55,8 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as Windows tools write it: not data
+        raw = raw[3:]
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
     if path.suffix == ".json":
@@ -131,14 +145,14 @@ def rows_from_records(records: list[tuple[str, dict]], mapping: dict, path: str)
 
 
 def load_rows(path: str, fmt: str = "auto", columns: dict | None = None) -> list[Row]:
-    """Read instruction rows from a file (or a Hugging Face dataset id given as hub:NAME)."""
-    if path.startswith("hub:"):
-        records = _load_hub(path[4:])
+    """Read instruction rows from a file (or a Hugging Face dataset: hub:DATASET[@CONFIG][:SPLIT])."""
+    if path.startswith(hub.PREFIX):
+        records = hub.load_records(path)
         source = path
     else:
         p = Path(path).expanduser()
         if p.suffix not in (".json", ".jsonl"):
-            raise DataError(f"{p}: expected a .json or .jsonl file (or hub:NAME, or demo:skills)")
+            raise DataError(f"{p}: expected a .json or .jsonl file (or hub:DATASET[@CONFIG][:SPLIT], or demo:skills)")
         records = _read_records(p)
         source = str(p)
     if fmt == "columns":
@@ -148,18 +162,6 @@ def load_rows(path: str, fmt: str = "auto", columns: dict | None = None) -> list
     else:
         mapping = SCHEMAS[fmt]
     return rows_from_records(records, mapping, source)
-
-
-def _load_hub(name: str) -> list[tuple[str, dict]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"data.path = 'hub:{name}' needs the 'datasets' package: pip install 'fedtune[hub]'") from None
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # network, missing dataset, auth: all user-fixable
-        raise DataError(f"cannot load Hugging Face dataset '{name}': {e}") from None
-    return [(f"hub:{name}[{i}]", dict(r)) for i, r in enumerate(ds)]
 
 
 def write_jsonl(rows: list[Row], path: Path) -> None:

@@ -86,9 +86,3 @@ def generate(rows_per_skill: int, seed: int) -> list[Row]:
             seen.add(q)
             rows.append(Row(q, "", a, skill, f"demo:skills/{skill}#{len(seen)}"))
     return rows
-
-
-def normalize_answer(text: str) -> str:
-    """Exact match compares the first line, stripped of spaces and a trailing period."""
-    line = text.strip().split("\n", 1)[0].strip()
-    return line[:-1].rstrip() if line.endswith(".") else line

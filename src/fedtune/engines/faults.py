@@ -67,6 +67,11 @@ class FaultInjector:
         if unknown or not self.kinds:
             raise ValueError(f"fault kinds must be a non-empty subset of {KINDS}, got {list(self.kinds)}")
 
+    @classmethod
+    def from_config(cls, faults) -> "FaultInjector | None":
+        """The injector a [faults] section asks for (None when probability is 0)."""
+        return cls(faults.probability, faults.seed, tuple(faults.kinds)) if faults.probability > 0 else None
+
     def draw(self, rnd: int, attempt: int, client_id: str) -> str | None:
         """The fault for this call, or None. Depends only on (seed, rnd, attempt, client_id)."""
         if self.probability <= 0:

@@ -1,4 +1,4 @@
-"""An optional LLM judge over any OpenAI-compatible chat endpoint (plain HTTP, no SDK).
+"""An optional LLM judge over any OpenAI-compatible chat endpoint (httpx, no SDK).
 
 Two protocols, with the prompts of FastChat's LLM-as-a-judge (`judge_prompts.jsonl`),
 the evaluation FedIT ran with GPT-4 on the Vicuna questions:
@@ -16,14 +16,18 @@ did not format as asked is counted as an error and reported, never guessed.
 
 from __future__ import annotations
 
+import email.utils
+import ipaddress
 import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+import urllib.parse
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from fedtune.errors import DataError, FedtuneError
 
@@ -80,16 +84,51 @@ def parse_verdict(text: str) -> str | None:
     return {"A": "A", "B": "B", "C": "tie"}[found[0]]
 
 
+RETRY_STATUS = (429, 500, 502, 503, 504)
+MAX_RETRY_AFTER_S = 120.0  # a Retry-After longer than this is not waited for
+
+
+def retry_after_seconds(value: str | None, default: float) -> float:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), else `default`."""
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    if when is None:
+        return default
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass
 class Judge:
-    """A chat-completions client for one judge model."""
+    """A chat-completions client for one judge model (httpx; redirects are never followed, so
+    the API key is only ever sent to judge.endpoint's own host)."""
 
     endpoint: str  # base URL, e.g. http://127.0.0.1:8000/v1 ; /chat/completions is appended
     model: str
-    api_key: str = ""
-    timeout_s: float = 60.0
+    api_key: str = field(default="", repr=False)  # never printed, never logged
+    timeout_s: float = 60.0  # bound on one whole request (connect, send, the full reply)
     max_tokens: int = 512
     retries: int = 2
+
+    def __post_init__(self):
+        parts = urllib.parse.urlsplit(self.endpoint)
+        if self.api_key and parts.scheme == "http" and not _loopback(parts.hostname or ""):
+            warnings.warn(f"judge.endpoint {self.endpoint} is plain http: the API key would cross the network "
+                          "unencrypted; use https (or a loopback address you control)", stacklevel=2)
 
     @classmethod
     def from_config(cls, jc) -> "Judge | None":
@@ -103,6 +142,20 @@ class Judge:
     def url(self) -> str:
         return self.endpoint.rstrip("/") + "/chat/completions"
 
+    def _post(self, body: bytes, headers: dict) -> httpx.Response:
+        """One request, the whole of it bounded by timeout_s (a server that trickles its reply
+        is cut off after at most one more read timeout)."""
+        deadline = time.monotonic() + self.timeout_s
+        with httpx.Client(timeout=self.timeout_s, follow_redirects=False) as client:
+            with client.stream("POST", self.url, content=body, headers=headers) as resp:
+                chunks = []
+                for chunk in resp.iter_bytes():
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout(f"the reply took longer than judge.timeout_s = {self.timeout_s:g}s")
+                resp._content = b"".join(chunks)
+                return resp
+
     def chat(self, system: str, user: str) -> str:
         body = json.dumps({"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
                            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
@@ -111,28 +164,31 @@ class Judge:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = ""
         for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.url, data=body.encode("utf-8"), headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
-                last = f"HTTP {e.code}: {detail}"
-                if e.code in (429, 500, 502, 503, 504) and attempt < self.retries:
-                    time.sleep(0.5 * 2**attempt)
-                    continue
-                raise JudgeError(f"judge endpoint {self.url}: {last}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = str(getattr(e, "reason", e))
+                resp = self._post(body.encode("utf-8"), headers)
+            except httpx.HTTPError as e:  # connect errors, timeouts, protocol errors
+                last = f"{type(e).__name__}: {e}"
                 if attempt < self.retries:
                     time.sleep(0.5 * 2**attempt)
                     continue
-                raise JudgeError(f"judge endpoint {self.url} unreachable: {last} (judge.endpoint)") from None
+                raise JudgeError(f"judge endpoint {self.url} unreachable: {last} (judge.endpoint, "
+                                 "judge.timeout_s)") from None
+            if resp.is_redirect:
+                raise JudgeError(f"judge endpoint {self.url}: HTTP {resp.status_code} redirect to "
+                                 f"{resp.headers.get('location', '?')}; redirects are not followed (the API key "
+                                 "would go with it): set judge.endpoint to the final URL")
+            if resp.status_code >= 400:
+                last = f"HTTP {resp.status_code}: {resp.content[:300].decode('utf-8', 'replace')}"
+                wait = retry_after_seconds(resp.headers.get("retry-after"), 0.5 * 2**attempt)
+                if resp.status_code in RETRY_STATUS and attempt < self.retries and wait <= MAX_RETRY_AFTER_S:
+                    time.sleep(wait)
+                    continue
+                raise JudgeError(f"judge endpoint {self.url}: {last}")
             try:
-                return json.loads(raw)["choices"][0]["message"]["content"]
+                return json.loads(resp.content)["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
                 raise JudgeError(f"judge endpoint {self.url}: not an OpenAI chat-completions reply: "
-                                 f"{raw[:200].decode('utf-8', 'replace')!r}") from None
+                                 f"{resp.content[:200].decode('utf-8', 'replace')!r}") from None
         raise JudgeError(f"judge endpoint {self.url}: {last}")  # not reached
 
     # ---------------------------------------------------------------- the two protocols

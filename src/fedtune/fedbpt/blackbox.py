@@ -21,85 +21,15 @@ same as prepending it to the input embeddings with the attention mask extended.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
 from fedtune.core.batching import plan_forwards
 from fedtune.errors import ConfigError, ModelError
+from fedtune.fedbpt.encoded import Encoded
+from fedtune.fedbpt.model_parts import placeholder_ids, special_affixes, use_cpu_gqa_attention
 from fedtune.fedbpt.tasks import Rendered
 
-PLACEHOLDER_OFFSET = 1000  # BBT fills add-mode prompt slots with the token ids 1000, 1001, ...
 SHARED_CACHE_BYTES = 256 * 2**20  # at most this much gathered key/value cache per shared-context forward
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A batch of rows as token ids, right-padded. Client code treats it as opaque."""
-
-    input_ids: np.ndarray  # (B, T) int64
-    attention_mask: np.ndarray  # (B, T) int64
-    slot_start: np.ndarray  # (B,) first prompt slot of each row
-    answer_pos: np.ndarray  # (B,) where the verbalizer logits are read
-    free: np.ndarray  # (B, T) bool: text tokens (what perturbation may replace)
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def concat(a: Encoded, b: Encoded, pad_id: int) -> Encoded:
-    """Stack two encoded batches row-wise (right-padding the shorter one)."""
-    t = max(a.input_ids.shape[1], b.input_ids.shape[1])
-
-    def pad(x, value):
-        return np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=value)
-
-    return Encoded(np.concatenate([pad(a.input_ids, pad_id), pad(b.input_ids, pad_id)]),
-                   np.concatenate([pad(a.attention_mask, 0), pad(b.attention_mask, 0)]),
-                   np.concatenate([a.slot_start, b.slot_start]), np.concatenate([a.answer_pos, b.answer_pos]),
-                   np.concatenate([pad(a.free, False), pad(b.free, False)]))
-
-
-_BLAS = None
-
-
-def numpy_blas_single_threaded():
-    """A context in which numpy's BLAS runs on one thread. Client code does its CMA-ES and
-    projection algebra in numpy between forwards; a multi-threaded OpenBLAS leaves its threads
-    spinning after each call, and on a small CPU they take the cores from the next forward
-    (`benchmarks/blas_spin.py` on 2 cores: a 4 x 24-token SmolLM2 forward took 61 ms alone and
-    161 ms right after a 5 x 500 @ 500 x 5,760 product). The algebra is small; one thread loses
-    nothing."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
-
-
-def detect_kind(path) -> str:
-    """'masked' or 'causal', from the model's config (architectures, else model_type)."""
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the model config at {path}: {e}") from None
-    archs = cfg.architectures or []
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        return "masked"
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return "causal"
-    if cfg.model_type in ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "electra", "distilbert", "albert"):
-        return "masked"
-    return "causal"
 
 
 class BlackBoxLM:
@@ -116,7 +46,7 @@ class BlackBoxLM:
             raise ValueError(f"unknown prompt mode {prompt_mode!r}")
         self._model = model.eval().requires_grad_(False)
         if kind == "causal" and torch.device(device).type == "cpu":
-            _use_cpu_gqa_attention(model)
+            use_cpu_gqa_attention(model)
         self._device = device
         self._amp_dtype = amp_dtype
         self.tokenizer = tokenizer  # text in: tokenization is part of the service
@@ -133,7 +63,7 @@ class BlackBoxLM:
         with torch.no_grad():
             self.embedding_std = float(emb.detach().float().std())  # BBT's std_hat
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._prefix, self._suffix = _special_affixes(tokenizer)
+        self._prefix, self._suffix = special_affixes(tokenizer)
         if kind == "causal":
             self._suffix = []  # the label word is the next token: nothing may follow the context
             head = model.get_output_embeddings()
@@ -147,7 +77,8 @@ class BlackBoxLM:
             if self._head is None:
                 raise ModelError(f"masked LM '{name}': no 'lm_head' or 'cls' module to read the mask logits from")
         specials = set(tokenizer.all_special_ids)
-        self.placeholder_ids = _placeholder_ids(len(tokenizer), n_prompt_tokens, specials)
+        self._ordinary_ids = np.array([i for i in range(len(tokenizer)) if i not in specials], dtype=np.int64)
+        self.placeholder_ids = placeholder_ids(len(tokenizer), n_prompt_tokens, specials)
         with torch.inference_mode():
             table = model.get_input_embeddings()
             if prompt_mode == "add":
@@ -271,10 +202,11 @@ class BlackBoxLM:
 
     def perturb(self, enc: Encoded, rate: float, seed: int) -> Encoded:
         """A copy with each text token replaced, with probability `rate`, by a random vocabulary
-        id (FedBPT's perturbed copy). Prompt slots, the answer slot and special tokens stay."""
+        id (FedBPT's perturbed copy), never a special token (<mask>, EOS, padding...). Prompt slots,
+        the answer slot and special tokens stay."""
         rng = np.random.default_rng(seed)
         replace = enc.free & (rng.random(enc.input_ids.shape) < rate)
-        random_ids = rng.integers(0, len(self.tokenizer), size=enc.input_ids.shape)
+        random_ids = self._ordinary_ids[rng.integers(0, len(self._ordinary_ids), size=enc.input_ids.shape)]
         return Encoded(np.where(replace, random_ids, enc.input_ids), enc.attention_mask.copy(), enc.slot_start.copy(),
                        enc.answer_pos.copy(), enc.free.copy())
 
@@ -428,97 +360,7 @@ class BlackBoxLM:
         return self._head(last)[:, label]
 
 
-def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """SDPA that lets grouped-query attention broadcast its key/value heads even when there is
-    a mask (torch's CPU kernels support it). transformers' own SDPA path repeats the key/value
-    heads whenever a mask is given: on CPU that copy of every layer's keys and values cost more
-    than the attention itself in padded and cached forwards. Inference only (no dropout)."""
-    import torch
-
-    if attention_mask is not None and attention_mask.ndim == 4:
-        attention_mask = attention_mask[:, :, :, :key.shape[-2]]
-    if is_causal is None:
-        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                                           is_causal=is_causal, enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
-
-
-_GQA_ATTENTION = "fedtune_sdpa_gqa"
-
-
-def _use_cpu_gqa_attention(model) -> None:
-    """Switch a causal LM that runs on CPU with SDPA to `_sdpa_gqa` (same masks as SDPA)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if model.config._attn_implementation != "sdpa":
-        return
-    AttentionInterface.register(_GQA_ATTENTION, _sdpa_gqa)
-    AttentionMaskInterface.register(_GQA_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(_GQA_ATTENTION)
-
-
 class _TooLong(Exception):
     def __init__(self, n: int):
         super().__init__(n)
         self.n = n
-
-
-def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a text (e.g. <s> ... </s>)."""
-    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a b", add_special_tokens=True)["input_ids"]
-    for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return list(full[:i]), list(full[i + len(plain):])
-    return [], []
-
-
-def _placeholder_ids(vocab: int, n: int, specials: set[int]) -> list[int]:
-    """n distinct non-special token ids from PLACEHOLDER_OFFSET up (lower for tiny vocabularies)."""
-    start = PLACEHOLDER_OFFSET if vocab > PLACEHOLDER_OFFSET + n + len(specials) else 0
-    ids, i = [], start
-    while len(ids) < n and i < start + vocab:
-        t = i % vocab
-        if t not in specials:
-            ids.append(t)
-        i += 1
-    if len(ids) < n:
-        raise ConfigError(f"fedbpt.n_prompt_tokens = {n} exceeds the model's {vocab - len(specials)} ordinary tokens")
-    return ids
-
-
-def load_blackbox(model_cfg, fb) -> BlackBoxLM:
-    """Load the configured model behind the boundary (`fb` is the [fedbpt] section)."""
-    from fedtune.models import autocast_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model_path
-
-    path = resolve_model_path(model_cfg.name)
-    kind = fb.model_kind if fb.model_kind != "auto" else detect_kind(path)
-    common = dict(n_prompt_tokens=fb.n_prompt_tokens, prompt_mode=fb.prompt_mode, init_prompt=fb.init_prompt,
-                  max_seq_len=fb.max_seq_len, max_forward_rows=fb.max_forward_rows,
-                  forward_overhead_tokens=fb.forward_overhead_tokens, share_context=fb.share_context,
-                  name=model_cfg.name)
-    if kind == "causal":
-        lm = load_causal_lm(model_cfg)
-        return BlackBoxLM(lm.model, lm.tokenizer, "causal", lm.device, lm.amp_dtype, **common)
-    import torch
-    from transformers import AutoModelForMaskedLM
-
-    device = pick_device(model_cfg.device)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(path, dtype=dtypes[model_cfg.dtype],
-                                                     trust_remote_code=model_cfg.trust_remote_code)
-        tok = load_tokenizer(path, model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load masked LM '{model_cfg.name}' (resolved to {path}): {e}") from None
-    model.to(device)
-    return BlackBoxLM(model, tok, "masked", device, autocast_dtype(model_cfg.autocast, device), **common)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None

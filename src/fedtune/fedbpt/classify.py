@@ -9,9 +9,9 @@ import numpy as np
 
 from fedtune.config import FedBPTSection
 from fedtune.errors import ConfigError, DataError, FedtuneError
-from fedtune.fedbpt.blackbox import load_blackbox
+from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt
-from fedtune.fedbpt.tasks import TaskSpec, read_table, check_text
+from fedtune.fedbpt.tasks import TaskSpec, check_text, read_table, space_before_answer
 
 
 def read_inputs(spec: TaskSpec, texts: list[str], file: str | None) -> list[tuple[str, ...]]:
@@ -62,7 +62,6 @@ def classify(prompt_dir: str | Path, rows: list[tuple[str, ...]], model_cfg, mod
     if box.hidden_size != proj.spec.hidden_size:
         raise FedtuneError(f"model '{model_cfg.name}' has hidden size {box.hidden_size}; the prompt was tuned for "
                            f"{proj.spec.hidden_size} ({meta['model']})")
-    from fedtune.fedbpt.recipe import space_before_answer
 
     label_ids = box.label_token_ids(spec.words, space_before_answer(spec))
     out = []

@@ -19,7 +19,8 @@ import numpy as np
 from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.fedbpt import objective as O
-from fedtune.fedbpt.blackbox import Encoded, concat, numpy_blas_single_threaded
+from fedtune.fedbpt.es import es_options
+from fedtune.fedbpt.encoded import Encoded, concat, numpy_blas_single_threaded
 from fedtune.fedbpt.prompt import Projection
 
 PERTURB_STREAM = 0x9E  # seed stream of a client's perturbed copy, per round
@@ -50,7 +51,7 @@ def make_local_es(mean: np.ndarray, sigma: float, seed: int, s: LocalSettings, c
     global ES with seed, popsize and maxiter replaced, CMA_mu reset)."""
     import cma
 
-    opts = {"seed": int(seed) or 1, "popsize": s.popsize, "maxiter": s.local_iter, "verbose": -9, "CMA_mu": None}
+    opts = es_options(seed, popsize=s.popsize, maxiter=s.local_iter, verbose=-9, CMA_mu=None)
     if s.bound > 0:
         opts["bounds"] = [-s.bound, s.bound]
     es = cma.CMAEvolutionStrategy(np.asarray(mean, dtype=np.float64), float(sigma), opts)

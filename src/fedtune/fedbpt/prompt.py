@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fedtune.core import atomic
 from fedtune.errors import FedtuneError
 
 PROJECTION_STREAM = 0xA7  # seed stream of the projection, apart from every other use of the run seed
@@ -76,13 +77,14 @@ class Projection:
 
 def save_prompt(folder: Path, z: np.ndarray, projection: Projection, meta: dict) -> Path:
     """Write z, its prompt embeddings and everything needed to reuse them."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     z = np.asarray(z, dtype=np.float32)
-    save_file({"z": z, "prompt_embeds": projection(z)[0]}, str(folder / "prompt.safetensors"))
     doc = {"format": "fedtune-fedbpt-prompt/1", "projection": projection.spec.to_json(), **meta}
-    (folder / "prompt.json").write_text(json.dumps(doc, indent=2))
-    return folder
+
+    def fill(tmp: Path) -> None:  # a new folder swapped in whole: never half written
+        save_file({"z": z, "prompt_embeds": projection(z)[0]}, str(tmp / "prompt.safetensors"))
+        (tmp / "prompt.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+
+    return atomic.publish_dir(folder, fill)
 
 
 def load_prompt(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:

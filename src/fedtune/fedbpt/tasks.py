@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtune.data import hub
 from fedtune.errors import ConfigError, DataError
 
 PROMPT_SLOT = "<P>"
@@ -227,7 +228,7 @@ def read_table(path: Path) -> list[tuple[str, dict]]:
         if not isinstance(obj, list):
             raise DataError(f"{path}: expected a JSON list of objects")
         return [(f"{path}[{i}]", r) for i, r in enumerate(obj)]
-    raise DataError(f"{path}: expected a .csv, .tsv, .jsonl or .json file (or hub:NAME)")
+    raise DataError(f"{path}: expected a .csv, .tsv, .jsonl or .json file (or hub:DATASET[@CONFIG][:SPLIT])")
 
 
 def hub_path(spec: TaskSpec, which: str) -> str:
@@ -240,10 +241,8 @@ def hub_path(spec: TaskSpec, which: str) -> str:
 
 def load_examples(spec: TaskSpec, path: str) -> list[Example]:
     """Read a data file into Examples; every label must be one of the verbalizer's."""
-    if path.startswith("hub:"):
-        name, _, split = path[4:].partition(":")  # hub:DATASET[@CONFIG][:SPLIT]
-        ds, _, cfg = name.partition("@")
-        records = _load_hub_records(ds, cfg or None, split or "train", path)
+    if path.startswith(hub.PREFIX):
+        records = hub.load_records(path)
     else:
         records = read_table(Path(path).expanduser())
     label_index = {lab: i for i, lab in enumerate(spec.labels)}
@@ -278,18 +277,6 @@ def load_examples(spec: TaskSpec, path: str) -> list[Example]:
     return out
 
 
-def _load_hub_records(name: str, config: str | None, split: str, path: str) -> list[tuple[str, dict]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"'{path}' needs the 'datasets' package: pip install 'fedtune[hub]'") from None
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # network, missing dataset, auth: all user-fixable
-        raise DataError(f"cannot load Hugging Face dataset '{path}': {e}") from None
-    return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
-
-
 # ----------------------------------------------------------------------------- few-shot splits
 
 
@@ -321,3 +308,9 @@ def few_shot(examples: list[Example], spec: TaskSpec, k_shot: int, dev_shots: in
         train += perm[dev_shots:dev_shots + k_shot] if k_shot > 0 else perm[dev_shots:]
     return FewShot([examples[i] for i in sorted(train)], [examples[i] for i in sorted(dev)],
                    {spec.labels[k]: len(v) for k, v in by_label.items()})
+
+
+def space_before_answer(spec: TaskSpec) -> bool:
+    """Whether the label word follows a space in the template (then it is tokenized with one)."""
+    head = spec.template.split(ANSWER_SLOT)[0]
+    return head == "" or head[-1].isspace()

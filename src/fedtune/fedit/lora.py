@@ -7,15 +7,15 @@ name stripped), so a saved global adapter opens with `PeftModel.from_pretrained`
 
 from __future__ import annotations
 
+import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from fedtune.core import atomic
 from fedtune.core.arrays import Arrays
 from fedtune.errors import ConfigError, UpdateRejected
 
@@ -63,22 +63,25 @@ class AdapterSlot:
         if missing or unexpected:
             raise UpdateRejected(f"adapter keys do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
                                  f" ({len(missing)} missing, {len(unexpected)} unexpected)")
+        for k, p in self.params.items():  # every shape first: a mismatch leaves the model untouched
+            if tuple(arrays[k].shape) != tuple(p.shape):
+                raise UpdateRejected(f"adapter '{k}': shape {tuple(arrays[k].shape)}, model expects {tuple(p.shape)}")
         with torch.no_grad():
             for k, p in self.params.items():
-                a = arrays[k]
-                if tuple(a.shape) != tuple(p.shape):
-                    raise UpdateRejected(f"adapter '{k}': shape {tuple(a.shape)}, model expects {tuple(p.shape)}")
-                p.copy_(torch.from_numpy(np.ascontiguousarray(a)))
+                p.copy_(torch.from_numpy(np.ascontiguousarray(arrays[k])))
 
 
 def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Arrays:
     """PEFT's default LoRA init, drawn with numpy from the run seed so that every engine
     (and a server that never loads the model) builds the same initial adapter:
-    A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), B = 0."""
+    A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5)), B = 0; on
+    embedding layers, as PEFT does there, A = 0 and B ~ N(0, 1) (both zero would never train)."""
     out = {}
     for i, k in enumerate(sorted(shapes)):
         shape = shapes[k]
-        if ".lora_A." in k:
+        if ".lora_embedding_B" in k:
+            out[k] = np.random.default_rng([seed, i]).standard_normal(shape).astype(np.float32)
+        elif ".lora_A." in k:
             bound = 1.0 / math.sqrt(shape[1])
             rng = np.random.default_rng([seed, i])
             out[k] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
@@ -87,15 +90,22 @@ def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Arrays:
     return out
 
 
-def save_adapter(arrays: Arrays, peft_config, path: str | Path) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT format), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    peft_config.save_pretrained(str(tmp))  # adapter_config.json, as PEFT writes it
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.replace(path)
-    return path
+def save_adapter(arrays: Arrays, peft_config, path: str | Path, base_model: str | None = None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json (PEFT format), atomically (a new
+    folder swapped in: see core.atomic). `base_model` is written as base_model_name_or_path
+    (the model's name, not this machine's cache path); target_modules are written sorted, so
+    two identical runs write identical files."""
+
+    def fill(tmp: Path) -> None:
+        save_file({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())},
+                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_config.save_pretrained(str(tmp))  # adapter_config.json, as PEFT writes it
+        cfg_path = tmp / "adapter_config.json"
+        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if isinstance(doc.get("target_modules"), list):
+            doc["target_modules"] = sorted(doc["target_modules"])
+        if base_model is not None:
+            doc["base_model_name_or_path"] = base_model
+        cfg_path.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
+
+    return atomic.publish_dir(path, fill)

@@ -5,12 +5,16 @@ each client's update is first clipped to that L2 distance from the global arrays
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from fedtune.core.aggregate import RunningMean
 from fedtune.core.arrays import Arrays, copy
-from fedtune.core.robust import clip_to_norm, coordinate_median, trimmed_mean
-from fedtune.core.strategy import FitIns, FitRes, SelectingStrategy
+from fedtune.core.robust import clip_to_norm, coordinate_median, trimmed_count, trimmed_mean
+from fedtune.core.strategy import CollectingAggregator, FitIns, FitRes, OneExchange, SelectingStrategy
+
+log = logging.getLogger("fedtune.strategy")
 
 AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "median", "trimmed_mean")
 
@@ -40,18 +44,17 @@ class FedAvgStrategy(SelectingStrategy):
     def configure_fit(self, rnd: int, global_arrays: Arrays, client_ids: list[str]) -> dict[str, FitIns]:
         return {cid: FitIns(global_arrays, {"round": rnd, **self.train_config}) for cid in self.select(rnd, client_ids)}
 
-    def fold(self, rnd: int, global_arrays: Arrays) -> "MeanFold | None":
-        """An aggregation that takes client results one at a time, for the rules that need only
-        a running weighted sum (fedavg, fedavgm, fedadam); the engine then drops each update
-        once folded in, so the server holds one sum instead of every client's adapter. None
-        for the robust rules, which need all updates at once."""
+    def aggregator(self, rnd: int, global_arrays: Arrays):
+        """Rules that need only a running weighted sum (fedavg, fedavgm, fedadam) take client
+        results one at a time, so the server holds one sum instead of every client's adapter;
+        the robust rules need all updates at once."""
         if self.aggregation in ("median", "trimmed_mean"):
-            return None
+            return CollectingAggregator(self, rnd, global_arrays)
         return MeanFold(self, global_arrays)
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
-        fold = self.fold(rnd, global_arrays)
-        if fold is not None:  # the same arithmetic, in the same order, as an engine that folds
+        if self.aggregation not in ("median", "trimmed_mean"):  # the same arithmetic as folding
+            fold = MeanFold(self, global_arrays)
             for r in results:
                 fold.add(r)
             return fold.result()
@@ -63,6 +66,12 @@ class FedAvgStrategy(SelectingStrategy):
             metrics["clipped"] = [r.client_id for r, (_, norm) in zip(results, clipped) if norm > self.clip_norm]
         if self.aggregation == "median":
             return coordinate_median(updates), metrics
+        cut = trimmed_count(len(updates), self.trim_fraction)
+        metrics["trimmed_per_side"] = cut
+        if cut == 0:
+            log.warning("round %d: trimmed_mean over %d update(s) with server.trim_fraction = %g trims nothing "
+                        "(floor(%g x %d) = 0): this round is a plain unweighted mean", rnd, len(updates),
+                        self.trim_fraction, self.trim_fraction, len(updates))
         return trimmed_mean(updates, self.trim_fraction), metrics
 
     def server_step(self, global_arrays: Arrays, avg: Arrays) -> Arrays:
@@ -96,7 +105,7 @@ class FedAvgStrategy(SelectingStrategy):
         self.steps = int(meta.get("steps", 0))
 
 
-class MeanFold:
+class MeanFold(OneExchange):
     """One round's mean-based aggregation, fed one client result at a time: clip (when
     clip_norm is set), add to the running weighted sum, and at the end the server step."""
 

@@ -131,6 +131,11 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
             out.append(data[order.pop()])
         return out
 
+    # fp16 autocast (GPUs without bf16) underflows small gradients: scale the loss, unscale before clipping
+    ctx = amp()
+    fp16 = isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+
     model.train()
     loss_sum, loss_tokens, tokens, seen, compute = 0.0, 0, 0, 0, 0.0
     for step in range(steps):
@@ -145,12 +150,19 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
             with amp():
                 loss = causal_lm_loss(model, ids, mask, labels, reduction="sum")
             # token-weighted mean over the whole optimizer batch
-            (loss / max(n_label, 1)).backward()
+            scaled = loss / max(n_label, 1)
+            (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += float(loss.detach())
             tokens += int(mask.sum())
+        if scaler:
+            scaler.unscale_(opt)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
+        if scaler:
+            scaler.step(opt)  # skips the step when the scaled gradients overflowed
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         compute += time.perf_counter() - t0
         loss_tokens += n_label

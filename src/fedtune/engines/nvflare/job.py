@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 from fedtune import __version__
+from fedtune import config as C
 from fedtune.core import arrays as A
+from fedtune.engines.nvflare.controller import FedtuneController
+from fedtune.engines.nvflare.jobfiles import INITIAL_FILE, JOB_FILE, RESUME_FOLDER
 from fedtune.errors import ConfigError, FedtuneError
-
-JOB_FILE = "fedtune_job.json"
-INITIAL_FILE = "fedtune_initial.safetensors"
 SITE_SCRIPT = Path(__file__).with_name("fedtune_site.py")
 
 
@@ -48,13 +48,11 @@ def _absolute_model_name(name: str) -> str:
     return name
 
 
-def build_job(cfg, initial: A.Arrays, python: str):
-    """A FedJob for this config: the controller, the site script and the job files."""
+def build_job(cfg, initial: A.Arrays, python: str, resume_from: Path | None = None):
+    """A FedJob for this config: the controller, the site script and the job files (and, to
+    continue a run, the checkpoint folder `resume_from`, which only the server gets)."""
     from nvflare.job_config.api import FedJob
     from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
-
-    from fedtune import config as C
-    from fedtune.engines.nvflare.controller import FedtuneController
 
     raw = cfg.to_dict()
     raw["model"]["name"] = _absolute_model_name(cfg.model.name)
@@ -76,6 +74,9 @@ def build_job(cfg, initial: A.Arrays, python: str):
     for f in (JOB_FILE, INITIAL_FILE):
         job.add_file_to_server(str(stage / f))
         job.add_file_to_clients(str(stage / f))
+    if resume_from is not None:
+        shutil.copytree(resume_from, stage / RESUME_FOLDER)
+        job.add_file_to_server(str(stage / RESUME_FOLDER))
     return job, stage
 
 
@@ -96,34 +97,6 @@ def export(cfg, initial: A.Arrays, out: Path, python: str) -> Path:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out
-
-
-def read_job_files(app_dir: Path, with_initial: bool = False, overrides: list[str] | None = None):
-    """(config, algorithm, initial arrays or None) from a job's app folder, on a site or the server
-    (or, with `overrides`, where a downloaded result is collected)."""
-    from fedtune import config as C
-    from fedtune.engines.nvflare.algorithms import get_algorithm
-
-    custom = Path(app_dir) / "custom"
-    path = custom / JOB_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FedtuneError(f"{path}: cannot read the fedtune job file: {e}") from None
-    if meta.get("fedtune_version") != __version__:
-        raise FedtuneError(f"{path}: the job was built with fedtune {meta.get('fedtune_version')}, but this "
-                           f"machine runs fedtune {__version__}; install the same version everywhere")
-    raw = meta["config"]
-    for item in overrides or []:
-        C.apply_override(raw, item)
-    cfg = C.from_dict(raw, str(path))
-    initial = None
-    if with_initial:
-        try:
-            initial = A.unpack((custom / INITIAL_FILE).read_bytes())
-        except OSError as e:
-            raise FedtuneError(f"{custom / INITIAL_FILE}: cannot read the initial arrays: {e}") from None
-    return cfg, get_algorithm(cfg.run.algorithm), initial
 
 
 # ----------------------------------------------------------------------------- FLARE's simulator

@@ -30,25 +30,15 @@ import os
 import time
 import tomllib
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
+from fedtune.engines.nvflare import wire as W
 from fedtune.errors import ConfigError, DataError, FedtuneError
 
 SITE_CONFIG_ENV = "FEDTUNE_SITE_CONFIG"
 SITE_CONFIG_FILE = "fedtune_site.toml"
-SITE_KEYS = ("data_path", "format", "model")
-
-# keys of the task and reply meta (all values are strings or numbers)
-META_CONFIG = "fedtune_config"  # JSON: the FitIns config
-META_INDEX = "fedtune_client_index"  # this site's position among the job's sorted site names
-META_EXAMPLES = "fedtune_num_examples"
-META_METRICS = "fedtune_metrics"  # JSON: the FitRes metrics
-META_SECONDS = "fedtune_seconds"
-META_ERROR = "fedtune_error"  # the reason a site could not produce an update
-
+SITE_KEYS = ("data_path", "format", "model", "trust_remote_code")
 
 @dataclass
 class SiteSettings:
@@ -57,6 +47,7 @@ class SiteSettings:
     format: str | None  # None: the job's data.format
     model: str | None  # None: the job's model.name
     source: str  # the site config file these came from
+    trust_remote_code: bool = False  # site-local only: a job can never turn it on
 
 
 def find_site_config(site_workspace: Path | None) -> Path | None:
@@ -98,12 +89,22 @@ def read_site_settings(site: str, site_workspace: Path | None) -> SiteSettings:
     if unknown:
         raise ConfigError(f"site '{site}': {path}: unknown key(s) {unknown} (valid: {', '.join(SITE_KEYS)})")
     for k in SITE_KEYS:
-        if k in entry and not isinstance(entry[k], str):
-            raise ConfigError(f"site '{site}': {path}: {k} must be a string, got {entry[k]!r}")
+        want = bool if k == "trust_remote_code" else str
+        if k in entry and not isinstance(entry[k], want):
+            raise ConfigError(f"site '{site}': {path}: {k} must be a {want.__name__}, got {entry[k]!r}")
     data_path = Path(entry["data_path"]).expanduser()
     if not data_path.is_absolute():
         data_path = (path.parent / data_path).resolve()
-    return SiteSettings(site, data_path, entry.get("format"), entry.get("model"), str(path))
+    return SiteSettings(site, data_path, entry.get("format"), entry.get("model"), str(path),
+                        entry.get("trust_remote_code", False))
+
+
+def site_config(cfg, s: SiteSettings):
+    """The job's config as this site runs it: the site's own model (if it names one), and
+    trust_remote_code from the site config only (whoever writes a job must not decide what
+    code a site runs)."""
+    model = replace(cfg.model, trust_remote_code=s.trust_remote_code, name=s.model or cfg.model.name)
+    return replace(cfg, model=model)
 
 
 def check_data_path(s: SiteSettings) -> None:
@@ -120,15 +121,26 @@ def check_data_path(s: SiteSettings) -> None:
 # ----------------------------------------------------------------------------- the client loop
 
 
-def _plain_arrays(params) -> dict[str, np.ndarray]:
-    if not isinstance(params, dict):
-        raise TypeError(f"expected named arrays, got {type(params).__name__}")
-    out = {}
-    for k, v in sorted(params.items(), key=lambda kv: str(kv[0])):  # sorted, as core.arrays.unpack gives them
-        if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype == object:
-            raise TypeError(f"payload entry {k!r} is {type(v).__name__}, not a numeric numpy array")
-        out[k] = v
-    return out
+def _fit(client, site: str, model, faults, timeout: float) -> dict:
+    """One task: the reply's params and meta (or the reason there is none)."""
+    from fedtune.core.strategy import FitIns
+    from fedtune.engines.faults import InjectedFault, injected_call
+
+    meta = model.meta or {}
+    attempt = int(meta.get(W.META_ATTEMPT, 0))
+    fault = faults.draw(int(model.current_round or 0), attempt, site) if faults else None
+    ins = FitIns(W.plain_arrays(model.params or {}), json.loads(meta[W.META_CONFIG]))
+    t0 = time.perf_counter()
+    try:
+        res = injected_call(fault, lambda: client.fit(site, ins, int(meta[W.META_INDEX])), timeout)()
+    except InjectedFault as e:
+        return {"params": {}, "meta": {W.META_ERROR: f"{type(e).__name__}: {e}", W.META_INJECTED: True}}
+    if fault == "disappear":  # the site did its work; the reply is lost on the way
+        return {"params": {}, "meta": {W.META_ERROR: "disappeared: injected fault: the client's reply never arrived",
+                                       W.META_CAUSE: "disappeared", W.META_INJECTED: True}}
+    return {"params": W.plain_arrays(res.arrays),
+            "meta": {W.META_EXAMPLES: int(res.num_examples), W.META_METRICS: json.dumps(res.metrics),
+                     W.META_SECONDS: float(time.perf_counter() - t0), W.META_INJECTED: fault is not None}}
 
 
 def main(app_dir: str | Path) -> None:
@@ -136,19 +148,24 @@ def main(app_dir: str | Path) -> None:
     import nvflare.client as flare
     from nvflare.app_common.abstract.fl_model import FLModel
 
-    from fedtune.core.strategy import FitIns
-    from fedtune.engines.nvflare.job import read_job_files
+    from fedtune.engines.faults import FaultInjector
+    from fedtune.engines.nvflare.jobfiles import read_job_files
 
     flare.init()
     site = flare.get_site_name()
     app_dir = Path(app_dir).resolve()
     site_workspace = app_dir.parents[1] if len(app_dir.parents) > 1 else None  # <site>/<job_id>/app_<site>
-    client, startup_error = None, None
+    client, startup_error, faults, timeout = None, None, None, 0.0
     try:
         cfg, algorithm, _ = read_job_files(app_dir)
         settings = read_site_settings(site, site_workspace)
         check_data_path(settings)
         print(f"fedtune site {site}: data {settings.data_path} (site config {settings.source})", flush=True)
+        if cfg.model.trust_remote_code and not settings.trust_remote_code:
+            print(f"fedtune site {site}: the job asks for model.trust_remote_code; it is off unless this site's "
+                  f"config sets trust_remote_code = true", flush=True)
+        cfg = site_config(cfg, settings)
+        faults, timeout = FaultInjector.from_config(cfg.faults), cfg.server.client_timeout
         client = algorithm.site_client(cfg, settings)
     except FedtuneError as e:
         startup_error = str(e) if site in str(e) else f"site '{site}': {e}"
@@ -162,20 +179,12 @@ def main(app_dir: str | Path) -> None:
         if model is None:
             break
         if startup_error:
-            flare.send(FLModel(params={}, meta={META_ERROR: startup_error}))
+            flare.send(FLModel(params={}, meta={W.META_ERROR: startup_error}))
             continue
         try:
-            meta = model.meta or {}
-            ins = FitIns(_plain_arrays(model.params or {}), json.loads(meta[META_CONFIG]))
-            t0 = time.perf_counter()
-            res = client.fit(site, ins, int(meta[META_INDEX]))
-            seconds = time.perf_counter() - t0
-            arrays = _plain_arrays(res.arrays)
-            reply = FLModel(params=arrays, meta={META_EXAMPLES: int(res.num_examples),
-                                                 META_METRICS: json.dumps(res.metrics),
-                                                 META_SECONDS: float(seconds)})
+            reply = _fit(client, site, model, faults, timeout)
         except Exception as e:  # this round fails for this site; the server records the reason
             reason = f"site '{site}': {type(e).__name__}: {e}"
             print(f"fedtune site {site}: {reason}\n{traceback.format_exc(limit=6)}", flush=True)
-            reply = FLModel(params={}, meta={META_ERROR: reason})
-        flare.send(reply)
+            reply = {"params": {}, "meta": {W.META_ERROR: reason}}
+        flare.send(FLModel(params=reply["params"], meta=reply["meta"]))

@@ -1,0 +1,235 @@
+"""The config's sections: typed dataclasses, each field with its default and its one-line
+documentation (`fedtune config` prints them as comments). Loading, validation and writing
+are in fedtune.config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A config field with a default and its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunSection:
+    algorithm: str = opt("fedit", "fedit = federated LoRA instruction tuning; fedbpt = black-box prompt tuning with CMA-ES")
+    name: str = opt("demo", "run name; the run folder is <out_dir>/<name>")
+    out_dir: str = opt("runs", "parent folder of run folders")
+    seed: int = opt(42, "seeds partitioning, client selection, data order, LoRA init and CMA-ES")
+    rounds: int = opt(8, "number of communication rounds")
+    engine: Literal["simulator", "nvflare"] = opt("simulator", "simulator = embedded in-process engine; nvflare = NVIDIA FLARE simulator")
+    eval_every: int = opt(1, "evaluate the global model every N rounds (the last round is always evaluated)")
+    save_every_round: bool = opt(True, "save the global adapter/prompt after every round (rounds/round_NNN)")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class ModelSection:
+    name: str = opt("smollm2-135m", "'smollm2-135m' (embedded, offline), a Hugging Face id, a local folder, or a .gguf file")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto picks cuda when available, else cpu")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the frozen base weights")
+    autocast: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "mixed precision for compute; auto = bf16 on CPUs with AMX/AVX512-BF16 and on CUDA with bf16 support")
+    trust_remote_code: bool = opt(False, "passed to transformers when loading a Hugging Face model")
+
+
+@dataclass
+class DataSection:
+    path: str = opt("demo:skills", "instruction data: a .json/.jsonl file, a Hugging Face dataset (hub:DATASET[@CONFIG][:SPLIT], split train by default), or demo:skills (generated offline)")
+    format: Literal["auto", "dolly", "alpaca", "columns"] = opt("auto", "record schema; auto detects Dolly (instruction/context/response) or Alpaca (instruction/input/output)")
+    columns: dict = opt({}, "with format='columns': map of instruction/input/output/category to your field names")
+    test_path: str = opt("", "optional separate held-out test file (same schema); its rows are removed from training")
+    template: Literal["alpaca", "chat", "plain"] = opt("alpaca", "prompt template: Shepherd's Alpaca template, the model's chat template, or plain 'instruction\\ninput\\n'")
+    cutoff_len: int = opt(256, "maximum tokens per example (prompt + response); longer examples are truncated")
+    too_long: Literal["error", "drop"] = opt("error", "a row whose prompt alone exceeds cutoff_len: error (names the row) or drop it")
+    train_on_inputs: bool = opt(False, "also train on the prompt tokens (Shepherd's default is true)")
+    max_rows: int = opt(0, "use at most this many rows of the data file (0 = all), taken with a seeded shuffle")
+    demo_rows_per_skill: int = opt(240, "demo:skills only: rows generated per skill")
+
+
+@dataclass
+class PartitionSection:
+    num_clients: int = opt(6, "number of clients")
+    method: Literal["iid", "shards", "dirichlet"] = opt("shards", "iid; shards = sorted by category, 2 shards per client (Shepherd diff_quantity 0); dirichlet over categories (diff_quantity 1)")
+    shards_per_client: int = opt(2, "shards: contiguous category-sorted shards per client")
+    alpha: float = opt(0.5, "dirichlet: concentration (smaller = more skewed)")
+    min_client_size: int = opt(40, "dirichlet: redraw until every client holds at least this many rows")
+    test_per_category: int = opt(10, "held-out global test rows per category (stratified; excluded from training)")
+
+
+@dataclass
+class ServerSection:
+    fraction: float = opt(1.0, "fraction of clients selected each round")
+    clients_per_round: int = opt(0, "if > 0, select exactly this many clients per round (overrides fraction)")
+    min_clients: int = opt(1, "a round needs at least this many successful client updates")
+    max_update_norm: float = opt(0.0, "reject a client update farther than this (L2) from the global arrays (0 = no bound)")
+    aggregation: Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; fedadam = server Adam on the averaged update; median = coordinate-wise median; trimmed_mean = coordinate-wise mean without the trim_fraction largest and smallest values (median and trimmed_mean resist malicious clients and ignore example counts)")
+    trim_fraction: float = opt(0.1, "trimmed_mean: fraction of clients dropped at each end, per coordinate, in [0, 0.5)")
+    clip_norm: float = opt(0.0, "before any aggregation, scale each client update down to this L2 distance from the global arrays (0 = off)")
+    client_timeout: float = opt(0.0, "seconds a client call may take before it is dropped from the round (0 = no limit in the embedded simulator; nvflare.task_timeout on FLARE)")
+    max_examples: int = opt(1_000_000, "cap on the example count a client reports, which weighs its update (0 = no cap); the embedded simulator also rejects a count that differs from the partition it made, so a client cannot choose its own weight")
+    round_retries: int = opt(2, "a round with fewer than min_clients updates asks its missing clients again, at most this many times, then stops with an error")
+    server_lr: float = opt(1.0, "fedavgm/fedadam: server learning rate")
+    momentum: float = opt(0.9, "fedavgm: server momentum; fedadam: beta1")
+    beta2: float = opt(0.99, "fedadam: beta2")
+    tau: float = opt(1e-3, "fedadam: adaptivity (epsilon)")
+
+
+@dataclass
+class FaultsSection:
+    probability: float = opt(0.0, "simulator only, for testing: probability that a client call fails (0 = off)")
+    seed: int = opt(0, "seeds which calls fail; each draw depends only on (seed, round, attempt, client)")
+    kinds: list = opt(["raise", "timeout", "disappear"], "how a failing call fails: raise = the client raises; timeout = it hangs past server.client_timeout; disappear = its reply never arrives")
+
+
+@dataclass
+class LoraSection:
+    r: int = opt(8, "LoRA rank")
+    alpha: int = opt(16, "LoRA alpha (scale = alpha / r)")
+    dropout: float = opt(0.05, "LoRA dropout")
+    target_modules: list = opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
+
+
+@dataclass
+class TrainSection:
+    epochs: float = opt(1.0, "local epochs per round (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "if > 0, local optimizer steps per round (overrides epochs)")
+    batch_size: int = opt(8, "examples per optimizer step")
+    micro_batch_size: int = opt(8, "examples per forward/backward; batch_size / micro_batch_size = gradient accumulation")
+    group_by_length: bool = opt(True, "split each optimizer batch into micro-batches of similar length (each at most micro_batch_size rows) when the padding saved outweighs the fixed cost of another forward/backward; the same gradient up to float rounding (and LoRA dropout draws)")
+    micro_batch_overhead_tokens: int = opt(256, "with group_by_length: the fixed cost of one micro-batch's forward/backward, in tokens")
+    lr: float = opt(3e-4, "AdamW peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "LR decay after warm-up, within each local round")
+    warmup_steps: int = opt(0, "linear warm-up steps at the start of each local round")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+
+
+@dataclass
+class EvalSection:
+    max_examples: int = opt(0, "evaluate on at most this many held-out rows (0 = all)")
+    batch_size: int = opt(16, "evaluation batch size")
+    generate: bool = opt(True, "after the last round (and for the base model), generate answers on the held-out set: exact match per category")
+    max_new_tokens: int = opt(32, "generation length for exact-match evaluation")
+    compare_base: bool = opt(True, "at the end, also evaluate the untuned base model and print base vs federated")
+
+
+@dataclass
+class CompareSection:
+    variants: list = opt(["base", "local", "centralized", "federated"], "fedtune compare: which variants to run (base = no tuning, local = each client alone, centralized = all client data pooled, federated)")
+    local_clients: int = opt(0, "fedtune compare: run the local-only baseline for the first N clients only (0 = every client)")
+
+
+@dataclass
+class JudgeSection:
+    endpoint: str = opt("", "OpenAI-compatible base URL for an LLM judge, e.g. http://127.0.0.1:8000/v1 ('' = judge off)")
+    model: str = opt("", "judge model name sent to the endpoint")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable that holds the endpoint's API key (sent as a Bearer token; never stored)")
+    questions: str = opt("", "question file for the judge (Vicuna/MT-Bench question.jsonl); '' = the held-out rows' instructions")
+    max_questions: int = opt(80, "judge at most this many questions (0 = all)")
+    max_new_tokens: int = opt(256, "answer length when generating answers to the judge's questions")
+    max_tokens: int = opt(512, "the judge's own reply length")
+    timeout_s: float = opt(120.0, "seconds to wait for one judge reply")
+
+
+@dataclass
+class NvflareSection:
+    threads: int = opt(0, "FLARE simulator: sites that run at the same time (0 = all). Below the number of sites, FLARE's simulator swaps sites in and out and relaunches each site's process (reloading its model) every round")
+    workspace: str = opt("", "FLARE simulator workspace ('' = <run folder>/nvflare/workspace); must be empty")
+    python: str = opt("", "command that starts the site script on each site ('' = this Python in the simulator, 'python3 -u' in exported jobs)")
+    job_name: str = opt("", "FLARE job name ('' = run.name)")
+    task_timeout: float = opt(3600.0, "seconds a site may take for one round's task when server.client_timeout = 0, so that one hung site cannot stall a deployment forever")
+    launch_timeout: float = opt(300.0, "seconds a site script may take to start and connect (loading the model included)")
+
+
+@dataclass
+class TaskSection:
+    name: str = opt("sst2", "FedBPT classification task: a built-in (sst2, yelp, agnews, mrpc, rte, snli, dbpedia) with BBT's template and verbalizer, or 'custom' (then set text_columns, template and verbalizer)")
+    train_path: str = opt("", "training file (.csv, .tsv, .jsonl, .json; header/fields name the columns), or hub:DATASET[@CONFIG]:SPLIT; '' = the built-in task's Hugging Face dataset")
+    test_path: str = opt("", "test file, same format; '' = the built-in task's Hugging Face test split. Never used for selection")
+    text_columns: list = opt([], "override: text columns, each filled into the template as {column}")
+    label_column: str = opt("", "override: label column ('' = the task's, 'label' for custom)")
+    template: str = opt("", "override: template with {column} fields, the prompt slot <P> (default: at the start) and the answer slot <mask>; for causal LMs the label word is the next token after the text before <mask>")
+    verbalizer: dict = opt({}, "override: label value -> one-token word, e.g. {\"0\" = \"bad\", \"1\" = \"great\"}; its order is the class order")
+    metric: str = opt("", "override: 'accuracy' or 'f1' (binary F1 of the second class; macro F1 for more classes)")
+    skip_labels: list = opt([], "override: label values dropped when loading (SNLI's -1)")
+    k_shot: int = opt(16, "training rows per class, drawn from the training file (0 = all rows left after the dev split)")
+    dev_shots: int = opt(16, "dev rows per class, drawn from the training file, disjoint from the training rows; the global prompt is selected on them")
+    test_max_rows: int = opt(0, "evaluate the test set on a fixed class-balanced subset of this many rows (0 = all)")
+
+
+@dataclass
+class FedBPTSection:
+    mode: Literal["improved", "reference"] = opt("improved", "reference = FedBPT's server exactly (rank recombination, its sigma rule, one ES seed for all, covariance on the wire); improved = each defect fixed by the switches below (ignored in reference mode)")
+    model_kind: Literal["auto", "causal", "masked"] = opt("auto", "causal (label = next token after the template) or masked (label at <mask>); auto reads the model config")
+    intrinsic_dim: int = opt(500, "dimension d of the space CMA-ES searches (z)")
+    n_prompt_tokens: int = opt(50, "prompt length in tokens; A maps z to n_prompt_tokens x hidden embeddings")
+    prompt_mode: Literal["add", "cat"] = opt("add", "add = A z added to placeholder-token embeddings; cat = A z (+ init_prompt) inserted as the prompt embeddings")
+    init_prompt: str = opt("", "cat mode: text whose token embeddings form the initial prompt p0 (cycled to n_prompt_tokens); '' = zero")
+    proj_alpha: float = opt(1.0, "projection: A ~ N(0, std^2), std = proj_alpha * word-embedding std / (sqrt(d) * proj_sigma)")
+    proj_sigma: float = opt(1.0, "projection: the sigma in A's std rule")
+    sigma0: float = opt(1.0, "initial CMA-ES step size")
+    popsize: int = opt(5, "local CMA-ES population size")
+    local_iter: int = opt(8, "local CMA-ES generations per round")
+    loss: Literal["ce", "hinge", "perf"] = opt("ce", "ce = cross-entropy over verbalizer logits; hinge = multi-class margin 2; perf = -accuracy")
+    perturb: bool = opt(True, "perturbation objective: fitness = loss(clean) / loss(copy with perturb_rate of the text tokens replaced by random ones)")
+    perturb_rate: float = opt(0.5, "fraction of text tokens replaced in the perturbed copy")
+    bound: float = opt(0.0, "if > 0, CMA-ES searches within [-bound, bound] per coordinate")
+    batch_population: bool = opt(True, "evaluate a whole CMA-ES population in one batched forward pass (false = one candidate at a time)")
+    max_forward_rows: int = opt(512, "at most this many rows (candidates x examples) per forward pass")
+    forward_overhead_tokens: int = opt(128, "fixed cost of one forward pass, in tokens: rows are grouped by length into forwards minimizing overhead + padded tokens, and the text before <P> is shared when that saves more (128: measured on SmolLM2-135M, CPU; docs/benchmarks.md)")
+    share_context: bool = opt(True, "causal LMs: when the template has text before <P>, run that text once per example and let every candidate attend to its cached keys/values (same logits, less work per candidate)")
+    max_seq_len: int = opt(256, "tokens per row (prompt included); the longest text field is cut to fit")
+    distinct_seeds: bool = opt(True, "improved: each client gets its own CMA-ES seed each round (reference: one seed for all)")
+    weight_by_size: bool = opt(True, "improved: average client means weighted by shard size (false: CMA rank weights by fitness, as the reference)")
+    sigma_decay: float = opt(0.9, "improved: sigma is multiplied by this each round down to sigma_min (1.0 = no annealing)")
+    sigma_min: float = opt(0.05, "improved: floor of the annealed sigma")
+    prompt_norm_max: float = opt(1.0, "improved: scale the global z back to norm <= prompt_norm_max * sqrt(d) (0 = off; 1 = entries of A z at word-embedding scale)")
+    select_on_dev: bool = opt(True, "improved: keep the best global prompt by dev metric (false: the final round's); both are reported on the test set")
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    server: ServerSection = field(default_factory=ServerSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    compare: CompareSection = field(default_factory=CompareSection)
+    judge: JudgeSection = field(default_factory=JudgeSection)
+    nvflare: NvflareSection = field(default_factory=NvflareSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    fedbpt: FedBPTSection = field(default_factory=FedBPTSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTION_DOCS = {
+    "run": "What to run and where results go.",
+    "model": "The base model. It never moves: FedIT trains LoRA adapters on it; FedBPT only runs it forward.",
+    "data": "Instruction data (FedIT).",
+    "partition": "How the data is split across clients, and the held-out global test set.",
+    "server": "Client selection, aggregation, and what a round does with failing clients.",
+    "faults": "Fault injection in the simulator, to test failing clients.",
+    "lora": "LoRA adapter (FedIT).",
+    "train": "Local training on each client (FedIT).",
+    "eval": "Evaluation of the global model on the held-out set.",
+    "compare": "fedtune compare: base model, each client alone, centralized and federated, at equal training budgets.",
+    "judge": "Optional LLM judge (single-answer score 1-10 and pairwise comparison) over an OpenAI-compatible endpoint.",
+    "nvflare": "NVIDIA FLARE engine (run.engine = 'nvflare', fedtune nvflare export): simulator and job settings. Sites name their data in their own site config (docs/nvflare.md).",
+    "task": "Classification task (FedBPT): data files, template, verbalizer, metric, k-shot train and dev splits.",
+    "fedbpt": "Black-box prompt tuning (FedBPT): projection, local CMA-ES, objective, and the server mode with its fixes.",
+}

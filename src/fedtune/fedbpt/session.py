@@ -1,0 +1,286 @@
+"""A FedBPT run on the driver's side: task data, the black box, the projection, dev and test
+evaluation, best-by-dev prompt selection (kept in the checkpoint), and the saved prompts.
+
+Each round the driver records the global prompt's dev metric and loss (metrics.jsonl);
+the session keeps the best prompt by dev metric (round 0, the zero prompt, included). At
+the end it reports the test metric of the zero prompt, the best-by-dev prompt and the
+final-round prompt, and saves the selected global prompt (best-by-dev, or the final one
+when fedbpt.select_on_dev is off) under <run>/prompt, reusable by `fedtune classify`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedtune.config import Config
+from fedtune.core import atomic
+from fedtune.core.arrays import Arrays
+from fedtune.data import partition as P
+from fedtune.data.instructions import normalize_text
+from fedtune.fedbpt import objective as O
+from fedtune.fedbpt.blackbox import BlackBoxLM
+from fedtune.fedbpt.encoded import Encoded, numpy_blas_single_threaded
+from fedtune.fedbpt.loading import load_blackbox
+from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
+from fedtune.fedbpt.prompt import Projection, ProjectionSpec, save_prompt
+from fedtune.fedbpt.strategy import FedBPTStrategy, Fixes
+from fedtune.fedbpt.tasks import (Example, TaskSpec, few_shot, hub_path, load_examples, space_before_answer,
+                                  task_from_config)
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    parts: list[np.ndarray]  # indices into `train`, one array per client
+    test_source: str = ""
+    overlap_removed: int = 0  # rows of the training file dropped because they repeat a test row
+
+    def client_ids(self) -> list[str]:
+        return [f"client_{i:03d}" for i in range(len(self.parts))]
+
+    def client_rows(self) -> dict[str, list[Example]]:
+        return {cid: [self.train[i] for i in p] for cid, p in zip(self.client_ids(), self.parts)}
+
+
+def prepare_task(cfg: Config) -> TaskData:
+    """Read the task's files, draw k-shot train and dev splits, split train across clients."""
+    t, pc, seed = cfg.task, cfg.partition, cfg.run.seed
+    spec = task_from_config(t)
+    train_path = t.train_path or hub_path(spec, "train")
+    test_path = t.test_path or hub_path(spec, "test")
+    test = load_examples(spec, test_path)
+    if t.test_max_rows:
+        test = P.stratified_subset(test, [str(e.label) for e in test], t.test_max_rows)
+    held = {tuple(normalize_text(x) for x in e.texts) for e in test}
+    pool = load_examples(spec, train_path)
+    kept = [e for e in pool if tuple(normalize_text(x) for x in e.texts) not in held]  # never train or select on test
+    shots = few_shot(kept, spec, t.k_shot, t.dev_shots, seed, source=train_path)
+    parts = P.partition([str(e.label) for e in shots.train], pc.method, pc.num_clients, seed,
+                        shards_per_client=pc.shards_per_client, alpha=pc.alpha, min_size=pc.min_client_size)
+    return TaskData(spec, shots.train, shots.dev, test, parts, test_path, len(pool) - len(kept))
+
+
+@dataclass
+class EvalSet:
+    """Rows for evaluation in length-sorted batches (little padding), with their labels."""
+
+    batches: list[tuple[Encoded, np.ndarray]]
+
+    def __len__(self) -> int:
+        return sum(len(y) for _, y in self.batches)
+
+
+def encode_eval(box: BlackBoxLM, spec: TaskSpec, examples: list[Example], batch_size: int) -> EvalSet:
+    if not examples:
+        return EvalSet([])
+    enc = box.encode_texts(spec, [e.texts for e in examples])
+    labels = np.array([e.label for e in examples], dtype=np.int64)
+    order = np.argsort(enc.attention_mask.sum(1), kind="stable")
+    batches = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        t = int(enc.attention_mask[idx].sum(1).max())
+        batches.append((Encoded(enc.input_ids[idx, :t], enc.attention_mask[idx, :t], enc.slot_start[idx],
+                                enc.answer_pos[idx], enc.free[idx, :t]), labels[idx]))
+    return EvalSet(batches)
+
+
+def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy:
+    """The FedBPT server step from a config and the number of clients (no data, no model)."""
+    fb, s = cfg.fedbpt, cfg.server
+    fixes = Fixes(fb.distinct_seeds, fb.weight_by_size, fb.sigma_decay, fb.sigma_min, fb.prompt_norm_max,
+                  fb.select_on_dev)
+    return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
+                          rounds=cfg.run.rounds, num_clients=num_clients, popsize=fb.popsize,
+                          local_iter=fb.local_iter, fixes=fixes, fraction=s.fraction,
+                          clients_per_round=s.clients_per_round, bound=fb.bound, max_update_norm=s.max_update_norm)
+
+
+def better(a: dict, b: dict | None) -> bool:
+    """Dev result a beats b: higher metric, then lower loss (ties keep the earlier round)."""
+    return b is None or (a["score"], -a["loss"]) > (b["score"], -b["loss"])
+
+
+class FedBPTModel:
+    """The black box, the projection and the label words of one task: what evaluates a prompt,
+    saves it, and (with shards) builds the client app."""
+
+    def __init__(self, cfg: Config, spec: TaskSpec):
+        fb = cfg.fedbpt
+        self.cfg, self.spec = cfg, spec
+        self.box = load_blackbox(cfg.model, fb)
+        self.label_ids = self.box.label_token_ids(spec.words, space_before_answer(spec))
+        self.proj_spec = ProjectionSpec(cfg.run.seed, fb.intrinsic_dim, fb.n_prompt_tokens, self.box.hidden_size,
+                                        self.box.embedding_std, fb.proj_alpha, fb.proj_sigma)
+        self.projection = Projection(self.proj_spec)
+
+    def shard(self, rows: list[Example]) -> Shard:
+        return Shard(self.box.encode_texts(self.spec, [e.texts for e in rows]),
+                     np.array([e.label for e in rows], dtype=np.int64))
+
+    def client_app(self, shards: dict[str, Shard]) -> FedBPTClientApp:
+        fb = self.cfg.fedbpt
+        return FedBPTClientApp(self.box, self.projection, shards, self.label_ids,
+                               LocalSettings(fb.popsize, fb.local_iter, fb.loss, fb.perturb, fb.perturb_rate,
+                                             fb.batch_population, fb.bound), seed=self.cfg.run.seed)
+
+    def evaluate(self, z: np.ndarray | None, rows: EvalSet) -> dict:
+        """Metric, accuracy and ce loss of one prompt (z None = the zero prompt) on a row set."""
+        with numpy_blas_single_threaded():
+            prompt = None if z is None else self.projection(z)
+        logits, labels = [], []
+        for enc, y in rows.batches:
+            logits.append(self.box.logits(prompt, enc, self.label_ids)[0])
+            labels.append(y)
+        lg, y = np.concatenate(logits)[None], np.concatenate(labels)
+        out = {"metric": self.spec.metric, "accuracy": float(O.accuracy(lg, y)[0]), "loss": float(O.ce_loss(lg, y)[0]),
+               "rows": int(len(y))}
+        if self.spec.metric == "f1":
+            out["f1"] = float(O.f1(lg, y)[0])
+        out["score"] = out[self.spec.metric]
+        return out
+
+    def save(self, z: np.ndarray, folder: Path, rnd: int, dev: dict | None) -> Path:
+        meta = {"model": self.cfg.model.name, "blackbox": self.box.info(), "task": self.spec.to_json(),
+                "label_token_ids": self.label_ids, "round": rnd, "dev": dev, "mode": self.cfg.fedbpt.mode,
+                "max_seq_len": self.box.max_seq_len}
+        return save_prompt(folder, z, self.projection, meta)
+
+
+class FedBPTSession:
+    """Everything a FedBPT run holds: the model, the encoded client shards, dev and test sets,
+    and the best prompt by dev metric so far."""
+
+    site_format = None  # site files use the task's own columns
+
+    def __init__(self, cfg: Config, data: TaskData | None = None):
+        self.cfg = cfg
+        self.data = data or prepare_task(cfg)
+        self.spec = self.data.spec
+        self.model = FedBPTModel(cfg, self.spec)
+        self.shards = {cid: self.model.shard(rows) for cid, rows in self.data.client_rows().items()}
+        self.client_ids = list(self.shards)
+        self.client_sizes = {cid: len(s) for cid, s in self.shards.items()}
+        bs = cfg.eval.batch_size
+        self.dev = encode_eval(self.model.box, self.spec, self.data.dev, bs)
+        self.test = encode_eval(self.model.box, self.spec, self.data.test, bs)
+        self.zero_dev = self.model.evaluate(None, self.dev)
+        self.best = {"round": 0, "dev": self.zero_dev, "z": np.zeros(cfg.fedbpt.intrinsic_dim, dtype=np.float32)}
+        self.run_dir: Path | None = None
+
+    # ------------------------------------------------------------------ what the driver asks for
+
+    def strategy(self) -> FedBPTStrategy:
+        return build_strategy(self.cfg, len(self.shards))
+
+    def client_app(self) -> FedBPTClientApp:
+        return self.model.client_app(self.shards)
+
+    def describe(self, engine: str) -> str:
+        fb, s = self.cfg.fedbpt, self.client_sizes
+        where = "" if engine == "simulator" else " on NVIDIA FLARE (simulator)"
+        return (f"[bold]FedBPT[/]{where} ({fb.mode}) · {self.model.box.kind} LM {self.cfg.model.name} · task "
+                f"{self.spec.name} · {len(s)} clients ({min(s.values())}-{max(s.values())} rows) · dev {len(self.dev)} · "
+                f"test {len(self.test)} · d = {fb.intrinsic_dim}, {fb.n_prompt_tokens} prompt tokens ({fb.prompt_mode})"
+                f"\nround   0: zero prompt · dev {self.spec.metric} {self.zero_dev['score']:.4f} · "
+                f"dev loss {self.zero_dev['loss']:.4f}")
+
+    def evaluate(self, rnd: int, arrays: Arrays) -> dict:
+        return {"dev_" + k: v for k, v in self.model.evaluate(arrays["mean"], self.dev).items()}
+
+    def on_round_end(self, rnd: int, arrays: Arrays, record: dict) -> None:
+        z = np.asarray(arrays["mean"], dtype=np.float32)
+        dev = {k[4:]: v for k, v in record.get("eval", {}).items()}
+        if self.cfg.run.save_every_round:
+            self.model.save(z, self.run_dir / "rounds" / f"round_{rnd:03d}", rnd, dev or None)
+        if dev and better(dev, self.best["dev"]):
+            self.best = {"round": rnd, "dev": dev, "z": z.copy()}
+
+    def round_line(self, record: dict) -> str:
+        fits = [c["train_loss"] for c in record["clients"] if "train_loss" in c]
+        msg = f"round {record['round']:>3}: fitness {np.mean(fits):.4f}" if fits else f"round {record['round']:>3}:"
+        ev = record.get("eval", {})
+        if "dev_score" in ev:
+            msg += f" · dev {self.spec.metric} {ev['dev_score']:.4f} · dev loss {ev['dev_loss']:.4f}"
+        agg = record.get("aggregate", {})
+        msg += f" · sigma {agg.get('sigma', float('nan')):.3f} · |z| {agg.get('mean_norm', float('nan')):.2f}"
+        if record["dropped"]:
+            msg += f" · dropped {len(record['dropped'])}"
+        return msg
+
+    def state(self) -> tuple[Arrays, dict]:
+        """The best prompt so far travels in the checkpoint (never in a file written beside it)."""
+        return {"best_z": self.best["z"]}, {"best_round": self.best["round"], "best_dev": self.best["dev"]}
+
+    def load_state(self, arrays: Arrays, meta: dict) -> None:
+        if "best_z" not in arrays:
+            raise KeyError("best_z (the best-by-dev prompt) is missing from the checkpoint")
+        self.best = {"round": int(meta["best_round"]), "dev": meta["best_dev"],
+                     "z": np.asarray(arrays["best_z"], dtype=np.float32)}
+
+    # ------------------------------------------------------------------ outputs
+
+    def write_site_data(self, folder: Path) -> dict[str, Path]:
+        spec, out = self.spec, {}
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for cid, rows in self.data.client_rows().items():
+            out[cid] = Path(folder) / f"{cid}.jsonl"
+            lines = []
+            for e in rows:
+                rec = dict(zip(spec.text_columns, e.texts))
+                rec[spec.label_column] = spec.labels[e.label]
+                lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+            atomic.write_text(out[cid], "".join(lines))
+        return out
+
+    def finish(self, run_dir: Path, history: list[dict], final: Arrays) -> dict:
+        m, fb = self.model, self.cfg.fedbpt
+        final_z = np.asarray(final["mean"], dtype=np.float32)
+        final_dev = {k[4:]: v for k, v in history[-1].get("eval", {}).items()} or m.evaluate(final_z, self.dev)
+        selected = "best" if (fb.mode == "improved" and fb.select_on_dev) else "final"
+        best = self.best
+        chosen = (best["z"], best["round"], best["dev"]) if selected == "best" else (final_z, len(history), final_dev)
+        m.save(chosen[0], run_dir / "prompt", chosen[1], chosen[2])
+        if selected == "best":
+            m.save(best["z"], run_dir / "best_prompt", best["round"], best["dev"])
+        test = (lambda z: m.evaluate(z, self.test) if len(self.test) else None)
+        summary = {
+            "algorithm": "fedbpt", "mode": fb.mode, "task": self.spec.name, "metric": self.spec.metric,
+            "model": self.cfg.model.name, "rounds": len(history), "selected": selected,
+            "zero_prompt": {"dev": self.zero_dev, "test": test(None)},
+            "best": {"round": best["round"], "dev": best["dev"], "test": test(best["z"])},
+            "final": {"round": len(history), "dev": final_dev, "test": test(final_z)},
+            "client_sizes": self.client_sizes, "dev_rows": len(self.dev), "test_rows": len(self.test),
+            "test_source": self.data.test_source, "test_overlap_removed": self.data.overlap_removed,
+            "communication": communication(history),
+        }
+        atomic.write_text(run_dir / "prompt" / "summary.json",
+                          json.dumps({k: summary[k] for k in ("best", "final", "selected")}))
+        return summary
+
+
+def communication(history: list[dict]) -> dict:
+    """Bytes per client per round, each way, over the whole run."""
+    down = [c["bytes_down"] for r in history for c in r["clients"]]
+    up = [c["bytes_up"] for r in history for c in r["clients"]]
+    if not down:
+        return {}
+    return {"bytes_down_per_client_round_max": int(max(down)), "bytes_up_per_client_round_max": int(max(up)),
+            "bytes_down_per_client_round_mean": float(np.mean(down)), "bytes_up_per_client_round_mean": float(np.mean(up)),
+            "bytes_down_per_client_total": _per_client_total(history, "bytes_down"),
+            "bytes_up_per_client_total": _per_client_total(history, "bytes_up")}
+
+
+def _per_client_total(history: list[dict], key: str) -> int:
+    totals: dict[str, int] = {}
+    for r in history:
+        for c in r["clients"]:
+            totals[c["id"]] = totals.get(c["id"], 0) + c[key]
+    return int(max(totals.values()))
