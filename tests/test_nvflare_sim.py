@@ -98,6 +98,29 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
     assert (tmp_path / "collected" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_resume_on_flare_continues_from_the_checkpoint(tiny_llama, tmp_path):
+    """A FLARE run of 1 round, resumed with run.rounds = 2, ends where a 2-round embedded run ends."""
+    from fedtune import runner
+
+    base = _tiny(tiny_llama)
+    emb, flr = tmp_path / "embedded", tmp_path / "flare"
+    emb.mkdir(), flr.mkdir()
+    runner.run(C.load(None, base), emb)  # 2 rounds
+    first = C.load(None, base + ["run.rounds=1", "run.engine='nvflare'"])
+    C.save(first, flr / "config.toml")
+    runner.run(first, flr)
+    assert json.loads((flr / "checkpoint" / "state.json").read_text())["round"] == 1
+    again = C.for_resume(C.load(flr / "config.toml"), ["run.rounds=2"], "config.toml")
+    summary = runner.run(again, flr, resume=True)
+    assert summary["rounds"] == 2 and (flr / "nvflare" / "workspace-2").is_dir()  # a second FLARE job
+    a = load_file(str(emb / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(flr / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    recs = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2] and all(r["engine"] == "nvflare" and "eval" in r for r in recs)
+
+
 # ----------------------------------------------------------------------------- site-local data
 
 
