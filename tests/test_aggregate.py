@@ -51,7 +51,7 @@ def test_fedavgm_and_fedadam_match_numpy():
     new, _ = a.aggregate_fit(1, g, res)
     for k in SHAPES:
         d = avg[k] - g[k]
-        mm, vv = 0.1 * d, 0.01 * d**2
+        mm, vv = 0.1 * d, 0.99 * 1e-3**2 + 0.01 * d**2  # v starts at tau^2 (Reddi et al., Algorithm 2)
         np.testing.assert_allclose(new[k], g[k] + 0.1 * mm / (np.sqrt(vv) + 1e-3), atol=1e-5)
     # server state round-trips through plain arrays
     arrays, meta = a.state()

@@ -85,7 +85,7 @@ def test_reference_mode_on_a_masked_lm(tiny_roberta, tmp_path):
 @pytest.mark.parametrize("case,expect", [
     ("no_placeholder", "has no text placeholder; put {sentence} where the text goes"),
     ("multi_token_word", "word 'bad' is not one token for model"),
-    ("label_outside", "train.tsv:2: label '2' is not in task.verbalizer"),
+    ("label_outside", ".tsv:2: label '2' is not in task.verbalizer"),  # test file or training file, whichever is read first
     ("few_rows", "has 30 rows; task.k_shot = 40 plus task.dev_shots = 4 need 44"),
     ("perf_perturb", "cannot be divided by a perturbed loss"),
 ])

@@ -192,3 +192,36 @@ def test_fp16_autocast_trains_with_a_gradient_scaler(tiny_llama, monkeypatch):
                 amp=lambda: autocast(dev, torch.bfloat16))
     assert len(made) == 1  # bf16 needs none
     assert all(np.all(np.isfinite(v)) for v in slot.get().values())
+
+
+def test_fedprox_term_has_the_papers_gradient_and_pulls_training_toward_the_global(tiny_llama):
+    from fedtune import config as C
+    from fedtune.data.instructions import PromptFormatter, Row, tokenize_rows
+    from fedtune.fedit.train import proximal_term, train_local
+    from fedtune.models import load_tokenizer
+
+    # the term's gradient is mu * (w - w0), against a numpy oracle
+    w = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    w0 = torch.tensor([[0.0, 1.0], [0.5, -1.0]])
+    proximal_term([w], [w0], 0.3).backward()
+    np.testing.assert_allclose(w.grad.numpy(), 0.3 * (w.detach().numpy() - w0.numpy()), rtol=1e-6)
+    assert float(proximal_term([w], [w0], 0.3)) == pytest.approx(0.15 * float(np.sum((w.detach().numpy() - w0.numpy()) ** 2)))
+
+    tok = load_tokenizer(tiny_llama)
+    rows = tokenize_rows([Row("say hi", "", "hi there good", "x")] * 8, PromptFormatter("plain", tok), 64, False, "error")
+    dev = torch.device("cpu")
+
+    def drift(mu):
+        model = _peft(tiny_llama)
+        slot = AdapterSlot(model)
+        start = init_adapter(slot.shapes(), seed=3)
+        slot.set(start)
+        train_cfg = C.load(None, ["train.max_steps=6", "train.batch_size=4", "train.micro_batch_size=4",
+                                  "train.lr=0.05", f"train.prox_mu={mu}", "train.max_grad_norm=0"]).train
+        train_local(model, list(slot.params.values()), rows, train_cfg, seed=0, pad_id=tok.pad_token_id, device=dev,
+                    amp=lambda: torch.autocast("cpu", enabled=False))
+        got = slot.get()
+        return float(np.sqrt(sum(np.sum((got[k] - start[k]) ** 2) for k in got)))
+
+    free, pulled = drift(0.0), drift(50.0)
+    assert pulled < 0.8 * free, (free, pulled)

@@ -143,6 +143,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.train.max_steps >= 0, f"train.max_steps must be >= 0 (0 = use train.epochs), got {cfg.train.max_steps}")
     need(cfg.train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {cfg.train.weight_decay}")
     need(cfg.train.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {cfg.train.warmup_steps}")
+    need(cfg.train.prox_mu >= 0, f"train.prox_mu must be >= 0 (0 = off), got {cfg.train.prox_mu}")
     need(cfg.train.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = off), got {cfg.train.max_grad_norm}")
     need(cfg.partition.min_client_size >= 0, f"partition.min_client_size must be >= 0, got {cfg.partition.min_client_size}")
     need(cfg.lora.alpha >= 1, f"lora.alpha must be >= 1, got {cfg.lora.alpha}")
@@ -161,7 +162,20 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"server.aggregation = 'trimmed_mean' with server.trim_fraction = {cfg.server.trim_fraction} and {per_round} "
          f"client(s) per round trims nothing (floor({cfg.server.trim_fraction} x {per_round}) = 0): raise "
          f"server.trim_fraction to at least {1 / per_round:.3g} or select more clients per round")
+    need(cfg.server.byzantine >= 0, f"server.byzantine must be >= 0, got {cfg.server.byzantine}")
+    need(cfg.server.krum_select >= 0, f"server.krum_select must be >= 0 (0 = updates - byzantine), got {cfg.server.krum_select}")
+    least = {"krum": 2 * cfg.server.byzantine + 3, "multi_krum": 2 * cfg.server.byzantine + 3,
+             "bulyan": 4 * cfg.server.byzantine + 3}.get(cfg.server.aggregation, 0)
+    need(per_round >= least, f"server.aggregation = '{cfg.server.aggregation}' with server.byzantine = "
+         f"{cfg.server.byzantine} needs at least {least} clients per round; {per_round} are selected "
+         "(server.fraction / server.clients_per_round)")
+    if least:
+        need(cfg.server.min_clients >= least, f"server.aggregation = '{cfg.server.aggregation}' needs every round to "
+             f"aggregate at least {least} updates: set server.min_clients >= {least}")
     need(cfg.server.max_examples >= 0, f"server.max_examples must be >= 0 (0 = no cap), got {cfg.server.max_examples}")
+    need(not (cfg.server.aggregation == "scaffold" and cfg.server.clip_norm > 0),
+         "server.clip_norm is not applied with server.aggregation = 'scaffold' (its control variates assume the "
+         "clients' own updates): set server.clip_norm = 0")
     need(cfg.server.clip_norm >= 0, f"server.clip_norm must be >= 0, got {cfg.server.clip_norm}")
     need(cfg.server.max_update_norm >= 0, f"server.max_update_norm must be >= 0, got {cfg.server.max_update_norm}")
     need(cfg.server.client_timeout >= 0, f"server.client_timeout must be >= 0, got {cfg.server.client_timeout}")

@@ -71,16 +71,18 @@ class ServerSection:
     clients_per_round: int = opt(0, "if > 0, select exactly this many clients per round (overrides fraction)")
     min_clients: int = opt(1, "a round needs at least this many successful client updates")
     max_update_norm: float = opt(0.0, "reject a client update farther than this (L2) from the global arrays (0 = no bound)")
-    aggregation: Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed_mean"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; fedadam = server Adam on the averaged update; median = coordinate-wise median; trimmed_mean = coordinate-wise mean without the trim_fraction largest and smallest values (median and trimmed_mean resist malicious clients and ignore example counts)")
+    aggregation: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; scaffold = SCAFFOLD control variates (client state kept on disk, one file per client); fedadagrad / fedadam / fedyogi = adaptive server optimizers on the averaged update (Reddi et al. 2021); median = coordinate-wise median; trimmed_mean = coordinate-wise mean without the trim_fraction largest and smallest values; krum / multi_krum / bulyan = distance-based selection tolerating server.byzantine bad clients (the robust rules ignore example counts)")
+    byzantine: int = opt(1, "krum / multi_krum / bulyan: how many Byzantine clients per round to tolerate (f); krum needs at least 2f + 3 updates per round, bulyan 4f + 3")
+    krum_select: int = opt(0, "multi_krum: how many lowest-score updates to average (0 = updates - byzantine)")
     trim_fraction: float = opt(0.1, "trimmed_mean: fraction of clients dropped at each end, per coordinate, in [0, 0.5)")
     clip_norm: float = opt(0.0, "before any aggregation, scale each client update down to this L2 distance from the global arrays (0 = off)")
     client_timeout: float = opt(0.0, "seconds a client call may take before it is dropped from the round (0 = no limit in the embedded simulator; nvflare.task_timeout on FLARE)")
     max_examples: int = opt(1_000_000, "cap on the example count a client reports, which weighs its update (0 = no cap); the embedded simulator also rejects a count that differs from the partition it made, so a client cannot choose its own weight")
     round_retries: int = opt(2, "a round with fewer than min_clients updates asks its missing clients again, at most this many times, then stops with an error")
-    server_lr: float = opt(1.0, "fedavgm/fedadam: server learning rate")
-    momentum: float = opt(0.9, "fedavgm: server momentum; fedadam: beta1")
-    beta2: float = opt(0.99, "fedadam: beta2")
-    tau: float = opt(1e-3, "fedadam: adaptivity (epsilon)")
+    server_lr: float = opt(1.0, "fedavgm / fedadagrad / fedadam / fedyogi: server learning rate")
+    momentum: float = opt(0.9, "fedavgm: server momentum; fedadagrad / fedadam / fedyogi: beta1")
+    beta2: float = opt(0.99, "fedadam / fedyogi: beta2")
+    tau: float = opt(1e-3, "fedadagrad / fedadam / fedyogi: adaptivity (epsilon); the second moment starts at tau^2")
 
 
 @dataclass
@@ -111,6 +113,7 @@ class TrainSection:
     scheduler: Literal["linear", "cosine", "constant"] = opt("linear", "LR decay after warm-up, within each local round")
     warmup_steps: int = opt(0, "linear warm-up steps at the start of each local round")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    prox_mu: float = opt(0.0, "FedProx: proximal term mu/2 * ||w - w_global||^2 on the LoRA parameters in every local step (0 = off, plain FedAvg clients)")
 
 
 @dataclass

@@ -111,23 +111,28 @@ def _plt():
     return plt
 
 
-def plot_global_metric(records: list[dict], path: Path) -> bool:
-    evals = [(r["round"], r["eval"]) for r in records if isinstance(r.get("eval"), dict)]
-    keys = [k for k in scalar_keys([e for _, e in evals]) if not k.endswith("perplexity")]  # exp(loss): the same curve
+def _plot_per_round(rows: list[tuple[int, dict]], keys: list[str], title: str, color: str, path: Path) -> bool:
+    """One panel per key: its value in each round's dict (rows: [(round, {key: value})])."""
     if not keys:
         return False
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        pts = [(rnd, e[k]) for rnd, e in evals if _is_num(e.get(k))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="C0")
-        ax.set_title(f"held-out {k}")
+        pts = [(rnd, d[k]) for rnd, d in rows if _is_num(d.get(k))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color)
+        ax.set_title(title.format(k))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_global_metric(records: list[dict], path: Path) -> bool:
+    evals = [(r["round"], r["eval"]) for r in records if isinstance(r.get("eval"), dict)]
+    keys = [k for k in scalar_keys([e for _, e in evals]) if not k.endswith("perplexity")]  # exp(loss): the same curve
+    return _plot_per_round(evals, keys, "held-out {}", "C0", path)
 
 
 def plot_client_loss(records: list[dict], path: Path) -> bool:
@@ -191,21 +196,7 @@ def plot_communication(records: list[dict], path: Path) -> bool:
 def plot_server_metrics(records: list[dict], path: Path) -> bool:
     """The server step's own numbers per round (FedBPT: sigma, |z|; clipping counts...)."""
     aggs = [(r["round"], r.get("aggregate") or {}) for r in records]
-    keys = [k for k in scalar_keys([a for _, a in aggs])][:4]
-    if not keys:
-        return False
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        pts = [(rnd, a[k]) for rnd, a in aggs if _is_num(a.get(k))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color="C2")
-        ax.set_title(f"server: {k}")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _plot_per_round(aggs, scalar_keys([a for _, a in aggs])[:4], "server: {}", "C2", path)
 
 
 # ----------------------------------------------------------------------------- tables

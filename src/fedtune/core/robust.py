@@ -10,6 +10,8 @@ computes in float64 and casts back to each array's dtype, like `weighted_mean`.
   It ignores example counts: a client cannot buy weight by claiming many examples.
 - `trimmed_mean`: per coordinate, drop the `floor(trim_fraction * n)` largest and as many
   smallest values, and average the rest (unweighted, for the same reason).
+- `multi_krum` (Krum when m = 1) and `bulyan`: distance-based selection that tolerates f
+  Byzantine clients (`server.byzantine`); unweighted.
 """
 
 from __future__ import annotations
@@ -80,3 +82,67 @@ def trimmed_mean(updates: list[Arrays], trim_fraction: float) -> Arrays:
         s = np.sort(_stack(updates, k), axis=0)
         out[k] = s[cut:n - cut].mean(axis=0).astype(ref.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- distance-based rules
+
+
+def _flat(updates: list[Arrays]) -> np.ndarray:
+    keys = sorted(updates[0])
+    return np.stack([np.concatenate([u[k].astype(np.float64).ravel() for k in keys]) for u in updates])
+
+
+def _unflat(vec: np.ndarray, like: Arrays) -> Arrays:
+    out, i = {}, 0
+    for k in sorted(like):
+        n = like[k].size
+        out[k] = vec[i:i + n].reshape(like[k].shape).astype(like[k].dtype)
+        i += n
+    return {k: out[k] for k in like}
+
+
+def krum_scores(updates: list[Arrays], f: int) -> np.ndarray:
+    """Krum's score of each update (Blanchard et al., 2017): the sum of its squared L2
+    distances to its n - f - 2 nearest other updates. Needs n >= 2f + 3."""
+    _check(updates, "krum")
+    n = len(updates)
+    if n < 2 * f + 3:
+        raise ValueError(f"krum with f = {f} Byzantine clients needs at least {2 * f + 3} updates, got {n}")
+    x = _flat(updates)
+    sq = np.sum(x * x, axis=1)
+    d = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)  # squared distances
+    np.fill_diagonal(d, np.inf)
+    return np.sort(d, axis=1)[:, : n - f - 2].sum(axis=1)
+
+
+def multi_krum(updates: list[Arrays], f: int, m: int) -> tuple[Arrays, list[int]]:
+    """The unweighted mean of the m updates with the lowest Krum scores (m = 1: Krum itself).
+    Returns (aggregate, indices selected, best first)."""
+    if not 1 <= m <= len(updates):
+        raise ValueError(f"multi_krum selects 1..{len(updates)} updates, got m = {m}")
+    order = np.argsort(krum_scores(updates, f), kind="stable")[:m]
+    x = _flat([updates[i] for i in order])
+    return _unflat(x.mean(axis=0), updates[0]), [int(i) for i in order]
+
+
+def bulyan(updates: list[Arrays], f: int) -> tuple[Arrays, list[int]]:
+    """Bulyan (El Mhamdi et al., 2018): pick theta = n - 2f updates by Krum one at a time
+    (each pick removed from the pool), then per coordinate average the beta = theta - 2f values
+    closest to the coordinate's median. Needs n >= 4f + 3. Returns (aggregate, indices picked)."""
+    _check(updates, "bulyan")
+    n = len(updates)
+    if n < 4 * f + 3:
+        raise ValueError(f"bulyan with f = {f} Byzantine clients needs at least {4 * f + 3} updates, got {n}")
+    pool = list(range(n))
+    picked = []
+    for _ in range(n - 2 * f):
+        scores = krum_scores([updates[i] for i in pool], f) if len(pool) >= 2 * f + 3 else np.zeros(len(pool))
+        best = pool[int(np.argmin(scores))]
+        picked.append(best)
+        pool.remove(best)
+    x = _flat([updates[i] for i in picked])  # (theta, P)
+    beta = len(picked) - 2 * f
+    med = np.median(x, axis=0)
+    closest = np.argsort(np.abs(x - med), axis=0, kind="stable")[:beta]  # (beta, P)
+    agg = np.take_along_axis(x, closest, axis=0).mean(axis=0)
+    return _unflat(agg, updates[0]), picked

@@ -14,6 +14,7 @@ class FedITSite:
     the same FedITClientApp the embedded simulator runs."""
 
     def __init__(self, cfg, settings):
+        from fedtune.core.client_state import ClientStateStore
         from fedtune.data.instructions import PromptFormatter, load_rows, tokenize_rows
         from fedtune.fedit.client import FedITClientApp
         from fedtune.fedit.lora import AdapterSlot, attach_lora
@@ -28,8 +29,10 @@ class FedITSite:
             raise DataError(f"site '{settings.site}': {settings.data_path}: no rows left after tokenization "
                             f"(all longer than data.cutoff_len = {cfg.data.cutoff_len})")
         self.num_rows = len(tokenized)
+        store = ClientStateStore(settings.state_dir) if cfg.server.aggregation == "scaffold" else None
         self.app = FedITClientApp(AdapterSlot(peft_model), {settings.site: tokenized}, cfg.train, seed=cfg.run.seed,
-                                  pad_id=lm.tokenizer.pad_token_id, device=lm.device, amp=lm.autocast)
+                                  pad_id=lm.tokenizer.pad_token_id, device=lm.device, amp=lm.autocast,
+                                  state_store=store)
 
     def fit(self, client_id: str, ins: FitIns, index: int) -> FitRes:
         self.app.client_index = {client_id: index}  # seeds data order and dropout as in the embedded simulator

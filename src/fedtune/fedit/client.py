@@ -6,18 +6,21 @@ client's own pre-tokenized rows, and returns a copy of the trained adapter.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from fedtune.core.client_state import ClientStateStore
 from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.data.instructions import Tokenized
 from fedtune.fedit.lora import AdapterSlot
+from fedtune.fedit.scaffold import VARIATE_PREFIX, split_variates
 from fedtune.fedit.train import local_steps, train_local
 
 
 class FedITClientApp:
     def __init__(self, slot: AdapterSlot, data: dict[str, list[Tokenized]], train_cfg, *, seed: int, pad_id: int,
-                 device, amp, progress_factory=None):
+                 device, amp, progress_factory=None, state_store: ClientStateStore | None = None):
         self.slot = slot
         self.data = data
         self.train_cfg = train_cfg
@@ -27,25 +30,43 @@ class FedITClientApp:
         self.amp = amp
         self.progress_factory = progress_factory  # (client_id, total_steps) -> callback(step, loss) with .close()
         self.client_index = {cid: i for i, cid in enumerate(sorted(data))}
+        self.state_store = state_store  # where SCAFFOLD's client control variates live between rounds
 
     def fit(self, client_id: str, ins: FitIns) -> FitRes:
         rows = self.data.get(client_id)
         if not rows:
             raise KeyError(f"client '{client_id}' holds no data in this process")
         rnd = int(ins.config.get("round", 0))
-        self.slot.set(ins.arrays)
+        adapter, server_c = split_variates(ins.arrays)
+        self.slot.set(adapter)
         torch.manual_seed(derive_seed(self.seed, rnd, self.client_index[client_id], 1))  # LoRA dropout
         params = list(self.slot.params.values())
+        correction, client_c = None, None
+        if server_c is not None:  # SCAFFOLD: every step's gradient gets c - c_i
+            client_c = self._client_variate(client_id, rnd, server_c)
+            correction = [torch.from_numpy(server_c[k] - client_c[k]).to(self.device) for k in self.slot.params]
         bar = self.progress_factory(client_id, local_steps(len(rows), self.train_cfg)) if self.progress_factory else None
         try:
             stats = train_local(self.slot.model, params, rows, self.train_cfg,
                                 seed=derive_seed(self.seed, rnd, self.client_index[client_id]), pad_id=self.pad_id,
-                                device=self.device, amp=self.amp, progress=bar)
+                                device=self.device, amp=self.amp, progress=bar, correction=correction)
         finally:
             if bar is not None:
                 bar.close()
-        return FitRes(client_id, self.slot.get(), len(rows), {
+        reply = self.slot.get()
+        if server_c is not None:
+            # option II of Karimireddy et al. (2020): c_i+ = c_i - c + (x - y) / (K lr), K lr = the summed step sizes
+            new_c = {k: (client_c[k] - server_c[k] + (adapter[k] - reply[k]) / stats.lr_sum).astype(np.float32)
+                     for k in reply}
+            self.state_store.save(client_id, rnd, new_c)
+            reply.update({VARIATE_PREFIX + k: new_c[k] - client_c[k] for k in reply})  # the server gets delta c_i
+        return FitRes(client_id, reply, len(rows), {
             "train_loss": stats.loss, "steps": stats.steps, "examples_seen": stats.examples_seen,
             "tokens": stats.tokens, "compute_seconds": stats.compute_seconds, "train_seconds": stats.seconds,
         })
 
+    def _client_variate(self, client_id: str, rnd: int, like: dict) -> dict:
+        if self.state_store is None:
+            raise RuntimeError("SCAFFOLD needs a place for the client control variates (a ClientStateStore)")
+        saved = self.state_store.load(client_id, rnd)
+        return saved if saved is not None else {k: np.zeros_like(v) for k, v in like.items()}

@@ -18,7 +18,8 @@ from fedtune.core.arrays import Arrays
 from fedtune.data import partition as P
 from fedtune.data import skills
 from fedtune.data.instructions import PromptFormatter, Row, load_rows, tokenize_rows, write_jsonl
-from fedtune.errors import DataError
+from fedtune.core.client_state import ClientStateStore
+from fedtune.errors import ConfigError, DataError
 from fedtune.eval.metrics import generation_scores
 from fedtune.fedit.client import FedITClientApp
 from fedtune.fedit.evaluate import generate_answers, heldout_loss
@@ -76,7 +77,8 @@ def build_strategy(cfg: Config, initial: Arrays) -> FedAvgStrategy:
     return FedAvgStrategy(initial, seed=cfg.run.seed, fraction=s.fraction,
                           clients_per_round=s.clients_per_round, aggregation=s.aggregation,
                           server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
-                          max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction)
+                          max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction,
+                          byzantine=s.byzantine, krum_select=s.krum_select)
 
 
 def _bar_factory(progress: bool):
@@ -125,6 +127,7 @@ class FedITSession:
         kept = [(t[0], r.category) for r in self.test for t in [self.tokenize([r])] if t]
         self.test_tok = [t for t, _ in kept]
         self.test_cats = [c for _, c in kept]
+        self.run_dir: Path | None = None
 
     def tokenize(self, rows: list[Row]):
         d = self.cfg.data
@@ -138,10 +141,15 @@ class FedITSession:
     def client_app(self, data: dict | None = None, train_cfg=None) -> FedITClientApp:
         """The client app over this run's client shards, or over `data` ({client id:
         tokenized rows}) with `train_cfg` in place of cfg.train (fedtune compare)."""
+        store = None
+        if self.cfg.server.aggregation == "scaffold":  # the clients' control variates, on disk in the run folder
+            if self.run_dir is None:
+                raise ConfigError("server.aggregation = 'scaffold' keeps client state in the run folder; none is set")
+            store = ClientStateStore(self.run_dir / "client_state")
         return FedITClientApp(self.slot, self.client_data if data is None else data,
                               self.cfg.train if train_cfg is None else train_cfg, seed=self.cfg.run.seed,
                               pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
-                              progress_factory=_bar_factory(self.progress))
+                              progress_factory=_bar_factory(self.progress), state_store=store)
 
     def describe(self, engine: str) -> str:
         s = self.client_sizes

@@ -1,6 +1,7 @@
 """FedIT server step: FedAvg of LoRA adapters weighted by example counts, optionally
-followed by a server optimizer (FedAvgM, FedAdam) on the averaged update (FedOpt), or a
-robust rule (coordinate-wise median, trimmed mean) in place of the mean. With clip_norm,
+followed by a server optimizer (FedAvgM, FedAdagrad, FedAdam, FedYogi: core/fedopt.py) on the
+averaged update, or a robust rule (coordinate-wise median, trimmed mean, Krum, Multi-Krum,
+Bulyan: core/robust.py) in place of the mean. With clip_norm,
 each client's update is first clipped to that L2 distance from the global arrays."""
 
 from __future__ import annotations
@@ -9,31 +10,38 @@ import logging
 
 import numpy as np
 
+from fedtune.core import fedopt
 from fedtune.core.aggregate import RunningMean
 from fedtune.core.arrays import Arrays, copy
-from fedtune.core.robust import clip_to_norm, coordinate_median, trimmed_count, trimmed_mean
+from fedtune.core.robust import bulyan, clip_to_norm, coordinate_median, multi_krum, trimmed_count, trimmed_mean
 from fedtune.core.strategy import CollectingAggregator, FitIns, FitRes, OneExchange, SelectingStrategy
+from fedtune.fedit.scaffold import ScaffoldFold, with_variates
 
 log = logging.getLogger("fedtune.strategy")
 
-AGGREGATIONS = ("fedavg", "fedavgm", "fedadam", "median", "trimmed_mean")
+ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+AGGREGATIONS = fedopt.RULES + ROBUST + ("scaffold",)
 
 
 class FedAvgStrategy(SelectingStrategy):
     def __init__(self, initial: Arrays, *, seed: int, fraction: float = 1.0, clients_per_round: int = 0,
                  aggregation: str = "fedavg", server_lr: float = 1.0, momentum: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3, max_update_norm: float = 0.0,
-                 clip_norm: float = 0.0, trim_fraction: float = 0.1, train_config: dict | None = None):
+                 clip_norm: float = 0.0, trim_fraction: float = 0.1, byzantine: int = 1, krum_select: int = 0,
+                 train_config: dict | None = None):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
         if clip_norm < 0 or not 0.0 <= trim_fraction < 0.5:
             raise ValueError(f"need clip_norm >= 0 and 0 <= trim_fraction < 0.5, got {clip_norm}, {trim_fraction}")
         self.clip_norm, self.trim_fraction = clip_norm, trim_fraction
+        self.byzantine, self.krum_select = byzantine, krum_select
         self._initial = copy(initial)
         self.aggregation = aggregation
         self.server_lr, self.momentum, self.beta2, self.tau = server_lr, momentum, beta2, tau
         self.train_config = dict(train_config or {})
+        self.c: Arrays = {}  # SCAFFOLD's server control variate
+        self.num_clients = 0
         self.m: Arrays = {}  # first moment / momentum buffer (fedavgm, fedadam)
         self.v: Arrays = {}  # second moment (fedadam)
         self.steps = 0
@@ -42,19 +50,27 @@ class FedAvgStrategy(SelectingStrategy):
         return copy(self._initial)
 
     def configure_fit(self, rnd: int, global_arrays: Arrays, client_ids: list[str]) -> dict[str, FitIns]:
-        return {cid: FitIns(global_arrays, {"round": rnd, **self.train_config}) for cid in self.select(rnd, client_ids)}
+        arrays = global_arrays
+        if self.aggregation == "scaffold":  # the server control variate travels with the adapter
+            self.num_clients = len(client_ids)
+            if not self.c:
+                self.c = {k: np.zeros_like(v) for k, v in global_arrays.items()}
+            arrays = with_variates(global_arrays, self.c)
+        return {cid: FitIns(arrays, {"round": rnd, **self.train_config}) for cid in self.select(rnd, client_ids)}
 
     def aggregator(self, rnd: int, global_arrays: Arrays):
         """Rules that need only a running weighted sum (fedavg, fedavgm, fedadam) take client
         results one at a time, so the server holds one sum instead of every client's adapter;
         the robust rules need all updates at once."""
-        if self.aggregation in ("median", "trimmed_mean"):
+        if self.aggregation in ROBUST:
             return CollectingAggregator(self, rnd, global_arrays)
+        if self.aggregation == "scaffold":
+            return _ScaffoldRound(self, global_arrays)
         return MeanFold(self, global_arrays)
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
-        if self.aggregation not in ("median", "trimmed_mean"):  # the same arithmetic as folding
-            fold = MeanFold(self, global_arrays)
+        if self.aggregation not in ROBUST:  # the same arithmetic as folding
+            fold = self.aggregator(rnd, global_arrays)
             for r in results:
                 fold.add(r)
             return fold.result()
@@ -66,6 +82,15 @@ class FedAvgStrategy(SelectingStrategy):
             metrics["clipped"] = [r.client_id for r, (_, norm) in zip(results, clipped) if norm > self.clip_norm]
         if self.aggregation == "median":
             return coordinate_median(updates), metrics
+        if self.aggregation in ("krum", "multi_krum", "bulyan"):
+            f = self.byzantine
+            if self.aggregation == "bulyan":
+                agg, picked = bulyan(updates, f)
+            else:
+                m = 1 if self.aggregation == "krum" else (self.krum_select or len(updates) - f)
+                agg, picked = multi_krum(updates, f, min(m, len(updates)))
+            metrics["selected"] = [results[i].client_id for i in picked]
+            return agg, metrics
         cut = trimmed_count(len(updates), self.trim_fraction)
         metrics["trimmed_per_side"] = cut
         if cut == 0:
@@ -75,33 +100,24 @@ class FedAvgStrategy(SelectingStrategy):
         return trimmed_mean(updates, self.trim_fraction), metrics
 
     def server_step(self, global_arrays: Arrays, avg: Arrays) -> Arrays:
-        """The next global arrays from the weighted mean of the updates (FedOpt's server optimizer)."""
-        if self.aggregation == "fedavg":
+        """The next global arrays from the mean of the updates (FedOpt's server optimizer)."""
+        if self.aggregation not in fedopt.RULES or self.aggregation == "fedavg":
             return avg
         self.steps += 1
-        out = {}
-        for k, g in global_arrays.items():
-            delta = avg[k].astype(np.float64) - g
-            if self.aggregation == "fedavgm":
-                m = self.momentum * self.m.get(k, 0.0) + delta
-                self.m[k] = m
-                step = m
-            else:  # fedadam (Reddi et al., 2021), no bias correction, as in the paper
-                m = self.momentum * self.m.get(k, 0.0) + (1 - self.momentum) * delta
-                v = self.beta2 * self.v.get(k, 0.0) + (1 - self.beta2) * delta**2
-                self.m[k], self.v[k] = m, v
-                step = m / (np.sqrt(v) + self.tau)
-            out[k] = (g + self.server_lr * step).astype(g.dtype)
+        out, self.m, self.v = fedopt.step(self.aggregation, global_arrays, avg, self.m, self.v, lr=self.server_lr,
+                                          beta1=self.momentum, beta2=self.beta2, tau=self.tau)
         return out
 
     def state(self) -> tuple[Arrays, dict]:
         arrays = {f"m/{k}": np.asarray(v) for k, v in self.m.items()}
         arrays.update({f"v/{k}": np.asarray(v) for k, v in self.v.items()})
+        arrays.update({f"c/{k}": np.asarray(v) for k, v in self.c.items()})
         return arrays, {"steps": self.steps}
 
     def load_state(self, arrays: Arrays, meta: dict) -> None:
         self.m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
         self.v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
+        self.c = {k[2:]: v for k, v in arrays.items() if k.startswith("c/")}
         self.steps = int(meta.get("steps", 0))
 
 
@@ -126,3 +142,17 @@ class MeanFold(OneExchange):
     def result(self) -> tuple[Arrays, dict]:
         metrics = {"clipped": self.clipped} if self.strategy.clip_norm > 0 else {}
         return self.strategy.server_step(self.global_arrays, self.mean.result()), metrics
+
+
+class _ScaffoldRound(ScaffoldFold):
+    """SCAFFOLD's server step, with clipping as the other mean rules, and c kept on the strategy."""
+
+    def __init__(self, strategy: FedAvgStrategy, global_arrays: Arrays):
+        super().__init__(global_arrays, strategy.c, strategy.num_clients, strategy.server_lr)
+        self.strategy = strategy
+
+    def result(self) -> tuple[Arrays, dict]:
+        x, metrics = super().result()
+        self.strategy.c = self.c_next
+        self.strategy.steps += 1
+        return x, metrics

@@ -28,6 +28,7 @@ class TrainStats:
     tokens: int  # non-pad tokens through forward+backward
     compute_seconds: float  # time inside forward/backward/optimizer steps
     seconds: float
+    lr_sum: float = 0.0  # the learning rates of all steps, summed (SCAFFOLD's K * lr)
 
 
 def padded_width(n: int) -> int:
@@ -101,6 +102,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> flo
     return peak * max(0.0, 1.0 - progress)
 
 
+def proximal_term(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term mu/2 * sum ||w - w0||^2 (its gradient is mu * (w - w0))."""
+    return 0.5 * mu * sum(torch.sum((p.float() - a.float()) ** 2) for p, a in zip(params, anchor))
+
+
 def local_steps(n_examples: int, cfg) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -108,11 +114,12 @@ def local_steps(n_examples: int, cfg) -> int:
 
 
 def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], cfg, *, seed: int, pad_id: int,
-                device: torch.device, amp, progress=None) -> TrainStats:
+                device: torch.device, amp, progress=None, correction: list[torch.Tensor] | None = None) -> TrainStats:
     """Train the trainable `params` of `model` on `data` for one local round.
 
     `cfg` is the [train] config section; `seed` fixes the data order; `amp` is a callable
-    returning the autocast context; `progress` (optional) is called with (step, loss).
+    returning the autocast context; `progress` (optional) is called with (step, loss);
+    `correction` (SCAFFOLD: c - c_i, one tensor per parameter) is added to every step's gradient.
     """
     t_start = time.perf_counter()
     steps = local_steps(len(data), cfg)
@@ -136,12 +143,17 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
     fp16 = isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
 
+    # FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2 on the trainable (LoRA) parameters
+    mu = float(getattr(cfg, "prox_mu", 0.0))
+    anchor = [p.detach().clone() for p in params] if mu > 0 else None
+
     model.train()
-    loss_sum, loss_tokens, tokens, seen, compute = 0.0, 0, 0, 0, 0.0
+    loss_sum, loss_tokens, tokens, seen, compute, lr_sum = 0.0, 0, 0, 0, 0.0, 0.0
     for step in range(steps):
         lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
         for g in opt.param_groups:
             g["lr"] = lr
+        lr_sum += lr
         batch = next_batch(cfg.batch_size)
         n_label = sum(sum(1 for x in t.labels[1:] if x != -100) for t in batch)
         t0 = time.perf_counter()
@@ -154,8 +166,17 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
             (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += float(loss.detach())
             tokens += int(mask.sum())
+        if anchor is not None:
+            prox = proximal_term(params, anchor, mu)
+            (scaler.scale(prox) if scaler else prox).backward()
         if scaler:
             scaler.unscale_(opt)
+        if correction is not None:
+            for p, c in zip(params, correction):
+                if p.grad is None:
+                    p.grad = c.to(p.dtype).clone()
+                else:
+                    p.grad.add_(c.to(p.grad.dtype))
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if scaler:
@@ -170,4 +191,5 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
         if progress is not None:
             progress(step, loss_sum / max(loss_tokens, 1))
     model.eval()
-    return TrainStats(loss_sum / max(loss_tokens, 1), steps, seen, tokens, compute, time.perf_counter() - t_start)
+    return TrainStats(loss_sum / max(loss_tokens, 1), steps, seen, tokens, compute, time.perf_counter() - t_start,
+                      lr_sum)

@@ -48,6 +48,7 @@ class SiteSettings:
     model: str | None  # None: the job's model.name
     source: str  # the site config file these came from
     trust_remote_code: bool = False  # site-local only: a job can never turn it on
+    state_dir: Path | None = None  # where this site keeps state between rounds (SCAFFOLD's control variate)
 
 
 def find_site_config(site_workspace: Path | None) -> Path | None:
@@ -165,6 +166,7 @@ def main(app_dir: str | Path) -> None:
             print(f"fedtune site {site}: the job asks for model.trust_remote_code; it is off unless this site's "
                   f"config sets trust_remote_code = true", flush=True)
         cfg = site_config(cfg, settings)
+        settings.state_dir = (site_workspace or app_dir) / "fedtune_client_state"
         faults, timeout = FaultInjector.from_config(cfg.faults), cfg.server.client_timeout
         client = algorithm.site_client(cfg, settings)
     except FedtuneError as e:
