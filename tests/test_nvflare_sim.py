@@ -98,6 +98,33 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
     assert (tmp_path / "collected" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("extra", [["server.aggregation='scaffold'", "train.prox_mu=0.1"],
+                                   ["server.aggregation='fedyogi'", "server.server_lr=0.05"]],
+                         ids=["scaffold+fedprox", "fedyogi"])
+def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
+    """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
+    folder); FedProx and FedYogi change only the client's loss and the server step."""
+    from fedtune import runner
+
+    overrides = _tiny(tiny_llama, *extra)
+    emb, flr = tmp_path / "embedded", tmp_path / "flare"
+    emb.mkdir(), flr.mkdir()
+    runner.run(C.load(None, overrides), emb)
+    runner.run(C.load(None, overrides + ["run.engine='nvflare'"]), flr)
+    a = load_file(str(emb / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(flr / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    sa = A.unpack((emb / "checkpoint" / "strategy.safetensors").read_bytes())
+    sb = A.unpack((flr / "checkpoint" / "strategy.safetensors").read_bytes())
+    assert sorted(sa) == sorted(sb) and sa  # the server state (c, or m and v) too
+    for k in sa:
+        np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-6, err_msg=k)
+    if "scaffold" in extra[0]:
+        assert len(list((emb / "client_state").rglob("*.safetensors"))) == 3 * 2  # 3 clients, 2 rounds kept
+        assert list((flr / "nvflare" / "workspace").rglob("fedtune_client_state/*/r000002.safetensors"))
+
+
 def test_resume_on_flare_continues_from_the_checkpoint(tiny_llama, tmp_path):
     """A FLARE run of 1 round, resumed with run.rounds = 2, ends where a 2-round embedded run ends."""
     from fedtune import runner

@@ -176,6 +176,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(not (cfg.server.aggregation == "scaffold" and cfg.server.clip_norm > 0),
          "server.clip_norm is not applied with server.aggregation = 'scaffold' (its control variates assume the "
          "clients' own updates): set server.clip_norm = 0")
+    need(cfg.server.lora_aggregation == "separate" or cfg.server.aggregation == "fedavg",
+         f"server.lora_aggregation = 'svd' re-factors the mean of the clients' products B A: it goes with "
+         f"server.aggregation = 'fedavg', not '{cfg.server.aggregation}'")
     need(cfg.server.clip_norm >= 0, f"server.clip_norm must be >= 0, got {cfg.server.clip_norm}")
     need(cfg.server.max_update_norm >= 0, f"server.max_update_norm must be >= 0, got {cfg.server.max_update_norm}")
     need(cfg.server.client_timeout >= 0, f"server.client_timeout must be >= 0, got {cfg.server.client_timeout}")

@@ -75,6 +75,7 @@ class ServerSection:
     byzantine: int = opt(1, "krum / multi_krum / bulyan: how many Byzantine clients per round to tolerate (f); krum needs at least 2f + 3 updates per round, bulyan 4f + 3")
     krum_select: int = opt(0, "multi_krum: how many lowest-score updates to average (0 = updates - byzantine)")
     trim_fraction: float = opt(0.1, "trimmed_mean: fraction of clients dropped at each end, per coordinate, in [0, 0.5)")
+    lora_aggregation: Literal["separate", "svd"] = opt("separate", "FedIT: separate = average A and B each (FedIT's way; the product of the means is not the mean of the products B A); svd = the exact example-weighted mean of each client's B A, re-factored to rank lora.r by truncated SVD (FlexLoRA), with the discarded energy reported")
     clip_norm: float = opt(0.0, "before any aggregation, scale each client update down to this L2 distance from the global arrays (0 = off)")
     client_timeout: float = opt(0.0, "seconds a client call may take before it is dropped from the round (0 = no limit in the embedded simulator; nvflare.task_timeout on FLARE)")
     max_examples: int = opt(1_000_000, "cap on the example count a client reports, which weighs its update (0 = no cap); the embedded simulator also rejects a count that differs from the partition it made, so a client cannot choose its own weight")
@@ -98,6 +99,7 @@ class LoraSection:
     alpha: int = opt(16, "LoRA alpha (scale = alpha / r)")
     dropout: float = opt(0.05, "LoRA dropout")
     target_modules: list = opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
+    freeze_a: bool = opt(False, "FFA-LoRA: every client keeps A at the shared random init and trains only B, so averaging the adapters is exactly averaging their products B A")
 
 
 @dataclass

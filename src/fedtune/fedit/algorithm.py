@@ -32,7 +32,7 @@ class FedITSite:
         store = ClientStateStore(settings.state_dir) if cfg.server.aggregation == "scaffold" else None
         self.app = FedITClientApp(AdapterSlot(peft_model), {settings.site: tokenized}, cfg.train, seed=cfg.run.seed,
                                   pad_id=lm.tokenizer.pad_token_id, device=lm.device, amp=lm.autocast,
-                                  state_store=store)
+                                  state_store=store, freeze_a=cfg.lora.freeze_a)
 
     def fit(self, client_id: str, ins: FitIns, index: int) -> FitRes:
         self.app.client_index = {client_id: index}  # seeds data order and dropout as in the embedded simulator

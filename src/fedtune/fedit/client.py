@@ -20,7 +20,8 @@ from fedtune.fedit.train import local_steps, train_local
 
 class FedITClientApp:
     def __init__(self, slot: AdapterSlot, data: dict[str, list[Tokenized]], train_cfg, *, seed: int, pad_id: int,
-                 device, amp, progress_factory=None, state_store: ClientStateStore | None = None):
+                 device, amp, progress_factory=None, state_store: ClientStateStore | None = None,
+                 freeze_a: bool = False):
         self.slot = slot
         self.data = data
         self.train_cfg = train_cfg
@@ -31,6 +32,7 @@ class FedITClientApp:
         self.progress_factory = progress_factory  # (client_id, total_steps) -> callback(step, loss) with .close()
         self.client_index = {cid: i for i, cid in enumerate(sorted(data))}
         self.state_store = state_store  # where SCAFFOLD's client control variates live between rounds
+        self.freeze_a = freeze_a  # FFA-LoRA: A stays at its shared initial value; only B trains
 
     def fit(self, client_id: str, ins: FitIns) -> FitRes:
         rows = self.data.get(client_id)
@@ -40,17 +42,23 @@ class FedITClientApp:
         adapter, server_c = split_variates(ins.arrays)
         self.slot.set(adapter)
         torch.manual_seed(derive_seed(self.seed, rnd, self.client_index[client_id], 1))  # LoRA dropout
-        params = list(self.slot.params.values())
+        keys = [k for k in self.slot.params if not (self.freeze_a and ".lora_A." in k)]
+        params = [self.slot.params[k] for k in keys]
         correction, client_c = None, None
         if server_c is not None:  # SCAFFOLD: every step's gradient gets c - c_i
             client_c = self._client_variate(client_id, rnd, server_c)
-            correction = [torch.from_numpy(server_c[k] - client_c[k]).to(self.device) for k in self.slot.params]
+            correction = [torch.from_numpy(server_c[k] - client_c[k]).to(self.device) for k in keys]
+        frozen = [p for k, p in self.slot.params.items() if k not in keys]
+        for p in frozen:
+            p.requires_grad_(False)
         bar = self.progress_factory(client_id, local_steps(len(rows), self.train_cfg)) if self.progress_factory else None
         try:
             stats = train_local(self.slot.model, params, rows, self.train_cfg,
                                 seed=derive_seed(self.seed, rnd, self.client_index[client_id]), pad_id=self.pad_id,
                                 device=self.device, amp=self.amp, progress=bar, correction=correction)
         finally:
+            for p in frozen:
+                p.requires_grad_(True)
             if bar is not None:
                 bar.close()
         reply = self.slot.get()

@@ -78,7 +78,8 @@ def build_strategy(cfg: Config, initial: Arrays) -> FedAvgStrategy:
                           clients_per_round=s.clients_per_round, aggregation=s.aggregation,
                           server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
                           max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction,
-                          byzantine=s.byzantine, krum_select=s.krum_select)
+                          byzantine=s.byzantine, krum_select=s.krum_select,
+                          lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r)
 
 
 def _bar_factory(progress: bool):
@@ -149,7 +150,8 @@ class FedITSession:
         return FedITClientApp(self.slot, self.client_data if data is None else data,
                               self.cfg.train if train_cfg is None else train_cfg, seed=self.cfg.run.seed,
                               pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
-                              progress_factory=_bar_factory(self.progress), state_store=store)
+                              progress_factory=_bar_factory(self.progress), state_store=store,
+                              freeze_a=self.cfg.lora.freeze_a)
 
     def describe(self, engine: str) -> str:
         s = self.client_sizes

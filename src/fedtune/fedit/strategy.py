@@ -12,6 +12,7 @@ import numpy as np
 
 from fedtune.core import fedopt
 from fedtune.core.aggregate import RunningMean
+from fedtune.core.lora_math import ProductMean
 from fedtune.core.arrays import Arrays, copy
 from fedtune.core.robust import bulyan, clip_to_norm, coordinate_median, multi_krum, trimmed_count, trimmed_mean
 from fedtune.core.strategy import CollectingAggregator, FitIns, FitRes, OneExchange, SelectingStrategy
@@ -28,7 +29,7 @@ class FedAvgStrategy(SelectingStrategy):
                  aggregation: str = "fedavg", server_lr: float = 1.0, momentum: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3, max_update_norm: float = 0.0,
                  clip_norm: float = 0.0, trim_fraction: float = 0.1, byzantine: int = 1, krum_select: int = 0,
-                 train_config: dict | None = None):
+                 lora_aggregation: str = "separate", lora_rank: int = 0, train_config: dict | None = None):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
@@ -36,6 +37,9 @@ class FedAvgStrategy(SelectingStrategy):
             raise ValueError(f"need clip_norm >= 0 and 0 <= trim_fraction < 0.5, got {clip_norm}, {trim_fraction}")
         self.clip_norm, self.trim_fraction = clip_norm, trim_fraction
         self.byzantine, self.krum_select = byzantine, krum_select
+        if lora_aggregation not in ("separate", "svd") or (lora_aggregation == "svd" and aggregation != "fedavg"):
+            raise ValueError(f"lora_aggregation {lora_aggregation!r} with aggregation {aggregation!r}")
+        self.lora_aggregation, self.lora_rank = lora_aggregation, lora_rank
         self._initial = copy(initial)
         self.aggregation = aggregation
         self.server_lr, self.momentum, self.beta2, self.tau = server_lr, momentum, beta2, tau
@@ -66,10 +70,12 @@ class FedAvgStrategy(SelectingStrategy):
             return CollectingAggregator(self, rnd, global_arrays)
         if self.aggregation == "scaffold":
             return _ScaffoldRound(self, global_arrays)
+        if self.lora_aggregation == "svd":
+            return ProductFold(self, global_arrays)
         return MeanFold(self, global_arrays)
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
-        if self.aggregation not in ROBUST:  # the same arithmetic as folding
+        if self.aggregation not in ROBUST or self.lora_aggregation == "svd":  # the same arithmetic as folding
             fold = self.aggregator(rnd, global_arrays)
             for r in results:
                 fold.add(r)
@@ -156,3 +162,27 @@ class _ScaffoldRound(ScaffoldFold):
         self.strategy.c = self.c_next
         self.strategy.steps += 1
         return x, metrics
+
+
+class ProductFold(OneExchange):
+    """FlexLoRA: the exact example-weighted mean of the clients' B A, re-factored to rank r."""
+
+    def __init__(self, strategy: FedAvgStrategy, global_arrays: Arrays):
+        self.strategy, self.global_arrays = strategy, global_arrays
+        self.mean = ProductMean()
+        self.clipped: list[str] = []
+
+    def add(self, res: FitRes) -> None:
+        update, clip = res.arrays, self.strategy.clip_norm
+        if clip > 0:
+            update, norm = clip_to_norm(self.global_arrays, update, clip)
+            if norm > clip:
+                self.clipped.append(res.client_id)
+        self.mean.add(update, res.num_examples)
+
+    def result(self) -> tuple[Arrays, dict]:
+        rank = self.strategy.lora_rank or min(v.shape[0] for k, v in self.global_arrays.items() if ".lora_A." in k)
+        out, metrics = self.mean.result(rank)
+        if self.strategy.clip_norm > 0:
+            metrics["clipped"] = self.clipped
+        return out, metrics

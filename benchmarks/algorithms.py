@@ -1,0 +1,109 @@
+"""Every FedIT server rule and client correction on one federation, one table.
+
+Each algorithm is a normal `fedtune run` of the same config (same data, partition, seed,
+model, local budget: the same clients, local steps and rows per round), changed only in
+`server.aggregation` (and `train.prox_mu` for FedProx). The table holds the held-out loss,
+exact match and ROUGE-L of the final global adapter, the bytes per round (both ways, all
+clients) and the seconds per round, measured in this one run, one algorithm after another.
+
+Run (the packaged demo: the generated skills data, category shards, 6 clients):
+
+  .venv/bin/python benchmarks/algorithms.py --out runs/algorithms --json docs/benchmarks/algorithms.json \\
+      --set run.rounds=3 --set train.max_steps=4
+
+Any config works (`--config FILE`, `--set` overrides); `--only fedavg,scaffold` runs a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "src" / "fedtune" / "configs" / "demo.toml"
+
+# name -> the overrides that make it (on top of the config); robust rules need 5+ clients per round
+ALGORITHMS = {
+    "fedavg": [],
+    "fedavgm": ["server.aggregation='fedavgm'", "server.server_lr=1.0", "server.momentum=0.5"],
+    "fedadagrad": ["server.aggregation='fedadagrad'", "server.server_lr=0.01"],
+    "fedadam": ["server.aggregation='fedadam'", "server.server_lr=0.01"],
+    "fedyogi": ["server.aggregation='fedyogi'", "server.server_lr=0.01"],
+    "fedprox": ["train.prox_mu=0.01"],
+    "scaffold": ["server.aggregation='scaffold'"],
+    "median": ["server.aggregation='median'"],
+    "trimmed_mean": ["server.aggregation='trimmed_mean'", "server.trim_fraction=0.2"],
+    "krum": ["server.aggregation='krum'", "server.min_clients=5"],
+    "multi_krum": ["server.aggregation='multi_krum'", "server.min_clients=5"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(DEMO))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(ALGORITHMS))
+    ap.add_argument("--out", default="runs/algorithms")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    from fedtune import config as C
+    from fedtune import runner
+
+    names = [n for n in args.only.split(",") if n] or list(ALGORITHMS)
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown:
+        ap.error(f"unknown algorithm(s) {unknown}")
+    out = Path(args.out)
+    rows = []
+    load = os.getloadavg()[0]
+    base = {}
+    for i, name in enumerate(names):
+        once = [] if i == 0 else ["eval.compare_base=false"]  # the base model is evaluated once
+        cfg = C.load(args.config, args.overrides + ["run.progress=false"] + once + ALGORITHMS[name])
+        run_dir = out / name
+        run_dir.mkdir(parents=True, exist_ok=False)
+        C.save(cfg, run_dir / "config.toml")
+        t0 = time.perf_counter()
+        summary = runner.run(cfg, run_dir)
+        wall = time.perf_counter() - t0
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        final = summary["final"]
+        row = {"algorithm": name, "loss": final.get("loss"), "exact_match": final.get("exact_match"),
+               "rouge_l": final.get("rouge_l"),
+               "bytes_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in recs) / len(recs),
+               "seconds_per_round": sum(r["round_seconds"] for r in recs) / len(recs), "wall_seconds": round(wall, 1)}
+        rows.append(row)
+        base = base or summary.get("base", {})
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    report = {"config": args.config, "overrides": args.overrides, "load_average_at_start": load,
+              "base": {k: base.get(k) for k in ("loss", "exact_match", "rouge_l")}, "rows": rows}
+    print(_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _table(report: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    lines = ["| algorithm | held-out loss | exact match | ROUGE-L | bytes per round | seconds per round |",
+             "|---|---:|---:|---:|---:|---:|"]
+    b = report["base"]
+    if b.get("loss") is not None:
+        lines.append(f"| base model (no tuning) | {b['loss']:.4f} | {pct(b.get('exact_match'))} | "
+                     f"{pct(b.get('rouge_l'))} | - | - |")
+    for r in report["rows"]:
+        lines.append(f"| {r['algorithm']} | {r['loss']:.4f} | {pct(r['exact_match'])} | {pct(r['rouge_l'])} | "
+                     f"{r['bytes_per_round'] / 1e6:.2f} MB | {r['seconds_per_round']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
