@@ -35,6 +35,8 @@ ALGORITHMS = {
     "fedyogi": ["server.aggregation='fedyogi'", "server.server_lr=0.01"],
     "fedprox": ["train.prox_mu=0.01"],
     "scaffold": ["server.aggregation='scaffold'"],
+    "flexlora_svd": ["server.lora_aggregation='svd'"],
+    "ffa_lora": ["lora.freeze_a=true"],
     "median": ["server.aggregation='median'"],
     "trimmed_mean": ["server.aggregation='trimmed_mean'", "server.trim_fraction=0.2"],
     "krum": ["server.aggregation='krum'", "server.min_clients=5"],

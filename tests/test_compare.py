@@ -102,3 +102,21 @@ def test_compare_with_the_llm_judge_on_a_fake_endpoint(tiny_llama, tmp_path):
     assert n_requests == 3 * 2 + 3 * 2  # single: 3 per variant; pairwise: 3 questions x both orders
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "## LLM judge (fake, 3 questions)" in md and "| base | 0.0% | 100.0% | 0.0% | 3 | 0 |" in md
+
+
+def test_compare_runs_the_federated_variant_once_per_listed_algorithm(tiny_llama, tmp_path):
+    cfg = C.load(None, _tiny(tiny_llama, "run.rounds=1", "train.max_steps=1", "eval.generate=false",
+                             "compare.variants=['federated']",
+                             "compare.algorithms=['fedavg', 'scaffold', 'fedprox', 'flexlora_svd', 'ffa_lora']"))
+    out = tmp_path / "cmp"
+    out.mkdir()
+    doc = run_compare(cfg, out)
+    names = ["federated fedavg", "federated scaffold", "federated fedprox", "federated flexlora_svd",
+             "federated ffa_lora"]
+    assert sorted(doc["variants"]) == sorted(names)
+    assert all(doc["variants"][n]["budget"]["optimizer_steps"] == 3 for n in names)  # the same budget each
+    assert list((out / "federated_scaffold" / "client_state").rglob("*.safetensors"))
+    svd = [json.loads(x) for x in (out / "federated_flexlora_svd" / "metrics.jsonl").read_text().splitlines()]
+    assert "discarded_energy" in svd[0]["aggregate"]
+    with pytest.raises(Exception, match="compare.algorithms: .krum.: .* needs at least 5 clients per round"):
+        run_compare(C.load(None, _tiny(tiny_llama, "compare.algorithms=['krum']")), tmp_path / "bad")

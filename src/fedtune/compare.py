@@ -29,6 +29,7 @@ from fedtune.config import Config
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.engines.simulator import Simulator, SimulatorSettings
 from fedtune.fedit.session import FedITSession as FedIT
+from fedtune.fedit.session import build_strategy
 from fedtune.fedit.strategy import FedAvgStrategy
 from fedtune.fedit.train import local_steps
 from fedtune.reporting import fmt, md_table
@@ -94,9 +95,34 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
     return summary
 
 
+ALGORITHM_SETTINGS = {  # compare.algorithms entries beyond the server.aggregation values
+    "fedprox": {"train": {"prox_mu": 0.01}},
+    "flexlora_svd": {"server": {"lora_aggregation": "svd"}},
+    "ffa_lora": {"lora": {"freeze_a": True}},
+}
+
+
+def with_algorithm(cfg: Config, name: str) -> Config:
+    """The config with one algorithm switched on: a server.aggregation value, or fedprox
+    (train.prox_mu, 0.01 unless the config sets one), flexlora_svd, ffa_lora."""
+    if not name:
+        return cfg
+    raw = cfg.to_dict()
+    if name in ALGORITHM_SETTINGS:
+        for section, values in ALGORITHM_SETTINGS[name].items():
+            for k, v in values.items():
+                if not (name == "fedprox" and raw["train"]["prox_mu"] > 0):
+                    raw[section][k] = v
+    else:
+        raw["server"]["aggregation"] = name
+    return C.from_dict(raw, f"compare.algorithms: '{name}'")
+
+
 def run_compare(cfg: Config, out: Path, console=None) -> dict:
     """Run every configured variant at an equal budget; write compare.md / compare.json."""
     t0 = time.perf_counter()
+    for alg in cfg.compare.algorithms:  # every algorithm's config is valid before anything trains
+        with_algorithm(cfg, alg)
     fed = FedIT(cfg)
     ids = list(fed.client_data)
     plan = federated_plan(cfg, fed)
@@ -131,8 +157,12 @@ def run_compare(cfg: Config, out: Path, console=None) -> dict:
         results["centralized"] = _train(fed, "centralized", FedAvgStrategy(fed.initial, seed=cfg.run.seed), app,
                                         {"pooled": len(pooled["pooled"])}, out / "centralized", console)
     if "federated" in variants:
-        results["federated"] = _train(fed, "federated", fed.strategy(), fed.client_app(),
-                                      {cid: len(t) for cid, t in fed.client_data.items()}, out / "federated", console)
+        sizes = {cid: len(t) for cid, t in fed.client_data.items()}
+        for alg in cfg.compare.algorithms or [""]:  # "" = the config's own [server] and [lora]
+            name, folder = (f"federated {alg}", out / f"federated_{alg}") if alg else ("federated", out / "federated")
+            acfg = with_algorithm(cfg, alg)
+            results[name] = _train(fed, name, build_strategy(acfg, fed.initial),
+                                   fed.client_app(cfg=acfg, state_dir=folder / "client_state"), sizes, folder, console)
 
     judged = judge_variants(cfg, fed, results, console) if cfg.judge.endpoint else None
     table = build_table(results, [r.category for r in fed.test])

@@ -210,6 +210,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     for v in cfg.compare.variants:
         need(v in known_variants, f"compare.variants: unknown variant {v!r}{_suggest(str(v), known_variants)}")
     need(cfg.compare.local_clients >= 0, "compare.local_clients must be >= 0")
+    from_aggregation = list(typing.get_args(typing.get_type_hints(ServerSection)["aggregation"]))
+    known_algorithms = from_aggregation + ["fedprox", "flexlora_svd", "ffa_lora"]
+    for a in cfg.compare.algorithms:
+        need(a in known_algorithms, f"compare.algorithms: unknown algorithm {a!r}{_suggest(str(a), known_algorithms)}")
     if cfg.judge.endpoint:
         need(cfg.judge.endpoint.startswith(("http://", "https://")),
              f"judge.endpoint must be an http(s) URL, got {cfg.judge.endpoint!r}")

@@ -139,19 +139,23 @@ class FedITSession:
     def strategy(self) -> FedAvgStrategy:
         return build_strategy(self.cfg, self.initial)
 
-    def client_app(self, data: dict | None = None, train_cfg=None) -> FedITClientApp:
-        """The client app over this run's client shards, or over `data` ({client id:
-        tokenized rows}) with `train_cfg` in place of cfg.train (fedtune compare)."""
+    def client_app(self, data: dict | None = None, train_cfg=None, cfg: Config | None = None,
+                   state_dir: Path | None = None) -> FedITClientApp:
+        """The client app over this run's client shards, or over `data` ({client id: tokenized
+        rows}) with `train_cfg` in place of cfg.train, and `cfg`'s [server]/[lora] choices in
+        place of the run's (fedtune compare); SCAFFOLD's client state goes to `state_dir`."""
+        cfg = cfg or self.cfg
         store = None
-        if self.cfg.server.aggregation == "scaffold":  # the clients' control variates, on disk in the run folder
-            if self.run_dir is None:
+        if cfg.server.aggregation == "scaffold":  # the clients' control variates, on disk in the run folder
+            folder = state_dir or (self.run_dir / "client_state" if self.run_dir else None)
+            if folder is None:
                 raise ConfigError("server.aggregation = 'scaffold' keeps client state in the run folder; none is set")
-            store = ClientStateStore(self.run_dir / "client_state")
+            store = ClientStateStore(folder)
         return FedITClientApp(self.slot, self.client_data if data is None else data,
-                              self.cfg.train if train_cfg is None else train_cfg, seed=self.cfg.run.seed,
+                              cfg.train if train_cfg is None else train_cfg, seed=cfg.run.seed,
                               pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
                               progress_factory=_bar_factory(self.progress), state_store=store,
-                              freeze_a=self.cfg.lora.freeze_a)
+                              freeze_a=cfg.lora.freeze_a)
 
     def describe(self, engine: str) -> str:
         s = self.client_sizes
