@@ -33,6 +33,7 @@ from fedtune.config_schema import (  # noqa: F401  (the sections are part of thi
     JudgeSection,
     NvflareSection,
     TaskSection,
+    PrivacySection,
     FedBPTSection,
     Config,
     SECTION_DOCS,
@@ -179,6 +180,19 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.server.lora_aggregation == "separate" or cfg.server.aggregation == "fedavg",
          f"server.lora_aggregation = 'svd' re-factors the mean of the clients' products B A: it goes with "
          f"server.aggregation = 'fedavg', not '{cfg.server.aggregation}'")
+    pv = cfg.privacy
+    if pv.mode != "off":
+        need(pv.clip > 0, f"privacy.clip must be > 0, got {pv.clip}")
+        need(pv.noise_multiplier >= 0 and pv.target_epsilon >= 0, "privacy.noise_multiplier and privacy.target_epsilon must be >= 0")
+        need(pv.noise_multiplier > 0 or pv.target_epsilon > 0, "privacy.mode = 'central' needs privacy.noise_multiplier > 0 "
+             "or privacy.target_epsilon > 0 (then the noise multiplier is calibrated for run.rounds)")
+        need(0 < pv.delta < 1, f"privacy.delta must be in (0, 1), got {pv.delta}")
+        need(cfg.run.algorithm == "fedit", "privacy.mode = 'central' is available for run.algorithm = 'fedit'")
+        need(cfg.server.aggregation in ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+             and cfg.server.lora_aggregation == "separate" and cfg.server.clip_norm == 0,
+             f"privacy.mode = 'central' clips and averages the updates itself: it goes with a mean rule "
+             f"(fedavg, fedavgm, fedadagrad, fedadam, fedyogi), server.lora_aggregation = 'separate' and "
+             f"server.clip_norm = 0, not server.aggregation = '{cfg.server.aggregation}'")
     need(cfg.server.clip_norm >= 0, f"server.clip_norm must be >= 0, got {cfg.server.clip_norm}")
     need(cfg.server.max_update_norm >= 0, f"server.max_update_norm must be >= 0, got {cfg.server.max_update_norm}")
     need(cfg.server.client_timeout >= 0, f"server.client_timeout must be >= 0, got {cfg.server.client_timeout}")

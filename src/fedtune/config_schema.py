@@ -87,6 +87,15 @@ class ServerSection:
 
 
 @dataclass
+class PrivacySection:
+    mode: Literal["off", "central"] = opt("off", "off; central = client-level DP-FedAvg with a trusted server: each selected client's update clipped to privacy.clip, Gaussian noise of std noise_multiplier x clip added to the sum, divided by the clients per round (fixed-size sampling without replacement of server.clients_per_round, or server.fraction, of the clients); example counts ignored")
+    clip: float = opt(1.0, "L2 norm each client's update (adapter minus the global adapter) is clipped to")
+    noise_multiplier: float = opt(0.0, "noise std / clip; 0 = calibrate it from privacy.target_epsilon for run.rounds rounds")
+    target_epsilon: float = opt(0.0, "the (epsilon, delta) budget: the run refuses to start, or stops before the round, that would exceed it (0 = no budget: epsilon is only reported; then set noise_multiplier)")
+    delta: float = opt(1e-5, "delta of (epsilon, delta)-DP; keep it below 1 / number of clients")
+
+
+@dataclass
 class FaultsSection:
     probability: float = opt(0.0, "simulator only, for testing: probability that a client call fails (0 = off)")
     seed: int = opt(0, "seeds which calls fail; each draw depends only on (seed, round, attempt, client)")
@@ -209,6 +218,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     partition: PartitionSection = field(default_factory=PartitionSection)
     server: ServerSection = field(default_factory=ServerSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -229,6 +239,7 @@ SECTION_DOCS = {
     "data": "Instruction data (FedIT).",
     "partition": "How the data is split across clients, and the held-out global test set.",
     "server": "Client selection, aggregation, and what a round does with failing clients.",
+    "privacy": "Differential privacy (docs/privacy.md): client-level DP-FedAvg with an RDP accountant (dp-accounting).",
     "faults": "Fault injection in the simulator, to test failing clients.",
     "lora": "LoRA adapter (FedIT).",
     "train": "Local training on each client (FedIT).",

@@ -278,6 +278,12 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
                      f"{summary.get('seconds', '?')} s in all.")
     else:
         lines.append(f"_No summary.json: the run has not finished; {len(records)} round(s) recorded so far._")
+    pv = (summary or {}).get("privacy")
+    if pv:
+        lines += ["", f"Differential privacy ({pv['mode']}, client level): ε = {pv['epsilon']:.4g} at δ = {pv['delta']:g} "
+                      f"spent over the run (noise multiplier {pv['noise_multiplier']:.4g}, clip {pv['clip']:g}, "
+                      f"{pv['clients_per_round']} of {pv['clients']} clients per round; RDP accountant, dp-accounting). "
+                      "Each round's ε is in metrics.jsonl (aggregate.dp)."]
     lines += ["", "## Results on the held-out set", ""]
     lines.append(results_table(summary) if summary else "_not available yet_")
     if summary and summary.get("client_sizes"):
@@ -367,6 +373,9 @@ def print_summary(summary: dict, console) -> None:
         console.print(table)
     if summary.get("algorithm") == "fedbpt":
         _print_fedbpt(summary, console)
+    pv = summary.get("privacy")
+    if pv:
+        console.print(f"differential privacy ({pv['mode']}): ε = {pv['epsilon']:.4g}, δ = {pv['delta']:g}")
     console.print(f"total time {summary.get('seconds', 0):.0f}s")
 
 

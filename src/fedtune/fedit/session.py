@@ -19,6 +19,7 @@ from fedtune.data import partition as P
 from fedtune.data import skills
 from fedtune.data.instructions import PromptFormatter, Row, load_rows, tokenize_rows, write_jsonl
 from fedtune.core.client_state import ClientStateStore
+from fedtune.core.privacy import DPSettings
 from fedtune.errors import ConfigError, DataError
 from fedtune.eval.metrics import generation_scores
 from fedtune.fedit.client import FedITClientApp
@@ -73,13 +74,14 @@ def prepare_data(cfg: Config) -> FederatedData:
 
 def build_strategy(cfg: Config, initial: Arrays) -> FedAvgStrategy:
     """The FedIT server step from a config and the initial adapter (no data, no model)."""
-    s = cfg.server
+    s, pv = cfg.server, cfg.privacy
+    dp = None if pv.mode == "off" else DPSettings(pv.clip, pv.noise_multiplier, pv.delta, pv.target_epsilon, cfg.run.rounds)
     return FedAvgStrategy(initial, seed=cfg.run.seed, fraction=s.fraction,
                           clients_per_round=s.clients_per_round, aggregation=s.aggregation,
                           server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
                           max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction,
                           byzantine=s.byzantine, krum_select=s.krum_select,
-                          lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r)
+                          lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r, dp=dp)
 
 
 def _bar_factory(progress: bool):
@@ -201,6 +203,9 @@ class FedITSession:
             msg += f" · held-out loss {ev['loss']:.4f}"
         if "exact_match" in ev:
             msg += f" · exact match {ev['exact_match']:.3f}"
+        dp = record.get("aggregate", {}).get("dp")
+        if dp:
+            msg += f" · ε {dp['epsilon']:.3g} (δ {dp['delta']:g})"
         if record["dropped"]:
             msg += f" · dropped {len(record['dropped'])}"
         return msg
@@ -227,6 +232,9 @@ class FedITSession:
         self.save(final, run_dir / "adapter")
         summary = {"algorithm": "fedit", "rounds": len(history), "final": history[-1].get("eval", {}),
                    "client_sizes": self.client_sizes, "test_overlap_removed": self.data.overlap_removed}
+        dp = history[-1].get("aggregate", {}).get("dp")
+        if dp:
+            summary["privacy"] = {"mode": self.cfg.privacy.mode, **dp}
         if self.cfg.eval.compare_base:  # B = 0: the initial adapter is the base model exactly
             summary["base"] = self.evaluate_adapter(self.initial, generate=self.cfg.eval.generate)
         return summary
