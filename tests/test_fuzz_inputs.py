@@ -65,7 +65,7 @@ CASES = {
     "array_of_tables": ({"c.toml": "[[server]]\nfraction = 1.0\n"}, ["CONFIG"], r"c\.toml: 'server' must be a table"),
     "unknown_key": ({"c.toml": "[train]\nlearning_rate = 1e-4\n"}, ["CONFIG"], r"c\.toml: unknown key 'train\.learning_rate'"),
     "unknown_section": ({"c.toml": "[trian]\nlr = 1e-4\n"}, ["CONFIG"], r"c\.toml: unknown section '\[trian\]' \(did you mean 'train'\?\)"),
-    "bad_literal": ({"c.toml": "[server]\naggregation = 'krum'\n"}, ["CONFIG"], r"server\.aggregation = 'krum' is not one of"),
+    "bad_literal": ({"c.toml": "[server]\naggregation = 'kurm'\n"}, ["CONFIG"], r"server\.aggregation = 'kurm' is not one of"),
     "config_is_a_folder": ({}, ["{d}"], r"config file not found"),
     "config_missing": ({}, ["{d}/none.toml"], r"config file not found: .*none\.toml"),
     # ---- bad --set values
