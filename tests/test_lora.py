@@ -205,7 +205,7 @@ def test_fedprox_term_has_the_papers_gradient_and_pulls_training_toward_the_glob
     w0 = torch.tensor([[0.0, 1.0], [0.5, -1.0]])
     proximal_term([w], [w0], 0.3).backward()
     np.testing.assert_allclose(w.grad.numpy(), 0.3 * (w.detach().numpy() - w0.numpy()), rtol=1e-6)
-    assert float(proximal_term([w], [w0], 0.3)) == pytest.approx(0.15 * float(np.sum((w.detach().numpy() - w0.numpy()) ** 2)))
+    assert float(proximal_term([w], [w0], 0.3).detach()) == pytest.approx(0.15 * float(np.sum((w.detach().numpy() - w0.numpy()) ** 2)))
 
     tok = load_tokenizer(tiny_llama)
     rows = tokenize_rows([Row("say hi", "", "hi there good", "x")] * 8, PromptFormatter("plain", tok), 64, False, "error")

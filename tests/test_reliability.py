@@ -123,7 +123,7 @@ def test_strategy_clips_before_the_rule_and_reports_who_was_clipped():
     oracle = weighted_mean([(results[0].arrays, 1), (clipped_b, 1)])
     assert all(np.allclose(new[k], oracle[k], atol=1e-6) for k in g)
     with pytest.raises(ValueError, match="unknown aggregation"):
-        FedAvgStrategy(g, seed=0, aggregation="krum")
+        FedAvgStrategy(g, seed=0, aggregation="kurm")
 
 
 # ---------------------------------------------------------------------------- fault injection

@@ -23,6 +23,7 @@ in a config would let anyone who reads it subtract the noise); tests pass their 
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ def _accountant():
     return RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of its arguments; a run asks each round twice
 def epsilon(num_clients: int, per_round: int, z: float, rounds: int, delta: float) -> float:
     """The (epsilon, delta)-DP epsilon after `rounds` rounds (0 rounds: 0)."""
     if rounds <= 0:
