@@ -338,6 +338,14 @@ def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp
         assert [(d["id"], d["attempt"], d["cause"]) for d in x["dropped"]] == \
                [(d["id"], d["attempt"], d["cause"]) for d in y["dropped"]]
         assert x["aggregate"]["sigma"] == pytest.approx(y["aggregate"]["sigma"], abs=1e-9)
+    # collecting the server's result as from a deployment, with the training file the dev rows are drawn
+    # from: every round is evaluated again and the best-by-dev prompt is the one the run kept
+    paths = [o for o in overrides if o.startswith(("task.train_path", "task.test_path"))]
+    got = nvflare.collect(Path(sf["nvflare"]["results"]).parent, tmp_path / "collected", paths)
+    assert got["selected"] == "best" and got["best"]["round"] == se["best"]["round"]
+    z_run = load_file(str(emb / "prompt" / "prompt.safetensors"))["z"]
+    z_col = load_file(str(tmp_path / "collected" / "prompt" / "prompt.safetensors"))["z"]
+    np.testing.assert_allclose(z_col, z_run, rtol=0, atol=1e-6)
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
