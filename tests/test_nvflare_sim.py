@@ -99,8 +99,9 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
 
 
 @pytest.mark.parametrize("extra", [["server.aggregation='scaffold'", "train.prox_mu=0.1"],
-                                   ["server.aggregation='fedyogi'", "server.server_lr=0.05"]],
-                         ids=["scaffold+fedprox", "fedyogi"])
+                                   ["server.aggregation='fedyogi'", "server.server_lr=0.05"],
+                                   ["server.aggregation='fedavgm'", "secagg.enabled=true", "secagg.threshold=2"]],
+                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
     """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
     folder); FedProx and FedYogi change only the client's loss and the server step."""
@@ -113,8 +114,11 @@ def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engine
     runner.run(C.load(None, overrides + ["run.engine='nvflare'"]), flr)
     a = load_file(str(emb / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(flr / "adapter" / "adapter_model.safetensors"))
-    for k in a:
+    for k in a:  # secure aggregation: the same up to its fixed-point encoding (2^-24 per value)
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    if "secagg.enabled=true" in extra:
+        recs = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["exchanges"] == 4 and r["aggregate"]["secagg"]["survivors"] == 3 for r in recs)
     sa = A.unpack((emb / "checkpoint" / "strategy.safetensors").read_bytes())
     sb = A.unpack((flr / "checkpoint" / "strategy.safetensors").read_bytes())
     assert sorted(sa) == sorted(sb) and sa  # the server state (c, or m and v) too

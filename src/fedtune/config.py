@@ -34,6 +34,7 @@ from fedtune.config_schema import (  # noqa: F401  (the sections are part of thi
     NvflareSection,
     TaskSection,
     PrivacySection,
+    SecAggSection,
     FedBPTSection,
     Config,
     SECTION_DOCS,
@@ -193,6 +194,20 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"privacy.mode = 'central' clips and averages the updates itself: it goes with a mean rule "
              f"(fedavg, fedavgm, fedadagrad, fedadam, fedyogi), server.lora_aggregation = 'separate' and "
              f"server.clip_norm = 0, not server.aggregation = '{cfg.server.aggregation}'")
+    sa = cfg.secagg
+    need(sa.neighbours >= 0 and sa.threshold >= 0, "secagg.neighbours and secagg.threshold must be >= 0")
+    if sa.enabled:
+        need(cfg.run.algorithm == "fedit", "secagg.enabled is available for run.algorithm = 'fedit'")
+        need(cfg.server.aggregation in ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+             and cfg.server.lora_aggregation == "separate",
+             f"secagg.enabled: the server sees only the sum, so server.aggregation = '{cfg.server.aggregation}' "
+             "(which needs each update) cannot run; use a mean rule (fedavg, fedavgm, fedadagrad, fedadam, fedyogi); "
+             "bound clients instead with server.max_examples (each client caps its own weight)")
+        need(cfg.server.clip_norm == 0 and cfg.server.max_update_norm == 0 and pv.mode == "off",
+             "secagg.enabled: server.clip_norm, server.max_update_norm and privacy.mode = 'central' need each "
+             "client's update, which the server never sees; set them to 0 / 'off'")
+        need(not sa.threshold or not sa.neighbours or sa.threshold <= sa.neighbours,
+             f"secagg.threshold = {sa.threshold} exceeds secagg.neighbours = {sa.neighbours}")
     need(cfg.server.clip_norm >= 0, f"server.clip_norm must be >= 0, got {cfg.server.clip_norm}")
     need(cfg.server.max_update_norm >= 0, f"server.max_update_norm must be >= 0, got {cfg.server.max_update_norm}")
     need(cfg.server.client_timeout >= 0, f"server.client_timeout must be >= 0, got {cfg.server.client_timeout}")

@@ -96,6 +96,13 @@ class PrivacySection:
 
 
 @dataclass
+class SecAggSection:
+    enabled: bool = opt(False, "secure aggregation (SecAgg+, Bell et al. 2020): the server learns only the weighted sum of the surviving clients' updates; four message exchanges per round; goes with the mean rules (fedavg, fedavgm, fedadagrad, fedadam, fedyogi) and without server-side clipping, update-norm checks or central DP")
+    neighbours: int = opt(0, "each client masks with this many neighbours in a random ring per round (0 = every other client: SecAgg; fewer: SecAgg+, less work per client)")
+    threshold: int = opt(0, "Shamir threshold t: any t of a client's neighbours can recover its secrets, so up to (neighbours - t) of them may drop; 0 = neighbours // 2 + 1")
+
+
+@dataclass
 class FaultsSection:
     probability: float = opt(0.0, "simulator only, for testing: probability that a client call fails (0 = off)")
     seed: int = opt(0, "seeds which calls fail; each draw depends only on (seed, round, attempt, client)")
@@ -219,6 +226,7 @@ class Config:
     partition: PartitionSection = field(default_factory=PartitionSection)
     server: ServerSection = field(default_factory=ServerSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -240,6 +248,7 @@ SECTION_DOCS = {
     "partition": "How the data is split across clients, and the held-out global test set.",
     "server": "Client selection, aggregation, and what a round does with failing clients.",
     "privacy": "Differential privacy (docs/privacy.md): client-level DP-FedAvg with an RDP accountant (dp-accounting).",
+    "secagg": "Secure aggregation (docs/privacy.md): pairwise masks from X25519 key agreement, Shamir-shared seeds, dropout recovery.",
     "faults": "Fault injection in the simulator, to test failing clients.",
     "lora": "LoRA adapter (FedIT).",
     "train": "Local training on each client (FedIT).",

@@ -122,7 +122,8 @@ class RoundDriver:
 
     # ------------------------------------------------------------------ one exchange with drops
 
-    def _collect(self, rnd: int, attempt: int, messages: dict[str, FitIns], accept) -> tuple[dict, list]:
+    def _collect(self, rnd: int, attempt: int, messages: dict[str, FitIns], accept, weigh: bool = True
+                 ) -> tuple[dict, list]:
         """Send messages; for each reply call accept(ins, res) (raises UpdateRejected to drop).
         Returns ({client: record} accepted, [drop records])."""
         accepted, dropped = {}, []
@@ -138,7 +139,7 @@ class RoundDriver:
             else:
                 try:
                     res = FitRes(cid, reply.res.arrays, reply.res.num_examples, check_metrics(reply.res.metrics))
-                    extra = self._weigh(res)
+                    extra = self._weigh(res) if weigh else {}
                     accept(messages[cid], res)
                 except UpdateRejected as e:
                     drop.update(cause="rejected", reason=f"rejected: {e}")
@@ -198,7 +199,11 @@ class RoundDriver:
             # --- further exchanges: protocols with more than one message exchange per round
             phase = 1
             while (more := agg.next_exchange(sorted(clients))):
-                got, lost = self._collect(rnd, 0, more, lambda ins, res, p=phase: agg.add_reply(p, res))
+                got, lost = self._collect(rnd, 0, more, lambda ins, res, p=phase: agg.add_reply(p, res), weigh=False)
+                for cid, rec in got.items():  # a client's bytes over every exchange of the round
+                    if cid in clients:
+                        clients[cid]["bytes_down"] += rec["bytes_down"]
+                        clients[cid]["bytes_up"] += rec["bytes_up"]
                 for d in lost:
                     d["phase"] = phase
                     agg.lost(phase, d["id"], d["reason"])

@@ -15,6 +15,7 @@ class FedITSite:
 
     def __init__(self, cfg, settings):
         from fedtune.core.client_state import ClientStateStore
+        from fedtune.core.secagg_client import SecAggClient
         from fedtune.data.instructions import PromptFormatter, load_rows, tokenize_rows
         from fedtune.fedit.client import FedITClientApp
         from fedtune.fedit.lora import AdapterSlot, attach_lora
@@ -30,12 +31,13 @@ class FedITSite:
                             f"(all longer than data.cutoff_len = {cfg.data.cutoff_len})")
         self.num_rows = len(tokenized)
         store = ClientStateStore(settings.state_dir) if cfg.server.aggregation == "scaffold" else None
-        self.app = FedITClientApp(AdapterSlot(peft_model), {settings.site: tokenized}, cfg.train, seed=cfg.run.seed,
-                                  pad_id=lm.tokenizer.pad_token_id, device=lm.device, amp=lm.autocast,
-                                  state_store=store, freeze_a=cfg.lora.freeze_a)
+        self.inner = FedITClientApp(AdapterSlot(peft_model), {settings.site: tokenized}, cfg.train,
+                                    seed=cfg.run.seed, pad_id=lm.tokenizer.pad_token_id, device=lm.device,
+                                    amp=lm.autocast, state_store=store, freeze_a=cfg.lora.freeze_a)
+        self.app = SecAggClient(self.inner, cfg.server.max_examples) if cfg.secagg.enabled else self.inner
 
     def fit(self, client_id: str, ins: FitIns, index: int) -> FitRes:
-        self.app.client_index = {client_id: index}  # seeds data order and dropout as in the embedded simulator
+        self.inner.client_index = {client_id: index}  # seeds data order and dropout as in the embedded simulator
         return self.app.fit(client_id, ins)
 
 

@@ -20,6 +20,8 @@ from fedtune.data import skills
 from fedtune.data.instructions import PromptFormatter, Row, load_rows, tokenize_rows, write_jsonl
 from fedtune.core.client_state import ClientStateStore
 from fedtune.core.privacy import DPSettings
+from fedtune.core.secagg import SecAggSettings
+from fedtune.core.secagg_client import SecAggClient
 from fedtune.errors import ConfigError, DataError
 from fedtune.eval.metrics import generation_scores
 from fedtune.fedit.client import FedITClientApp
@@ -81,7 +83,8 @@ def build_strategy(cfg: Config, initial: Arrays) -> FedAvgStrategy:
                           server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
                           max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction,
                           byzantine=s.byzantine, krum_select=s.krum_select,
-                          lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r, dp=dp)
+                          lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r, dp=dp,
+                          secagg=SecAggSettings(cfg.secagg.neighbours, cfg.secagg.threshold) if cfg.secagg.enabled else None)
 
 
 def _bar_factory(progress: bool):
@@ -153,11 +156,12 @@ class FedITSession:
             if folder is None:
                 raise ConfigError("server.aggregation = 'scaffold' keeps client state in the run folder; none is set")
             store = ClientStateStore(folder)
-        return FedITClientApp(self.slot, self.client_data if data is None else data,
-                              cfg.train if train_cfg is None else train_cfg, seed=cfg.run.seed,
-                              pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
-                              progress_factory=_bar_factory(self.progress), state_store=store,
-                              freeze_a=cfg.lora.freeze_a)
+        app = FedITClientApp(self.slot, self.client_data if data is None else data,
+                             cfg.train if train_cfg is None else train_cfg, seed=cfg.run.seed,
+                             pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
+                             progress_factory=_bar_factory(self.progress), state_store=store,
+                             freeze_a=cfg.lora.freeze_a)
+        return SecAggClient(app, cfg.server.max_examples) if cfg.secagg.enabled else app
 
     def describe(self, engine: str) -> str:
         s = self.client_sizes

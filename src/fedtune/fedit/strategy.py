@@ -14,9 +14,11 @@ from fedtune.core import fedopt
 from fedtune.core.aggregate import RunningMean
 from fedtune.core.lora_math import ProductMean
 from fedtune.core.privacy import DPAccounting, DPMeanFold, DPSettings
+from fedtune.core.secagg import PHASE, SecAggFold, SecAggSettings
 from fedtune.core.arrays import Arrays, copy
 from fedtune.core.robust import bulyan, clip_to_norm, coordinate_median, multi_krum, trimmed_count, trimmed_mean
 from fedtune.core.strategy import CollectingAggregator, FitIns, FitRes, OneExchange, SelectingStrategy
+from fedtune.errors import UpdateRejected
 from fedtune.fedit.scaffold import ScaffoldFold, with_variates
 
 log = logging.getLogger("fedtune.strategy")
@@ -31,7 +33,7 @@ class FedAvgStrategy(SelectingStrategy):
                  beta2: float = 0.99, tau: float = 1e-3, max_update_norm: float = 0.0,
                  clip_norm: float = 0.0, trim_fraction: float = 0.1, byzantine: int = 1, krum_select: int = 0,
                  lora_aggregation: str = "separate", lora_rank: int = 0, train_config: dict | None = None,
-                 dp: DPSettings | None = None):
+                 dp: DPSettings | None = None, secagg: SecAggSettings | None = None):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
@@ -45,6 +47,9 @@ class FedAvgStrategy(SelectingStrategy):
         if dp is not None and (aggregation not in fedopt.RULES or lora_aggregation != "separate"):
             raise ValueError(f"client-level DP goes with the mean rules, not {aggregation!r} / {lora_aggregation!r}")
         self.dp, self.dp_accounting = dp, None
+        if secagg is not None and (aggregation not in fedopt.RULES or lora_aggregation != "separate" or dp is not None):
+            raise ValueError("secure aggregation goes with the mean rules and without central DP")
+        self.secagg = secagg
         self.dp_resumed_z = None  # the noise multiplier a resumed run keeps (never recalibrated mid-run)
         self.dp_rng = None  # tests only: a seeded generator for the DP noise (else the OS's entropy)
         self._initial = copy(initial)
@@ -73,12 +78,23 @@ class FedAvgStrategy(SelectingStrategy):
             if not self.c:
                 self.c = {k: np.zeros_like(v) for k, v in global_arrays.items()}
             arrays = with_variates(global_arrays, self.c)
-        return {cid: FitIns(arrays, {"round": rnd, **self.train_config}) for cid in selected}
+        extra = {PHASE: 0} if self.secagg is not None else {}
+        return {cid: FitIns(arrays, {"round": rnd, **extra, **self.train_config}) for cid in selected}
+
+    def check_reply(self, ins: FitIns, res: FitRes) -> None:
+        if self.secagg is None:
+            return super().check_reply(ins, res)
+        if sorted(res.arrays) != ["c_pk", "s_pk"] or any(v.dtype != np.uint8 or v.shape != (32,)
+                                                          for v in res.arrays.values()):
+            raise UpdateRejected("secure aggregation: the first reply is two X25519 public keys, uint8[32] "
+                                 "under 'c_pk' and 's_pk'")
 
     def aggregator(self, rnd: int, global_arrays: Arrays):
         """Rules that need only a running weighted sum (fedavg, fedavgm, fedadam) take client
         results one at a time, so the server holds one sum instead of every client's adapter;
         the robust rules need all updates at once."""
+        if self.secagg is not None:
+            return SecAggFold(self, global_arrays, rnd, self.secagg, self.seed)
         if self.dp is not None:
             return DPMeanFold(self, global_arrays, self.dp_accounting, rnd, self.dp_rng)
         if self.aggregation in ROBUST:
