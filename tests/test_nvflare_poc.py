@@ -71,12 +71,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _task_rows(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     pos, neg = ["the movie was great", "It was good", "good movie"], ["the movie was terrible", "It was bad", "bad news"]
@@ -99,24 +93,26 @@ def test_poc_deployment_fedbpt_mutual_tls(tiny_llama, tmp_path):
         assert r.returncode == 0, f"{args}: {r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         return r.stdout + r.stderr
 
-    # --- provision: server + 3 sites + an admin, each with its certificate (mutual TLS)
-    port = _free_port()
-    (tmp_path / "project.yml").write_text(PROJECT.format(port=port))
-    cli(nvflare, "poc", "prepare", "-i", str(tmp_path / "project.yml"), "--force")
-    prod = tmp_path / "poc" / "fedtune_poc" / "prod_00"
-    server, admin = prod / "localhost", prod / "admin@fedtune.test"
-    sites = [prod / "site-1", prod / "site-2", prod / "site-3"]
-    assert json.loads((server / "startup" / "fed_server.json").read_text())["servers"][0]["connection_security"] == "mtls"
-    for kit in [server, *sites, admin]:
-        assert (kit / "startup" / "rootCA.pem").is_file()
-
     # --- each site's own data, named in its own site config; site-3's file is not there
     paths = {"site-1": write_jsonl(tmp_path / "site1.jsonl", _task_rows(4, 1)),
              "site-2": write_jsonl(tmp_path / "site2.jsonl", _task_rows(3, 2)),
              "site-3": tmp_path / "site3" / "missing.jsonl"}
-    for kit in sites:
-        (kit / "local" / "fedtune_site.toml").write_text(
-            f'[sites."{kit.name}"]\ndata_path = {json.dumps(str(paths[kit.name]))}\n')
+
+    def provision():
+        """server + 3 sites + an admin, each with its certificate (mutual TLS), on a port free now."""
+        port = _free_port()
+        (tmp_path / "project.yml").write_text(PROJECT.format(port=port))
+        cli(nvflare, "poc", "prepare", "-i", str(tmp_path / "project.yml"), "--force")
+        prod = tmp_path / "poc" / "fedtune_poc" / "prod_00"
+        server, admin = prod / "localhost", prod / "admin@fedtune.test"
+        sites = [prod / "site-1", prod / "site-2", prod / "site-3"]
+        assert json.loads((server / "startup" / "fed_server.json").read_text())["servers"][0]["connection_security"] == "mtls"
+        for kit in [server, *sites, admin]:
+            assert (kit / "startup" / "rootCA.pem").is_file()
+        for kit in sites:
+            (kit / "local" / "fedtune_site.toml").write_text(
+                f'[sites."{kit.name}"]\ndata_path = {json.dumps(str(paths[kit.name]))}\n')
+        return port, server, admin, sites
 
     # --- the job: two rounds of FedBPT on the tiny model, exported by fedtune's CLI
     config = tmp_path / "job.toml"
@@ -148,20 +144,36 @@ max_seq_len = 32
     started: list[subprocess.Popen] = []
     logs = {}
     try:
-        # --- start the server, then the three sites: four processes of their own
-        for kit in [server, *sites]:
+        # --- start the server; it is ours once the process we started listens on the port. The port was
+        # free when provisioned; if another process took it meanwhile, our server exits: provision anew
+        import psutil  # sub_start.sh --once execs FLARE's server: the process we started listens
+
+        for attempt in range(3):
+            port, server, admin, sites = provision()
+            logs[f"server{attempt}"] = open(tmp_path / f"localhost{attempt}.log", "w")
+            proc = subprocess.Popen(["bash", str(server / "startup" / "sub_start.sh"), "--once"], env=env,
+                                    stdout=logs[f"server{attempt}"], stderr=subprocess.STDOUT, start_new_session=True)
+            started.append(proc)
+            bound = set()
+            while proc.poll() is None and not bound:
+                assert time.monotonic() < deadline, "the server did not start"
+                try:
+                    bound = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("tcp")
+                             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+                except psutil.NoSuchProcess:
+                    break
+                time.sleep(0.2)
+            if bound:
+                break
+            kill_tree(proc.pid)  # it exited without listening: the port was taken
+            started.remove(proc)
+        assert bound == {"127.0.0.1"}, f"the server listens on {bound or 'nothing'}, not on loopback only"
+
+        # --- then the three sites: processes of their own
+        for kit in sites:
             logs[kit.name] = open(tmp_path / f"{kit.name}.log", "w")
             started.append(subprocess.Popen(["bash", str(kit / "startup" / "sub_start.sh"), "--once"], env=env,
                                             stdout=logs[kit.name], stderr=subprocess.STDOUT, start_new_session=True))
-            if kit is server:
-                while not _listening(port):
-                    assert time.monotonic() < deadline and started[0].poll() is None, "the server did not start"
-                    time.sleep(0.2)
-                import psutil  # sub_start.sh --once execs FLARE's server: the process we started listens
-
-                bound = {c.laddr.ip for c in psutil.Process(started[0].pid).net_connections("tcp")
-                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-                assert bound == {"127.0.0.1"}, f"the server listens on {bound}, not on loopback only"
 
         # --- every site joined (a job runs with the sites connected when it starts), then submit, wait, download
         kit = ["--startup-kit", str(admin)]
