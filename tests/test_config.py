@@ -3,6 +3,7 @@ import tomllib
 import pytest
 
 from fedtune import config as C
+from fedtune.config_resume import for_resume
 from fedtune.errors import ConfigError
 
 
@@ -117,8 +118,8 @@ def test_a_template_with_a_newline_and_a_verbalizer_key_with_a_space_round_trip_
 
 def test_resume_accepts_rounds_and_refuses_keys_that_would_mix_two_runs():
     saved = C.load(None)
-    merged = C.for_resume(saved, ["run.rounds=12", "eval.generate=false"], "run/config.toml")
+    merged = for_resume(saved, ["run.rounds=12", "eval.generate=false"], "run/config.toml")
     assert merged.run.rounds == 12 and not merged.eval.generate
     for key in ("run.seed=7", "partition.num_clients=3", "server.aggregation='fedadam'", "model.name='x'"):
         with pytest.raises(ConfigError, match=rf"--resume: {key.split('=')[0]} cannot change in a resumed run"):
-            C.for_resume(saved, [key], "run/config.toml")
+            for_resume(saved, [key], "run/config.toml")

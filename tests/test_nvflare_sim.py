@@ -141,7 +141,9 @@ def test_resume_on_flare_continues_from_the_checkpoint(tiny_llama, tmp_path):
     C.save(first, flr / "config.toml")
     runner.run(first, flr)
     assert json.loads((flr / "checkpoint" / "state.json").read_text())["round"] == 1
-    again = C.for_resume(C.load(flr / "config.toml"), ["run.rounds=2"], "config.toml")
+    from fedtune.config_resume import for_resume
+
+    again = for_resume(C.load(flr / "config.toml"), ["run.rounds=2"], "config.toml")
     summary = runner.run(again, flr, resume=True)
     assert summary["rounds"] == 2 and (flr / "nvflare" / "workspace-2").is_dir()  # a second FLARE job
     a = load_file(str(emb / "adapter" / "adapter_model.safetensors"))

@@ -61,6 +61,7 @@ def _make_dir(d: Path, what: str) -> Path:
 def cmd_run(args) -> int:
     from fedtune import config as C
     from fedtune import runner
+    from fedtune.config_resume import for_resume
     from fedtune.reporting import print_summary
 
     console = _console()
@@ -74,7 +75,7 @@ def cmd_run(args) -> int:
         if args.engine and args.engine != saved.run.engine:
             raise FedtuneError(f"--engine {args.engine}: this run was started with run.engine = '{saved.run.engine}'; "
                                "a run is resumed on the engine it started on")
-        cfg = C.for_resume(saved, args.overrides, str(run_dir / "config.toml"))
+        cfg = for_resume(saved, args.overrides, str(run_dir / "config.toml"))
         C.save(cfg, run_dir / "config.toml")  # the resumed run's config, overrides included
     else:
         if args.config is None:  # no CONFIG: the embedded demo

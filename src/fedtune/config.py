@@ -320,35 +320,6 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return from_dict(raw, source)
 
 
-# Keys a resumed run may change: how far it goes, how it reports, how patient it is. Any other
-# key (the seed, the data and its partition, the model, the algorithm, the aggregation) would
-# mix two runs in one, and is refused by name.
-RESUMABLE = ("run.rounds", "run.progress", "run.eval_every", "run.save_every_round", "eval.*", "judge.*",
-             "server.client_timeout", "server.round_retries", "server.min_clients", "faults.*",
-             "nvflare.threads", "nvflare.launch_timeout", "nvflare.task_timeout", "nvflare.python",
-             "nvflare.workspace")
-
-
-def _resumable(key: str) -> bool:
-    return any(key == r or (r.endswith(".*") and key.startswith(r[:-1])) for r in RESUMABLE)
-
-
-def for_resume(saved: Config, overrides: list[str], source: str) -> Config:
-    """The saved config of a run with `--set` overrides for its resumption; ConfigError naming
-    every key that may not change on resume."""
-    raw = saved.to_dict()
-    for item in overrides:
-        apply_override(raw, item)
-    merged = from_dict(raw, f"{source} with --set")
-    before, after = saved.to_dict(), merged.to_dict()
-    changed = [f"{sec}.{k}" for sec in after for k in after[sec] if after[sec][k] != before[sec][k]]
-    refused = [k for k in changed if not _resumable(k)]
-    if refused:
-        raise ConfigError(f"--resume: {', '.join(refused)} cannot change in a resumed run (it would mix two runs); "
-                          f"keys that may change: {', '.join(RESUMABLE)}. Start a new run instead")
-    return merged
-
-
 def apply_override(raw: dict, item: str) -> None:
     """Apply one `section.key=value` override in place; the value is parsed as TOML, else a string."""
     if "=" not in item:
