@@ -100,8 +100,12 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
 
 @pytest.mark.parametrize("extra", [["server.aggregation='scaffold'", "train.prox_mu=0.1"],
                                    ["server.aggregation='fedyogi'", "server.server_lr=0.05"],
-                                   ["server.aggregation='fedavgm'", "secagg.enabled=true", "secagg.threshold=2"]],
-                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm"])
+                                   ["server.aggregation='fedavgm'", "secagg.enabled=true", "secagg.threshold=2"],
+                                   # noise too small to see and a clip that never binds: the same adapter, and the
+                                   # clients' clip and noise shares travel in FLARE's round config
+                                   ["server.aggregation='fedavgm'", "secagg.enabled=true", "privacy.mode='distributed'",
+                                    "privacy.noise_multiplier=1e-12", "privacy.clip=1e3", "privacy.adaptive_clip=true"]],
+                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm", "distributed-dp+secagg"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
     """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
     folder); FedProx and FedYogi change only the client's loss and the server step."""
@@ -119,6 +123,10 @@ def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engine
     if "secagg.enabled=true" in extra:
         recs = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
         assert all(r["exchanges"] == 4 and r["aggregate"]["secagg"]["survivors"] == 3 for r in recs)
+    if "privacy.mode='distributed'" in extra:
+        dp = [r["aggregate"]["dp"] for r in recs]
+        assert [d["noise_shares"] for d in dp] == [3, 3] and dp[1]["epsilon"] > dp[0]["epsilon"] > 0
+        assert dp[1]["clip"] == pytest.approx(dp[0]["next_clip"])  # the adapted clip reached the sites
     sa = A.unpack((emb / "checkpoint" / "strategy.safetensors").read_bytes())
     sb = A.unpack((flr / "checkpoint" / "strategy.safetensors").read_bytes())
     assert sorted(sa) == sorted(sb) and sa  # the server state (c, or m and v) too
@@ -315,13 +323,16 @@ def _bpt_task(tmp_path) -> list[str]:
             "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2", "fedbpt.max_seq_len=32"]
 
 
-def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"]],
+                         ids=["plain", "central-dp"])  # DP: noise too small to see, a clip that never binds
+def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path, extra):
     from fedtune.engines import nvflare
     from fedtune import runner
 
     ids = ["client_000", "client_001", "client_002"]
     overrides = _tiny(tiny_llama, "server.min_clients=3", "server.round_retries=3", "faults.probability=0.5",
-                      f"faults.seed={_fault_seed(ids, 3)}", "faults.kinds=['raise', 'disappear']") + _bpt_task(tmp_path)
+                      f"faults.seed={_fault_seed(ids, 3)}", "faults.kinds=['raise', 'disappear']",
+                      *extra) + _bpt_task(tmp_path)
     emb, flr = tmp_path / "embedded", tmp_path / "flare"
     emb.mkdir(), flr.mkdir()
     se = runner.run(C.load(None, overrides), emb)
@@ -344,6 +355,11 @@ def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp
         assert [(d["id"], d["attempt"], d["cause"]) for d in x["dropped"]] == \
                [(d["id"], d["attempt"], d["cause"]) for d in y["dropped"]]
         assert x["aggregate"]["sigma"] == pytest.approx(y["aggregate"]["sigma"], abs=1e-9)
+        if extra:
+            assert x["aggregate"]["dp"]["epsilon"] == pytest.approx(y["aggregate"]["dp"]["epsilon"])
+            assert x["aggregate"]["dp"]["epsilon"] > 0
+    if extra:
+        assert sf["privacy"]["epsilon"] == pytest.approx(se["privacy"]["epsilon"])
     # collecting the server's result as from a deployment, with the training file the dev rows are drawn
     # from: every round is evaluated again and the best-by-dev prompt is the one the run kept
     paths = [o for o in overrides if o.startswith(("task.train_path", "task.test_path"))]

@@ -46,7 +46,7 @@ def test_clipping_and_noise_are_exactly_as_configured():
     ups = _updates(rng, g, 4)
     strat = FedAvgStrategy(g, seed=0, clients_per_round=4,
                            dp=P.DPSettings(clip=0.5, noise_multiplier=1.3, delta=1e-5))
-    strat.dp_rng = np.random.default_rng(123)
+    strat.dp.rng = np.random.default_rng(123)
     ids = [f"c{i}" for i in range(10)]
     plan = strat.configure_fit(1, g, ids)
     res = [FitRes(cid, u, 1000 * (i + 1)) for i, (cid, u) in enumerate(zip(plan, ups))]  # counts are ignored
@@ -101,7 +101,7 @@ def test_a_budget_stops_before_the_round_that_would_exceed_it_and_resume_keeps_t
     resumed = load_checkpoint(tmp_path, again)
     with pytest.raises(P.BudgetExhausted, match=r"round 4 would spend epsilon = .* > privacy.target_epsilon = 5"):
         Simulator(again, Clients(), ids, SimulatorSettings(rounds=10, progress=False), run_dir=tmp_path).run(resumed)
-    assert again.dp_accounting.z == z
+    assert again.dp.accounting.z == z
     assert load_checkpoint(tmp_path, FedAvgStrategy(g, seed=0, clients_per_round=5, dp=dp)).round == 3
 
 

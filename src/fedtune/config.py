@@ -182,30 +182,44 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"server.lora_aggregation = 'svd' re-factors the mean of the clients' products B A: it goes with "
          f"server.aggregation = 'fedavg', not '{cfg.server.aggregation}'")
     pv = cfg.privacy
+    means = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
     if pv.mode != "off":
         need(pv.clip > 0, f"privacy.clip must be > 0, got {pv.clip}")
         need(pv.noise_multiplier >= 0 and pv.target_epsilon >= 0, "privacy.noise_multiplier and privacy.target_epsilon must be >= 0")
-        need(pv.noise_multiplier > 0 or pv.target_epsilon > 0, "privacy.mode = 'central' needs privacy.noise_multiplier > 0 "
+        need(pv.noise_multiplier > 0 or pv.target_epsilon > 0, f"privacy.mode = '{pv.mode}' needs privacy.noise_multiplier > 0 "
              "or privacy.target_epsilon > 0 (then the noise multiplier is calibrated for run.rounds)")
         need(0 < pv.delta < 1, f"privacy.delta must be in (0, 1), got {pv.delta}")
-        need(cfg.run.algorithm == "fedit", "privacy.mode = 'central' is available for run.algorithm = 'fedit'")
-        need(cfg.server.aggregation in ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
-             and cfg.server.lora_aggregation == "separate" and cfg.server.clip_norm == 0,
-             f"privacy.mode = 'central' clips and averages the updates itself: it goes with a mean rule "
-             f"(fedavg, fedavgm, fedadagrad, fedadam, fedyogi), server.lora_aggregation = 'separate' and "
-             f"server.clip_norm = 0, not server.aggregation = '{cfg.server.aggregation}'")
+        need(0 < pv.target_quantile < 1, f"privacy.target_quantile must be in (0, 1), got {pv.target_quantile}")
+        need(pv.clip_lr >= 0 and pv.count_noise >= 0 and pv.noise_shares >= 0,
+             "privacy.clip_lr, privacy.count_noise and privacy.noise_shares must be >= 0")
+        if cfg.run.algorithm == "fedbpt":
+            need(pv.mode == "central", "privacy.mode = 'distributed' needs secure aggregation, which FedBPT does not have: "
+                 "use privacy.mode = 'central'")
+            need(cfg.fedbpt.mode == "improved", "privacy.mode = 'central' with run.algorithm = 'fedbpt' needs "
+                 "fedbpt.mode = 'improved' (the reference's global CMA-ES ranks the clients' own fitness values, "
+                 "which DP does not cover)")
+        else:
+            need(cfg.run.algorithm == "fedit", f"privacy.mode = '{pv.mode}' is available for FedIT and FedBPT")
+            need(cfg.server.aggregation in means and cfg.server.lora_aggregation == "separate"
+                 and cfg.server.clip_norm == 0,
+                 f"privacy.mode = '{pv.mode}' clips and averages the updates itself: it goes with a mean rule "
+                 f"(fedavg, fedavgm, fedadagrad, fedadam, fedyogi), server.lora_aggregation = 'separate' and "
+                 f"server.clip_norm = 0, not server.aggregation = '{cfg.server.aggregation}'")
+        need(pv.mode != "distributed" or cfg.secagg.enabled,
+             "privacy.mode = 'distributed': each client adds only a share of the noise, so the server must see only "
+             "the sum: set secagg.enabled = true (or use privacy.mode = 'central' with a trusted server)")
     sa = cfg.secagg
     need(sa.neighbours >= 0 and sa.threshold >= 0, "secagg.neighbours and secagg.threshold must be >= 0")
     if sa.enabled:
         need(cfg.run.algorithm == "fedit", "secagg.enabled is available for run.algorithm = 'fedit'")
-        need(cfg.server.aggregation in ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
-             and cfg.server.lora_aggregation == "separate",
+        need(cfg.server.aggregation in means and cfg.server.lora_aggregation == "separate",
              f"secagg.enabled: the server sees only the sum, so server.aggregation = '{cfg.server.aggregation}' "
              "(which needs each update) cannot run; use a mean rule (fedavg, fedavgm, fedadagrad, fedadam, fedyogi); "
              "bound clients instead with server.max_examples (each client caps its own weight)")
-        need(cfg.server.clip_norm == 0 and cfg.server.max_update_norm == 0 and pv.mode == "off",
+        need(cfg.server.clip_norm == 0 and cfg.server.max_update_norm == 0 and pv.mode != "central",
              "secagg.enabled: server.clip_norm, server.max_update_norm and privacy.mode = 'central' need each "
-             "client's update, which the server never sees; set them to 0 / 'off'")
+             "client's update, which the server never sees; set them to 0 / 'off' (privacy.mode = 'distributed' "
+             "clips and noises on the clients)")
         need(not sa.threshold or not sa.neighbours or sa.threshold <= sa.neighbours,
              f"secagg.threshold = {sa.threshold} exceeds secagg.neighbours = {sa.neighbours}")
     need(cfg.server.clip_norm >= 0, f"server.clip_norm must be >= 0, got {cfg.server.clip_norm}")

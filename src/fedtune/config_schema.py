@@ -88,8 +88,13 @@ class ServerSection:
 
 @dataclass
 class PrivacySection:
-    mode: Literal["off", "central"] = opt("off", "off; central = client-level DP-FedAvg with a trusted server: each selected client's update clipped to privacy.clip, Gaussian noise of std noise_multiplier x clip added to the sum, divided by the clients per round (fixed-size sampling without replacement of server.clients_per_round, or server.fraction, of the clients); example counts ignored")
-    clip: float = opt(1.0, "L2 norm each client's update (adapter minus the global adapter) is clipped to")
+    mode: Literal["off", "central", "distributed"] = opt("off", "off; central = client-level DP-FedAvg with a trusted server: each selected client's update clipped to privacy.clip, Gaussian noise of std noise_multiplier x clip added to the sum, divided by the clients per round (fixed-size sampling without replacement of server.clients_per_round, or server.fraction, of the clients); example counts ignored. distributed = each client clips its own update and adds its share of the noise, std noise_multiplier x clip / sqrt(noise_shares), under secure aggregation (needs secagg.enabled), so no party sees an update without noise; FedIT only. FedBPT: central, on the prompt mean each client returns")
+    clip: float = opt(1.0, "L2 norm each client's update (adapter minus the global adapter; FedBPT: its prompt mean minus the global one) is clipped to; the initial clip with adaptive_clip")
+    adaptive_clip: bool = opt(False, "adapt the clip each round toward the target_quantile of the update norms (Andrew et al. 2021): the count of updates within the clip is released with noise of std count_noise, and the update's noise multiplier is raised so that the round stays a Gaussian mechanism of noise_multiplier")
+    target_quantile: float = opt(0.5, "adaptive_clip: the fraction of client updates meant to lie within the clip")
+    clip_lr: float = opt(0.2, "adaptive_clip: learning rate of the geometric clip update, clip *= exp(-clip_lr x (fraction within - target_quantile))")
+    count_noise: float = opt(0.0, "adaptive_clip: std of the noise on the count of updates within the clip (0 = max(clients per round / 20, noise_multiplier))")
+    noise_shares: int = opt(0, "distributed: the noise is split into this many client shares (0 = the clients per round); a round summed from fewer shares is accounted with the lower noise it had; set it below the clients per round to tolerate dropouts at full noise")
     noise_multiplier: float = opt(0.0, "noise std / clip; 0 = calibrate it from privacy.target_epsilon for run.rounds rounds")
     target_epsilon: float = opt(0.0, "the (epsilon, delta) budget: the run refuses to start, or stops before the round, that would exceed it (0 = no budget: epsilon is only reported; then set noise_multiplier)")
     delta: float = opt(1e-5, "delta of (epsilon, delta)-DP; keep it below 1 / number of clients")

@@ -281,7 +281,8 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
     pv = (summary or {}).get("privacy")
     if pv:
         lines += ["", f"Differential privacy ({pv['mode']}, client level): ε = {pv['epsilon']:.4g} at δ = {pv['delta']:g} "
-                      f"spent over the run (noise multiplier {pv['noise_multiplier']:.4g}, clip {pv['clip']:g}, "
+                      f"spent over the run (noise multiplier {pv['noise_multiplier']:.4g}, "
+                      f"{'adaptive clip, last round at ' if 'next_clip' in pv else 'clip '}{pv['clip']:.4g}, "
                       f"{pv['clients_per_round']} of {pv['clients']} clients per round; RDP accountant, dp-accounting). "
                       "Each round's ε is in metrics.jsonl (aggregate.dp)."]
     lines += ["", "## Results on the held-out set", ""]

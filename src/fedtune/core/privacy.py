@@ -1,38 +1,39 @@
-"""Client-level differential privacy for the mean rules (DP-FedAvg: McMahan et al., "Learning
-Differentially Private Recurrent Language Models", ICLR 2018), with Google's dp-accounting.
+"""Client-level differential privacy: the accountant and the run's privacy ledger
+(DP-FedAvg: McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR
+2018; adaptive clipping: Andrew et al., "Differentially Private Learning with Adaptive
+Clipping", NeurIPS 2021), with Google's dp-accounting. What the server and the clients do
+with the updates is in `fedtune.core.dp_fold` (server) and `fedtune.core.dp_client` (client).
 
 Each round the server samples a fixed number m of the N clients (uniformly, without
-replacement), clips each client's update (its difference from the global arrays) to L2 norm
-C, sums the clipped updates, adds Gaussian noise of standard deviation z*C to every
-coordinate, and divides by m (not by the number that replied: a dropped client only lowers
-the signal). The result is the mean update a server optimizer (FedAvg, FedAvgM, FedAdam...)
-then applies: post-processing, which costs no privacy. Every client weighs the same; example
-counts are ignored (they would change the sensitivity).
+replacement); each selected client's update (its difference from the global arrays) is
+clipped to L2 norm C; Gaussian noise of standard deviation z*C is added to the sum, by the
+server (central DP) or as m shares of std z*C/sqrt(m), one added by each client before
+secure aggregation (distributed DP). Every client weighs the same.
 
-Accounting: dp-accounting's RDP accountant, the mechanism described as
-`SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))` composed once per round,
-under the replace-one neighbouring relation that sampling a fixed number of clients needs (N
-is public). Replacing one client's clipped update moves the sum by at most 2C, so the
-Gaussian's noise multiplier relative to that sensitivity is z*C / 2C = z / 2. A target
-epsilon is met by calibrating z with `dp_accounting.calibrate_dp_mechanism` for the planned
-rounds. Nothing here is a hand-written bound.
+Accounting: dp-accounting's RDP accountant, each round described as
+`SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z_r / 2))`, under the replace-one
+neighbouring relation that sampling a fixed number of clients needs (N is public). Replacing
+one client's clipped update moves the sum by at most 2C, so the Gaussian's noise multiplier
+relative to that sensitivity is z*C / 2C = z / 2. z_r is the round's effective noise
+multiplier: z, or, in distributed DP when fewer clients than planned added their share,
+z * sqrt(shares / planned) (the ledger keeps every round's z_r, and a checkpoint carries
+them). A target epsilon is met by calibrating z with `dp_accounting.calibrate_dp_mechanism`
+for the planned rounds. Nothing here is a hand-written bound.
 
-The noise comes from the operating system's entropy, never from the run seed (a seed written
-in a config would let anyone who reads it subtract the noise); tests pass their own generator.
+Adaptive clipping releases one more noisy value per round, the count of clients whose update
+was within the clip (noise std sigma_b). The update's noise multiplier is then
+z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2), so that the two releases together are exactly a
+Gaussian mechanism of multiplier z (Andrew et al., Theorem 1; a test checks it with
+dp-accounting), and the accountant composes z as before. The clip follows the geometric rule
+C <- C * exp(-eta * (noisy fraction within the clip - gamma)).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import numpy as np
-
-from fedtune.core.arrays import Arrays
-from fedtune.core.robust import clip_to_norm
-from fedtune.core.strategy import FitRes, OneExchange
 from fedtune.errors import FedtuneError
 
 MIN_Z, MAX_Z = 1e-3, 1e3  # the bracket calibration searches
@@ -57,14 +58,32 @@ def _accountant():
     return RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
 
 
+def _runs(zs: tuple[float, ...]) -> list[tuple[float, int]]:
+    """Consecutive equal noise multipliers as (z, count)."""
+    out: list[tuple[float, int]] = []
+    for z in zs:
+        if out and out[-1][0] == z:
+            out[-1] = (z, out[-1][1] + 1)
+        else:
+            out.append((z, 1))
+    return out
+
+
 @functools.lru_cache(maxsize=1024)  # a pure function of its arguments; a run asks each round twice
-def epsilon(num_clients: int, per_round: int, z: float, rounds: int, delta: float) -> float:
-    """The (epsilon, delta)-DP epsilon after `rounds` rounds (0 rounds: 0)."""
-    if rounds <= 0:
+def epsilon_of(num_clients: int, per_round: int, zs: tuple[float, ...], delta: float) -> float:
+    """The (epsilon, delta)-DP epsilon after one round per entry of zs (each round's noise
+    multiplier); no rounds: 0."""
+    if not zs:
         return 0.0
     acc = _accountant()
-    acc.compose(_event(num_clients, per_round, z, rounds))
+    for z, count in _runs(zs):
+        acc.compose(_event(num_clients, per_round, z, count))
     return float(acc.get_epsilon(delta))
+
+
+def epsilon(num_clients: int, per_round: int, z: float, rounds: int, delta: float) -> float:
+    """The epsilon after `rounds` rounds at noise multiplier z (0 rounds: 0)."""
+    return epsilon_of(num_clients, per_round, (float(z),) * max(0, rounds), delta)
 
 
 def calibrate(num_clients: int, per_round: int, rounds: int, target_epsilon: float, delta: float) -> float:
@@ -82,17 +101,42 @@ def calibrate(num_clients: int, per_round: int, rounds: int, target_epsilon: flo
     return float(z)
 
 
-@dataclass
+def update_noise_multiplier(z: float, count_std: float) -> float:
+    """Adaptive clipping: the update's noise multiplier that, with the clip count noised at
+    std count_std, makes one round a Gaussian mechanism of multiplier z (Andrew et al.)."""
+    if count_std <= z / 2:
+        raise FedtuneError(f"privacy.adaptive_clip: the clip count's noise std {count_std:g} must exceed half the noise "
+                           f"multiplier ({z:g} / 2), or nothing is left for the update; raise privacy.count_noise")
+    return (z ** -2 - (2.0 * count_std) ** -2) ** -0.5
+
+
+@dataclass(frozen=True)
 class DPSettings:
-    clip: float  # C: each client's update is clipped to this L2 norm
+    clip: float  # C: each client's update is clipped to this L2 norm (adaptive: the initial C)
     noise_multiplier: float  # z: noise std = z * C (0: calibrate from target_epsilon)
     delta: float
     target_epsilon: float = 0.0  # 0: no budget, just report epsilon
     rounds: int = 0  # the planned rounds (for calibration)
+    mode: str = "central"  # central: the server noises the sum; distributed: each client adds a share
+    noise_shares: int = 0  # distributed: the noise is split into this many shares (0 = clients per round)
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5  # adaptive: gamma, the fraction of updates meant to lie within the clip
+    clip_lr: float = 0.2  # adaptive: eta of the geometric update
+    count_noise: float = 0.0  # adaptive: std of the noise on the clip count (0 = max(m / 20, z))
+
+    @classmethod
+    def from_config(cls, pv, rounds: int) -> "DPSettings | None":
+        """From a config's [privacy] section (None when privacy.mode = 'off')."""
+        if pv.mode == "off":
+            return None
+        return cls(pv.clip, pv.noise_multiplier, pv.delta, pv.target_epsilon, rounds, mode=pv.mode,
+                   noise_shares=pv.noise_shares, adaptive_clip=pv.adaptive_clip, target_quantile=pv.target_quantile,
+                   clip_lr=pv.clip_lr, count_noise=pv.count_noise)
 
 
 class DPAccounting:
-    """The run's privacy ledger: z (given or calibrated), and epsilon after each round."""
+    """The run's privacy ledger: z (given or calibrated), every completed round's effective
+    noise multiplier, the current clip, and epsilon after each round."""
 
     def __init__(self, s: DPSettings, num_clients: int, per_round: int, check_plan: bool = True):
         if per_round > num_clients:
@@ -102,55 +146,123 @@ class DPAccounting:
             self.z = s.noise_multiplier
         else:
             self.z = calibrate(num_clients, per_round, s.rounds, s.target_epsilon, s.delta)
+        self.round_z: list[float] = []  # completed rounds' effective noise multipliers
+        self.clip = s.clip
+        self.shares = s.noise_shares or per_round
+        self.count_std = (s.count_noise or max(per_round / 20.0, self.z)) if s.adaptive_clip else 0.0
+        self.z_update = update_noise_multiplier(self.z, self.count_std) if s.adaptive_clip else self.z
         if check_plan and s.target_epsilon and self.epsilon_after(s.rounds) > s.target_epsilon * (1 + 1e-9):
             raise BudgetExhausted(
                 f"privacy.noise_multiplier = {self.z:g} spends epsilon = {self.epsilon_after(s.rounds):.4g} over "
                 f"{s.rounds} rounds, more than privacy.target_epsilon = {s.target_epsilon:g}: raise the noise "
                 "multiplier (or set it to 0 to calibrate it), or run fewer rounds")
 
+    def _plan(self, rounds: int) -> tuple[float, ...]:
+        """Each of the first `rounds` rounds' noise multiplier: the completed ones as they were, the rest z."""
+        zs = tuple(self.round_z[:rounds])
+        return zs + (self.z,) * max(0, rounds - len(zs))
+
     def epsilon_after(self, rounds: int) -> float:
-        return epsilon(self.n, self.m, self.z, rounds, self.s.delta)
+        return epsilon_of(self.n, self.m, self._plan(rounds), self.s.delta)
+
+    def spent(self) -> float:
+        return epsilon_of(self.n, self.m, tuple(self.round_z), self.s.delta)
 
     def check_budget(self, rnd: int) -> None:
         """Refuse to start round `rnd` if it would exceed the target (the run stops resumably)."""
-        if self.s.target_epsilon and self.epsilon_after(rnd) > self.s.target_epsilon * (1 + 1e-9):
+        eps = epsilon_of(self.n, self.m, self._plan(rnd - 1) + (self.z,), self.s.delta)
+        if self.s.target_epsilon and eps > self.s.target_epsilon * (1 + 1e-9):
             raise BudgetExhausted(
-                f"round {rnd} would spend epsilon = {self.epsilon_after(rnd):.4g} > privacy.target_epsilon = "
+                f"round {rnd} would spend epsilon = {eps:.4g} > privacy.target_epsilon = "
                 f"{self.s.target_epsilon:g} (delta {self.s.delta:g}); the run stops after round {rnd - 1}, which is "
                 "in the checkpoint")
 
+    # ------------------------------------------------------------------ one round's noise
+
+    def update_std(self) -> float:
+        """Std of the noise on the sum of the clipped updates (all shares together)."""
+        return self.z_update * self.clip
+
+    def share_std(self) -> float:
+        """Distributed DP: the std of one client's share of the update noise."""
+        return self.update_std() / math.sqrt(self.shares)
+
+    def close_round(self, rnd: int, shares_added: int | None = None, within_clip: float | None = None) -> dict:
+        """Book round rnd (shares_added: distributed DP's count of noise shares in the sum;
+        within_clip: adaptive clipping's noisy count of updates within the clip, which moves
+        the clip for the next round). Returns the round's record."""
+        del self.round_z[rnd - 1:]
+        z_r = self.z if shares_added is None else self.z * math.sqrt(shares_added / self.shares)
+        self.round_z.append(z_r)
+        rec = {"epsilon": self.spent(), "delta": self.s.delta, "noise_multiplier": self.z, "clip": self.clip,
+               "clients_per_round": self.m, "clients": self.n, "mode": self.s.mode}
+        if shares_added is not None:
+            rec.update(noise_shares=shares_added, planned_shares=self.shares, round_noise_multiplier=z_r)
+        if within_clip is not None:
+            fraction = within_clip / self.m
+            rec.update(within_clip=round(fraction, 4), update_noise_multiplier=self.z_update,
+                       count_noise=self.count_std)
+            self.clip *= math.exp(-self.s.clip_lr * (fraction - self.s.target_quantile))
+            rec["next_clip"] = self.clip
+        return rec
+
     def record(self, rnd: int) -> dict:
         return {"epsilon": self.epsilon_after(rnd), "delta": self.s.delta, "noise_multiplier": self.z,
-                "clip": self.s.clip, "clients_per_round": self.m, "clients": self.n}
+                "clip": self.clip, "clients_per_round": self.m, "clients": self.n}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def to_meta(self) -> dict:
+        return {"noise_multiplier": self.z, "round_z": list(self.round_z), "clip": self.clip}
 
 
-class DPMeanFold(OneExchange):
-    """One round of DP-FedAvg's server step: clip each update, sum, add noise, divide by m, then
-    the strategy's server optimizer on that noisy mean."""
+class DPLedger:
+    """What a strategy with client-level DP carries: the settings, the ledger once the clients
+    are known, and the ledger's state from a checkpoint until then."""
 
-    def __init__(self, strategy, global_arrays: Arrays, accounting: DPAccounting, rnd: int,
-                 rng: np.random.Generator | None = None):
-        self.strategy, self.g, self.acc, self.rnd = strategy, global_arrays, accounting, rnd
-        self.rng = rng or np.random.Generator(np.random.PCG64(secrets.randbits(128)))
-        self.sum = {k: np.zeros(v.shape, np.float64) for k, v in global_arrays.items()}
-        self.clipped, self.count = [], 0
+    def __init__(self, settings: DPSettings | None):
+        self.settings = settings
+        self.accounting: DPAccounting | None = None
+        self.resumed: dict | None = None
+        self.rng = None  # tests only: a seeded generator for the noise (else the OS's entropy)
 
-    def add(self, res: FitRes) -> None:
-        clipped, norm = clip_to_norm(self.g, res.arrays, self.acc.s.clip)
-        if norm > self.acc.s.clip:
-            self.clipped.append(res.client_id)
-        for k, acc in self.sum.items():
-            acc += clipped[k].astype(np.float64) - self.g[k].astype(np.float64)
-        self.count += 1
+    def __bool__(self) -> bool:
+        return self.settings is not None
 
-    def result(self) -> tuple[Arrays, dict]:
-        std = self.acc.z * self.acc.s.clip
-        mean = {k: (self.g[k].astype(np.float64) + (acc + self.rng.normal(0.0, std, acc.shape)) / self.acc.m)
-                .astype(self.g[k].dtype) for k, acc in self.sum.items()}
-        out = self.strategy.server_step(self.g, mean)
-        return out, {"dp": self.acc.record(self.rnd), "clipped": self.clipped, "dp_updates": self.count}
+    def start_round(self, rnd: int, num_clients: int, per_round: int) -> DPAccounting:
+        """The ledger for round rnd (created on the first round; no round past the budget)."""
+        if self.accounting is None:
+            s = self.settings
+            if self.resumed:  # a resumed run keeps its noise multiplier: never recalibrated mid-run
+                s = replace(s, noise_multiplier=float(self.resumed["noise_multiplier"]))
+            self.accounting = DPAccounting(s, num_clients, per_round, check_plan=self.resumed is None)
+            if self.resumed:
+                self.accounting.round_z = [float(z) for z in self.resumed.get("round_z", [])]
+                self.accounting.clip = float(self.resumed.get("clip", s.clip))
+        self.accounting.check_budget(rnd)
+        return self.accounting
+
+    def state(self) -> dict:
+        if self.accounting is not None:
+            return {"dp": self.accounting.to_meta()}
+        return {"dp": self.resumed} if self.resumed else {}
+
+    def load_state(self, meta: dict) -> None:
+        if self.settings is None:
+            return
+        dp = meta.get("dp")
+        if dp is None and meta.get("dp_noise_multiplier"):  # a checkpoint from before the ledger kept rounds
+            dp = {"noise_multiplier": meta["dp_noise_multiplier"]}
+        self.resumed, self.accounting = dp, None
 
 
-def noise_std_of_mean(z: float, clip: float, per_round: int) -> float:
-    """The standard deviation the noise adds to each coordinate of the mean update."""
-    return z * clip / per_round if per_round else math.inf
+def privacy_summary(history: list[dict]) -> dict | None:
+    """The run's privacy statement for summary.json: the last round's DP record."""
+    dp = history[-1].get("aggregate", {}).get("dp") if history else None
+    return dict(dp) if dp else None
+
+
+def epsilon_text(record: dict) -> str:
+    """The console's note of a round's spent epsilon ('' without DP)."""
+    dp = record.get("aggregate", {}).get("dp")
+    return f" · ε {dp['epsilon']:.3g} (δ {dp['delta']:g})" if dp else ""

@@ -83,8 +83,14 @@ def _bytes_array(arrays: Arrays, key: str, size: int | None = None) -> np.ndarra
 class SecAggFold:
     """The server's side of one round (an Aggregator with four exchanges)."""
 
-    def __init__(self, strategy, global_arrays: Arrays, rnd: int, settings: SecAggSettings, seed: int):
+    def __init__(self, strategy, global_arrays: Arrays, rnd: int, settings: SecAggSettings, seed: int,
+                 layout: Arrays | None = None, finish=None):
+        """layout: the arrays each client's masked vector holds (default: the global arrays);
+        finish(sums, weight, survivors) -> (next global arrays, metrics) (default: the
+        weighted mean through the strategy's server step)."""
         self.strategy, self.g, self.rnd, self.s, self.seed = strategy, global_arrays, rnd, settings, seed
+        self.layout = layout if layout is not None else global_arrays
+        self.finish = finish
         self.pk: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # client: (c_pk, s_pk)
         self.phase, self.graph, self.t = 0, {}, 0
         self.u1: dict[str, Arrays] = {}  # client: its sealed shares, by recipient
@@ -138,7 +144,7 @@ class SecAggFold:
             self.u1[cid] = res.arrays
         elif phase == 2:
             masked = res.arrays.get("masked")
-            n = sum(v.size for v in self.g.values()) + 1
+            n = sum(v.size for v in self.layout.values()) + 1
             if sorted(res.arrays) != ["masked"] or masked.dtype != np.uint64 or masked.shape != (n,):
                 raise UpdateRejected(f"secure aggregation: a masked input is uint64[{n}] under 'masked'")
             self.total = masked.copy() if self.total is None else self.total + masked
@@ -186,15 +192,19 @@ class SecAggFold:
         weight = vec[-1]
         if weight <= 0:
             raise SecAggFailed(f"round {self.rnd}: the unmasked weights sum to {weight}")
-        mean, i = {}, 0
-        for k in sorted(self.g):
-            size = self.g[k].size
-            mean[k] = (vec[i:i + size] / weight).reshape(self.g[k].shape).astype(self.g[k].dtype)
+        sums, i = {}, 0
+        for k in sorted(self.layout):
+            size = self.layout[k].size
+            sums[k] = vec[i:i + size].reshape(self.layout[k].shape)
             i += size
-        out = self.strategy.server_step(self.g, {k: mean[k] for k in self.g})
-        return out, {"secagg": {"survivors": len(self.u2), "dropped_after_sharing": len(self.u1) - len(self.u2),
-                                "threshold": self.t, "neighbours": min(len(v) for v in self.graph.values()),
-                                "weight_sum": float(weight)}}
+        info = {"secagg": {"survivors": len(self.u2), "dropped_after_sharing": len(self.u1) - len(self.u2),
+                           "threshold": self.t, "neighbours": min(len(v) for v in self.graph.values()),
+                           "weight_sum": float(weight)}}
+        if self.finish is not None:
+            out, metrics = self.finish(sums, float(weight), len(self.u2))
+            return out, {**metrics, **info}
+        mean = {k: (sums[k] / weight).astype(self.g[k].dtype) for k in self.g}
+        return self.strategy.server_step(self.g, mean), info
 
 
 def mask_info(rnd: int, a: str, b: str) -> bytes:

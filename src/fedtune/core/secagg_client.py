@@ -23,9 +23,10 @@ def _aad(rnd: int, sender: str, recipient: str) -> bytes:
 
 
 class SecAggClient:
-    def __init__(self, inner, max_weight: int = 0):
+    def __init__(self, inner, max_weight: int = 0, unit_weight: bool = False):
         self.inner = inner
         self.max_weight = max_weight  # a client's weight is bounded here: the server cannot check it
+        self.unit_weight = unit_weight  # distributed DP: every client weighs 1
         self.state: dict[tuple[str, int], dict] = {}
 
     def fit(self, cid: str, ins: FitIns) -> FitRes:
@@ -49,6 +50,8 @@ class SecAggClient:
     def _train(self, cid: str, rnd: int, ins: FitIns) -> FitRes:
         res = self.inner.fit(cid, ins)
         weight = min(res.num_examples, self.max_weight) if self.max_weight else res.num_examples
+        if self.unit_weight:
+            weight = 1
         c_sk, c_pk = X.new_keypair()
         s_sk, s_pk = X.new_keypair()
         self.state = {k: v for k, v in self.state.items() if k[0] != cid}  # one round at a time per client

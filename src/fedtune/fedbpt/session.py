@@ -19,6 +19,7 @@ import numpy as np
 from fedtune.config import Config
 from fedtune.core import atomic
 from fedtune.core.arrays import Arrays
+from fedtune.core.privacy import DPSettings, epsilon_text, privacy_summary
 from fedtune.data import partition as P
 from fedtune.data.instructions import normalize_text
 from fedtune.fedbpt import objective as O
@@ -100,7 +101,8 @@ def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy:
     return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                           rounds=cfg.run.rounds, num_clients=num_clients, popsize=fb.popsize,
                           local_iter=fb.local_iter, fixes=fixes, fraction=s.fraction,
-                          clients_per_round=s.clients_per_round, bound=fb.bound, max_update_norm=s.max_update_norm)
+                          clients_per_round=s.clients_per_round, bound=fb.bound, max_update_norm=s.max_update_norm,
+                          dp=DPSettings.from_config(cfg.privacy, cfg.run.rounds))
 
 
 def better(a: dict, b: dict | None) -> bool:
@@ -211,6 +213,7 @@ class FedBPTSession:
             msg += f" · dev {self.spec.metric} {ev['dev_score']:.4f} · dev loss {ev['dev_loss']:.4f}"
         agg = record.get("aggregate", {})
         msg += f" · sigma {agg.get('sigma', float('nan')):.3f} · |z| {agg.get('mean_norm', float('nan')):.2f}"
+        msg += epsilon_text(record)
         if record["dropped"]:
             msg += f" · dropped {len(record['dropped'])}"
         return msg
@@ -261,6 +264,8 @@ class FedBPTSession:
             "test_source": self.data.test_source, "test_overlap_removed": self.data.overlap_removed,
             "communication": communication(history),
         }
+        if (pv := privacy_summary(history)):
+            summary["privacy"] = pv
         atomic.write_text(run_dir / "prompt" / "summary.json",
                           json.dumps({k: summary[k] for k in ("best", "final", "selected")}))
         return summary

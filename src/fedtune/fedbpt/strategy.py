@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fedtune.core.arrays import Arrays
+from fedtune.core.dp_fold import DPMeanFold
+from fedtune.core.privacy import DPLedger, DPSettings
 from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes, SelectingStrategy
 from fedtune.fedbpt.es import es_options
@@ -85,24 +87,33 @@ def improved_step(means: np.ndarray, fitness: np.ndarray, sizes: np.ndarray, sig
     else:
         w = np.zeros(k)
         w[np.argsort(fitness, kind="stable")] = rank_weights(k)
-    mean = w @ means.astype(np.float64)
+    mean, sigma = project_and_anneal(w @ means.astype(np.float64), sigma, fixes)
+    return mean, sigma, w
+
+
+def project_and_anneal(mean: np.ndarray, sigma: float, fixes: Fixes) -> tuple[np.ndarray, float]:
+    """The improved step after the new mean: back into the prompt-norm ball, sigma annealed."""
     if fixes.prompt_norm_max > 0:
-        radius = fixes.prompt_norm_max * math.sqrt(d)
+        radius = fixes.prompt_norm_max * math.sqrt(mean.shape[0])
         norm = float(np.linalg.norm(mean))
         if norm > radius:
             mean = mean * (radius / norm)
     if fixes.sigma_decay < 1.0:
         sigma = max(fixes.sigma_min, sigma * fixes.sigma_decay)
-    return mean, float(sigma), w
+    return mean, float(sigma)
 
 
 class FedBPTStrategy(SelectingStrategy):
     def __init__(self, *, mode: str, intrinsic_dim: int, sigma0: float, seed: int, rounds: int, num_clients: int,
                  popsize: int, local_iter: int, fixes: Fixes | None = None, fraction: float = 1.0,
-                 clients_per_round: int = 0, bound: float = 0.0, max_update_norm: float = 0.0):
+                 clients_per_round: int = 0, bound: float = 0.0, max_update_norm: float = 0.0,
+                 dp: DPSettings | None = None):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
         if mode not in ("reference", "improved"):
             raise ValueError(f"unknown mode {mode!r}")
+        if dp is not None and (mode != "improved" or dp.mode != "central"):
+            raise ValueError("FedBPT with DP: central DP in improved mode")
+        self.dp = DPLedger(dp)
         self.mode = mode
         self.d = intrinsic_dim
         self.sigma0 = float(sigma0)
@@ -138,8 +149,11 @@ class FedBPTStrategy(SelectingStrategy):
 
     def configure_fit(self, rnd: int, global_arrays: Arrays, client_ids: list[str]) -> dict[str, FitIns]:
         index = {cid: i for i, cid in enumerate(sorted(client_ids))}
+        selected = self.select(rnd, client_ids)
+        if self.dp:  # no round past the budget
+            self.dp.start_round(rnd, len(client_ids), len(selected))
         return {cid: FitIns(global_arrays, {"round": rnd, "es_seed": self.es_seed(rnd, index[cid])})
-                for cid in self.select(rnd, client_ids)}
+                for cid in selected}
 
     def check_reply(self, ins: FitIns, res: FitRes) -> None:
         """A reply holds exactly mean (d, dtype as sent), fitness (1,) and sigmas (1..local_iter),
@@ -169,7 +183,26 @@ class FedBPTStrategy(SelectingStrategy):
 
     # ------------------------------------------------------------------ the server step
 
+    def aggregator(self, rnd: int, global_arrays: Arrays):
+        if self.dp:  # the clipped, noised mean of the clients' prompt means (each client weighs the same)
+            return _DPRound(self, global_arrays, self.dp.accounting, rnd, self.dp.rng, ["mean"])
+        return super().aggregator(rnd, global_arrays)
+
+    def server_step(self, global_arrays: Arrays, avg: Arrays) -> Arrays:
+        """The improved step from a mean of the client means computed elsewhere (central DP)."""
+        self.mean, self.sigma = project_and_anneal(avg["mean"].astype(np.float64), self.sigma, self.fixes)
+        self.steps += 1
+        return self._global()
+
+    def _round_metrics(self, out: Arrays) -> dict:
+        return {"sigma": float(out["sigma"][0]), "mean_norm": float(np.linalg.norm(out["mean"]))}
+
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
+        if self.dp:  # the same arithmetic as folding them one at a time
+            fold = self.aggregator(rnd, global_arrays)
+            for r in results:
+                fold.add(r)
+            return fold.result()
         means = np.stack([r.arrays["mean"].astype(np.float64) for r in results])
         fitness = np.array([float(r.arrays["fitness"][0]) for r in results])
         if self.mode == "reference":
@@ -184,8 +217,8 @@ class FedBPTStrategy(SelectingStrategy):
             self.steps += 1
             metrics = {"weights": [round(float(x), 4) for x in w]}
         out = self._global()
-        metrics.update({"sigma": float(out["sigma"][0]), "mean_norm": float(np.linalg.norm(out["mean"])),
-                        "fitness_best": float(fitness.min()), "fitness_mean": float(fitness.mean())})
+        metrics.update(self._round_metrics(out))
+        metrics.update({"fitness_best": float(fitness.min()), "fitness_mean": float(fitness.mean())})
         return out, metrics
 
     # ------------------------------------------------------------------ the reference's global ES
@@ -225,7 +258,8 @@ class FedBPTStrategy(SelectingStrategy):
 
     def state(self) -> tuple[Arrays, dict]:
         if self.mode == "improved":
-            return {"mean": self.mean.copy()}, {"mode": "improved", "sigma": self.sigma, "steps": self.steps}
+            return {"mean": self.mean.copy()}, {"mode": "improved", "sigma": self.sigma, "steps": self.steps,
+                                                **self.dp.state()}
         counts = np.array([len(m) for _, m, _ in self.log], dtype=np.int64)
         arrays = {"log/counts": counts, "es/mean": np.array(self.es.mean, dtype=np.float64)}
         if self.log:
@@ -240,6 +274,7 @@ class FedBPTStrategy(SelectingStrategy):
             self.mean = np.array(arrays["mean"], dtype=np.float64)
             self.sigma = float(meta["sigma"])
             self.steps = int(meta.get("steps", 0))
+            self.dp.load_state(meta)
             return
         # rebuild the cma object by replaying every round it was told, then check it landed where it was
         self._reset_reference()
@@ -255,3 +290,9 @@ class FedBPTStrategy(SelectingStrategy):
                 and math.isclose(float(self.es.sigma), meta["sigma"], rel_tol=1e-7)):
             raise FedtuneError("reference-mode checkpoint: replaying the global CMA-ES did not reproduce its saved "
                                "mean and sigma (a different cma version?)")
+
+
+class _DPRound(DPMeanFold):
+    def result(self) -> tuple[Arrays, dict]:
+        out, metrics = super().result()
+        return out, {**metrics, **self.strategy._round_metrics(out)}

@@ -15,10 +15,10 @@ class FedITSite:
 
     def __init__(self, cfg, settings):
         from fedtune.core.client_state import ClientStateStore
-        from fedtune.core.secagg_client import SecAggClient
         from fedtune.data.instructions import PromptFormatter, load_rows, tokenize_rows
         from fedtune.fedit.client import FedITClientApp
         from fedtune.fedit.lora import AdapterSlot, attach_lora
+        from fedtune.fedit.session import wrap_client
         from fedtune.models import load_causal_lm
 
         rows = load_rows(str(settings.data_path), settings.format or cfg.data.format, cfg.data.columns)
@@ -34,7 +34,7 @@ class FedITSite:
         self.inner = FedITClientApp(AdapterSlot(peft_model), {settings.site: tokenized}, cfg.train,
                                     seed=cfg.run.seed, pad_id=lm.tokenizer.pad_token_id, device=lm.device,
                                     amp=lm.autocast, state_store=store, freeze_a=cfg.lora.freeze_a)
-        self.app = SecAggClient(self.inner, cfg.server.max_examples) if cfg.secagg.enabled else self.inner
+        self.app = wrap_client(self.inner, cfg)
 
     def fit(self, client_id: str, ins: FitIns, index: int) -> FitRes:
         self.inner.client_index = {client_id: index}  # seeds data order and dropout as in the embedded simulator

@@ -19,7 +19,8 @@ from fedtune.data import partition as P
 from fedtune.data import skills
 from fedtune.data.instructions import PromptFormatter, Row, load_rows, tokenize_rows, write_jsonl
 from fedtune.core.client_state import ClientStateStore
-from fedtune.core.privacy import DPSettings
+from fedtune.core.dp_client import DistributedDPClient
+from fedtune.core.privacy import DPSettings, epsilon_text, privacy_summary
 from fedtune.core.secagg import SecAggSettings
 from fedtune.core.secagg_client import SecAggClient
 from fedtune.errors import ConfigError, DataError
@@ -74,16 +75,31 @@ def prepare_data(cfg: Config) -> FederatedData:
     return FederatedData(kept, test, parts, removed)
 
 
+def trainable(cfg: Config):
+    """Which adapter arrays are updates (None: all; FFA-LoRA: only the B factors train)."""
+    return (lambda k: ".lora_A." not in k) if cfg.lora.freeze_a else None
+
+
+def wrap_client(app, cfg: Config):
+    """The client app as the config's privacy needs it: distributed DP (clip and noise on the
+    client) inside secure aggregation (the client's update never leaves it unmasked)."""
+    if cfg.privacy.mode == "distributed":
+        app = DistributedDPClient(app, cfg.privacy.noise_multiplier, trainable(cfg))
+    if cfg.secagg.enabled:
+        app = SecAggClient(app, cfg.server.max_examples, unit_weight=cfg.privacy.mode == "distributed")
+    return app
+
+
 def build_strategy(cfg: Config, initial: Arrays) -> FedAvgStrategy:
     """The FedIT server step from a config and the initial adapter (no data, no model)."""
-    s, pv = cfg.server, cfg.privacy
-    dp = None if pv.mode == "off" else DPSettings(pv.clip, pv.noise_multiplier, pv.delta, pv.target_epsilon, cfg.run.rounds)
+    s = cfg.server
     return FedAvgStrategy(initial, seed=cfg.run.seed, fraction=s.fraction,
                           clients_per_round=s.clients_per_round, aggregation=s.aggregation,
                           server_lr=s.server_lr, momentum=s.momentum, beta2=s.beta2, tau=s.tau,
                           max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction,
                           byzantine=s.byzantine, krum_select=s.krum_select,
-                          lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r, dp=dp,
+                          lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r, dp=DPSettings.from_config(cfg.privacy, cfg.run.rounds),
+                          trainable=trainable(cfg),
                           secagg=SecAggSettings(cfg.secagg.neighbours, cfg.secagg.threshold) if cfg.secagg.enabled else None)
 
 
@@ -161,7 +177,7 @@ class FedITSession:
                              pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
                              progress_factory=_bar_factory(self.progress), state_store=store,
                              freeze_a=cfg.lora.freeze_a)
-        return SecAggClient(app, cfg.server.max_examples) if cfg.secagg.enabled else app
+        return wrap_client(app, cfg)
 
     def describe(self, engine: str) -> str:
         s = self.client_sizes
@@ -207,9 +223,7 @@ class FedITSession:
             msg += f" · held-out loss {ev['loss']:.4f}"
         if "exact_match" in ev:
             msg += f" · exact match {ev['exact_match']:.3f}"
-        dp = record.get("aggregate", {}).get("dp")
-        if dp:
-            msg += f" · ε {dp['epsilon']:.3g} (δ {dp['delta']:g})"
+        msg += epsilon_text(record)
         if record["dropped"]:
             msg += f" · dropped {len(record['dropped'])}"
         return msg
@@ -236,9 +250,8 @@ class FedITSession:
         self.save(final, run_dir / "adapter")
         summary = {"algorithm": "fedit", "rounds": len(history), "final": history[-1].get("eval", {}),
                    "client_sizes": self.client_sizes, "test_overlap_removed": self.data.overlap_removed}
-        dp = history[-1].get("aggregate", {}).get("dp")
-        if dp:
-            summary["privacy"] = {"mode": self.cfg.privacy.mode, **dp}
+        if (pv := privacy_summary(history)):
+            summary["privacy"] = pv
         if self.cfg.eval.compare_base:  # B = 0: the initial adapter is the base model exactly
             summary["base"] = self.evaluate_adapter(self.initial, generate=self.cfg.eval.generate)
         return summary

@@ -13,7 +13,9 @@ import numpy as np
 from fedtune.core import fedopt
 from fedtune.core.aggregate import RunningMean
 from fedtune.core.lora_math import ProductMean
-from fedtune.core.privacy import DPAccounting, DPMeanFold, DPSettings
+from fedtune.core.dp_client import round_config
+from fedtune.core.dp_fold import DistributedDPFinish, DPMeanFold, update_keys
+from fedtune.core.privacy import DPLedger, DPSettings
 from fedtune.core.secagg import PHASE, SecAggFold, SecAggSettings
 from fedtune.core.arrays import Arrays, copy
 from fedtune.core.robust import bulyan, clip_to_norm, coordinate_median, multi_krum, trimmed_count, trimmed_mean
@@ -33,7 +35,7 @@ class FedAvgStrategy(SelectingStrategy):
                  beta2: float = 0.99, tau: float = 1e-3, max_update_norm: float = 0.0,
                  clip_norm: float = 0.0, trim_fraction: float = 0.1, byzantine: int = 1, krum_select: int = 0,
                  lora_aggregation: str = "separate", lora_rank: int = 0, train_config: dict | None = None,
-                 dp: DPSettings | None = None, secagg: SecAggSettings | None = None):
+                 dp: DPSettings | None = None, secagg: SecAggSettings | None = None, trainable=None):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
@@ -46,12 +48,14 @@ class FedAvgStrategy(SelectingStrategy):
         self.lora_aggregation, self.lora_rank = lora_aggregation, lora_rank
         if dp is not None and (aggregation not in fedopt.RULES or lora_aggregation != "separate"):
             raise ValueError(f"client-level DP goes with the mean rules, not {aggregation!r} / {lora_aggregation!r}")
-        self.dp, self.dp_accounting = dp, None
-        if secagg is not None and (aggregation not in fedopt.RULES or lora_aggregation != "separate" or dp is not None):
+        self.dp = DPLedger(dp)
+        self.trainable = trainable  # which arrays are updates under DP (None: all; FFA-LoRA: the B factors)
+        central = dp is not None and dp.mode == "central"
+        if secagg is not None and (aggregation not in fedopt.RULES or lora_aggregation != "separate" or central):
             raise ValueError("secure aggregation goes with the mean rules and without central DP")
+        if dp is not None and dp.mode == "distributed" and secagg is None:
+            raise ValueError("distributed DP needs secure aggregation")
         self.secagg = secagg
-        self.dp_resumed_z = None  # the noise multiplier a resumed run keeps (never recalibrated mid-run)
-        self.dp_rng = None  # tests only: a seeded generator for the DP noise (else the OS's entropy)
         self._initial = copy(initial)
         self.aggregation = aggregation
         self.server_lr, self.momentum, self.beta2, self.tau = server_lr, momentum, beta2, tau
@@ -67,18 +71,17 @@ class FedAvgStrategy(SelectingStrategy):
 
     def configure_fit(self, rnd: int, global_arrays: Arrays, client_ids: list[str]) -> dict[str, FitIns]:
         selected = self.select(rnd, client_ids)
-        if self.dp is not None:  # the ledger knows N and m once the clients are known; no round past the budget
-            if self.dp_accounting is None:
-                self.dp_accounting = DPAccounting(self.dp, len(client_ids), len(selected),
-                                                  check_plan=self.dp_resumed_z is None)
-            self.dp_accounting.check_budget(rnd)
+        extra = {PHASE: 0} if self.secagg is not None else {}
+        if self.dp:  # the ledger knows N and m once the clients are known; no round past the budget
+            acc = self.dp.start_round(rnd, len(client_ids), len(selected))
+            if acc.s.mode == "distributed":
+                extra.update(round_config(acc))
         arrays = global_arrays
         if self.aggregation == "scaffold":  # the server control variate travels with the adapter
             self.num_clients = len(client_ids)
             if not self.c:
                 self.c = {k: np.zeros_like(v) for k, v in global_arrays.items()}
             arrays = with_variates(global_arrays, self.c)
-        extra = {PHASE: 0} if self.secagg is not None else {}
         return {cid: FitIns(arrays, {"round": rnd, **extra, **self.train_config}) for cid in selected}
 
     def check_reply(self, ins: FitIns, res: FitRes) -> None:
@@ -93,10 +96,14 @@ class FedAvgStrategy(SelectingStrategy):
         """Rules that need only a running weighted sum (fedavg, fedavgm, fedadam) take client
         results one at a time, so the server holds one sum instead of every client's adapter;
         the robust rules need all updates at once."""
+        keys = update_keys(global_arrays, self.trainable)
+        if self.secagg is not None and self.dp:
+            finish = DistributedDPFinish(self, global_arrays, self.dp.accounting, rnd, keys)
+            return SecAggFold(self, global_arrays, rnd, self.secagg, self.seed, finish.layout(), finish)
         if self.secagg is not None:
             return SecAggFold(self, global_arrays, rnd, self.secagg, self.seed)
-        if self.dp is not None:
-            return DPMeanFold(self, global_arrays, self.dp_accounting, rnd, self.dp_rng)
+        if self.dp:
+            return DPMeanFold(self, global_arrays, self.dp.accounting, rnd, self.dp.rng, keys)
         if self.aggregation in ROBUST:
             return CollectingAggregator(self, rnd, global_arrays)
         if self.aggregation == "scaffold":
@@ -149,19 +156,14 @@ class FedAvgStrategy(SelectingStrategy):
         arrays = {f"m/{k}": np.asarray(v) for k, v in self.m.items()}
         arrays.update({f"v/{k}": np.asarray(v) for k, v in self.v.items()})
         arrays.update({f"c/{k}": np.asarray(v) for k, v in self.c.items()})
-        meta = {"steps": self.steps}
-        if self.dp_accounting is not None:
-            meta["dp_noise_multiplier"] = self.dp_accounting.z
-        return arrays, meta
+        return arrays, {"steps": self.steps, **self.dp.state()}
 
     def load_state(self, arrays: Arrays, meta: dict) -> None:
         self.m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
         self.v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
         self.c = {k[2:]: v for k, v in arrays.items() if k.startswith("c/")}
         self.steps = int(meta.get("steps", 0))
-        if self.dp is not None and meta.get("dp_noise_multiplier"):
-            self.dp_resumed_z = float(meta["dp_noise_multiplier"])
-            self.dp = DPSettings(self.dp.clip, self.dp_resumed_z, self.dp.delta, self.dp.target_epsilon, self.dp.rounds)
+        self.dp.load_state(meta)
 
 
 class MeanFold(OneExchange):
