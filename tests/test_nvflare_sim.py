@@ -104,8 +104,11 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                    # noise too small to see and a clip that never binds: the same adapter, and the
                                    # clients' clip and noise shares travel in FLARE's round config
                                    ["server.aggregation='fedavgm'", "secagg.enabled=true", "privacy.mode='distributed'",
-                                    "privacy.noise_multiplier=1e-12", "privacy.clip=1e3", "privacy.adaptive_clip=true"]],
-                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm", "distributed-dp+secagg"])
+                                    "privacy.noise_multiplier=1e-12", "privacy.clip=1e3", "privacy.adaptive_clip=true"],
+                                   # DP-SGD on each site (Opacus per-example gradients), noise too small to see
+                                   ["server.aggregation='fedavgm'", "train.dpsgd_noise_multiplier=1e-15",
+                                    "train.dpsgd_clip=1e3"]],
+                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm", "distributed-dp+secagg", "dpsgd"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
     """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
     folder); FedProx and FedYogi change only the client's loss and the server step."""
@@ -123,6 +126,9 @@ def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engine
     if "secagg.enabled=true" in extra:
         recs = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
         assert all(r["exchanges"] == 4 and r["aggregate"]["secagg"]["survivors"] == 3 for r in recs)
+    if "train.dpsgd_noise_multiplier=1e-15" in extra:
+        recs = [json.loads(x) for x in (flr / "metrics.jsonl").read_text().splitlines()]
+        assert [r["dpsgd"]["steps_max"] for r in recs] == [2, 4] and recs[1]["dpsgd"]["epsilon_max"] > 0
     if "privacy.mode='distributed'" in extra:
         dp = [r["aggregate"]["dp"] for r in recs]
         assert [d["noise_shares"] for d in dp] == [3, 3] and dp[1]["epsilon"] > dp[0]["epsilon"] > 0

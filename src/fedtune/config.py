@@ -208,6 +208,12 @@ def validate(cfg: Config, source: str = "config") -> None:
         need(pv.mode != "distributed" or cfg.secagg.enabled,
              "privacy.mode = 'distributed': each client adds only a share of the noise, so the server must see only "
              "the sum: set secagg.enabled = true (or use privacy.mode = 'central' with a trusted server)")
+    t = cfg.train
+    if t.dpsgd_noise_multiplier:
+        need(t.dpsgd_noise_multiplier > 0 and t.dpsgd_clip > 0 and 0 < t.dpsgd_delta < 1,
+             f"train.dpsgd_noise_multiplier ({t.dpsgd_noise_multiplier}) and train.dpsgd_clip ({t.dpsgd_clip}) must be "
+             f"> 0 and train.dpsgd_delta ({t.dpsgd_delta}) in (0, 1)")
+        need(cfg.run.algorithm == "fedit", "train.dpsgd_noise_multiplier is sample-level DP for FedIT's local training")
     sa = cfg.secagg
     need(sa.neighbours >= 0 and sa.threshold >= 0, "secagg.neighbours and secagg.threshold must be >= 0")
     if sa.enabled:

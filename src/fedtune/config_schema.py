@@ -137,6 +137,9 @@ class TrainSection:
     warmup_steps: int = opt(0, "linear warm-up steps at the start of each local round")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     prox_mu: float = opt(0.0, "FedProx: proximal term mu/2 * ||w - w_global||^2 on the LoRA parameters in every local step (0 = off, plain FedAvg clients)")
+    dpsgd_noise_multiplier: float = opt(0.0, "sample-level DP-SGD in local training (0 = off): each step samples batch_size rows without replacement, clips each example's gradient (Opacus per-example gradients) to dpsgd_clip, adds Gaussian noise of std dpsgd_noise_multiplier x dpsgd_clip to the sum; each client's rows are accounted over its steps (dp-accounting RDP), separately from [privacy]")
+    dpsgd_clip: float = opt(1.0, "DP-SGD: L2 norm each example's gradient (all LoRA parameters together) is clipped to")
+    dpsgd_delta: float = opt(1e-5, "DP-SGD: delta of the sample-level (epsilon, delta); keep it below 1 / rows per client")
 
 
 @dataclass

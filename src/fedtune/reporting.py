@@ -285,6 +285,11 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
                       f"{'adaptive clip, last round at ' if 'next_clip' in pv else 'clip '}{pv['clip']:.4g}, "
                       f"{pv['clients_per_round']} of {pv['clients']} clients per round; RDP accountant, dp-accounting). "
                       "Each round's ε is in metrics.jsonl (aggregate.dp)."]
+    ps = (summary or {}).get("privacy_sample_level")
+    if ps:
+        lines += ["", f"Sample-level DP-SGD in local training: every client's rows at ε ≤ {ps['epsilon_max']:.4g}, "
+                      f"δ = {ps['delta']:g} (noise multiplier {ps['noise_multiplier']:g}, up to {ps['steps_max']} "
+                      "steps per client; RDP accountant, dp-accounting). Each round's is in metrics.jsonl (dpsgd)."]
     lines += ["", "## Results on the held-out set", ""]
     lines.append(results_table(summary) if summary else "_not available yet_")
     if summary and summary.get("client_sizes"):
@@ -377,6 +382,9 @@ def print_summary(summary: dict, console) -> None:
     pv = summary.get("privacy")
     if pv:
         console.print(f"differential privacy ({pv['mode']}): ε = {pv['epsilon']:.4g}, δ = {pv['delta']:g}")
+    ps = summary.get("privacy_sample_level")
+    if ps:
+        console.print(f"sample-level DP-SGD: every client's rows at ε ≤ {ps['epsilon_max']:.4g}, δ = {ps['delta']:g}")
     console.print(f"total time {summary.get('seconds', 0):.0f}s")
 
 

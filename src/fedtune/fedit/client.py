@@ -71,6 +71,7 @@ class FedITClientApp:
         return FitRes(client_id, reply, len(rows), {
             "train_loss": stats.loss, "steps": stats.steps, "examples_seen": stats.examples_seen,
             "tokens": stats.tokens, "compute_seconds": stats.compute_seconds, "train_seconds": stats.seconds,
+            **({"dpsgd_clipped": stats.dpsgd_clipped} if getattr(self.train_cfg, "dpsgd_noise_multiplier", 0) > 0 else {}),
         })
 
     def _client_variate(self, client_id: str, rnd: int, like: dict) -> dict:

@@ -26,6 +26,7 @@ from fedtune.core.secagg_client import SecAggClient
 from fedtune.errors import ConfigError, DataError
 from fedtune.eval.metrics import generation_scores
 from fedtune.fedit.client import FedITClientApp
+from fedtune.fedit.dpsgd import SampleLedger
 from fedtune.fedit.evaluate import generate_answers, heldout_loss
 from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter, save_adapter
 from fedtune.fedit.strategy import FedAvgStrategy
@@ -150,6 +151,9 @@ class FedITSession:
         self.test_tok = [t for t, _ in kept]
         self.test_cats = [c for _, c in kept]
         self.run_dir: Path | None = None
+        t = cfg.train
+        self.dpsgd = SampleLedger(t.dpsgd_noise_multiplier, t.batch_size, t.dpsgd_delta) \
+            if t.dpsgd_noise_multiplier > 0 else None
 
     def tokenize(self, rows: list[Row]):
         d = self.cfg.data
@@ -212,6 +216,8 @@ class FedITSession:
         return out
 
     def on_round_end(self, rnd: int, arrays: Arrays, record: dict) -> None:
+        if self.dpsgd is not None:  # sample-level DP: each client's rows over every step it took so far
+            record["dpsgd"] = self.dpsgd.add(record)
         if self.cfg.run.save_every_round:
             self.save(arrays, self.run_dir / "rounds" / f"round_{rnd:03d}")
 
@@ -224,15 +230,18 @@ class FedITSession:
         if "exact_match" in ev:
             msg += f" · exact match {ev['exact_match']:.3f}"
         msg += epsilon_text(record)
+        if "dpsgd" in record:
+            msg += f" · sample-level ε ≤ {record['dpsgd']['epsilon_max']:.3g}"
         if record["dropped"]:
             msg += f" · dropped {len(record['dropped'])}"
         return msg
 
     def state(self) -> tuple[Arrays, dict]:
-        return {}, {}
+        return {}, (self.dpsgd.state() if self.dpsgd is not None else {})
 
     def load_state(self, arrays: Arrays, meta: dict) -> None:
-        pass
+        if self.dpsgd is not None:
+            self.dpsgd.load_state(meta)
 
     # ------------------------------------------------------------------ outputs
 
@@ -252,6 +261,8 @@ class FedITSession:
                    "client_sizes": self.client_sizes, "test_overlap_removed": self.data.overlap_removed}
         if (pv := privacy_summary(history)):
             summary["privacy"] = pv
+        if "dpsgd" in history[-1]:
+            summary["privacy_sample_level"] = history[-1]["dpsgd"]
         if self.cfg.eval.compare_base:  # B = 0: the initial adapter is the base model exactly
             summary["base"] = self.evaluate_adapter(self.initial, generate=self.cfg.eval.generate)
         return summary

@@ -8,6 +8,7 @@ prompt masked that is a small share of the sequence).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
+from fedtune.fedit import dpsgd
 
 
 @dataclass
@@ -29,6 +31,7 @@ class TrainStats:
     compute_seconds: float  # time inside forward/backward/optimizer steps
     seconds: float
     lr_sum: float = 0.0  # the learning rates of all steps, summed (SCAFFOLD's K * lr)
+    dpsgd_clipped: int = 0  # DP-SGD: examples whose gradient was clipped
 
 
 def padded_width(n: int) -> int:
@@ -129,8 +132,15 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
     # Data order: a fresh seeded permutation per epoch, consumed batch by batch.
     order: list[int] = []
 
+    sigma = float(getattr(cfg, "dpsgd_noise_multiplier", 0.0))
+    if sigma > 0 and cfg.batch_size > len(data):
+        raise ValueError(f"DP-SGD samples train.batch_size = {cfg.batch_size} of a client's rows per step; this "
+                         f"client holds {len(data)}")
+
     def next_batch(k: int) -> list[Tokenized]:
         nonlocal order
+        if sigma > 0:  # DP-SGD: each step a fresh uniform sample without replacement (what the accountant assumes)
+            return [data[i] for i in rng.choice(len(data), size=k, replace=False)]
         out = []
         while len(out) < k:
             if not order:
@@ -142,54 +152,63 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
     ctx = amp()
     fp16 = isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    if sigma > 0:
+        dpsgd.check_supported(ctx)
+        noise = dpsgd.noise_generator(device)
 
     # FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2 on the trainable (LoRA) parameters
     mu = float(getattr(cfg, "prox_mu", 0.0))
     anchor = [p.detach().clone() for p in params] if mu > 0 else None
 
     model.train()
-    loss_sum, loss_tokens, tokens, seen, compute, lr_sum = 0.0, 0, 0, 0, 0.0, 0.0
-    for step in range(steps):
-        lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        lr_sum += lr
-        batch = next_batch(cfg.batch_size)
-        n_label = sum(sum(1 for x in t.labels[1:] if x != -100) for t in batch)
-        t0 = time.perf_counter()
-        for micro in micro_batches(batch, cfg):
-            ids, mask, labels = collate(micro, pad_id, device)
-            with amp():
-                loss = causal_lm_loss(model, ids, mask, labels, reduction="sum")
-            # token-weighted mean over the whole optimizer batch
-            scaled = loss / max(n_label, 1)
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += float(loss.detach())
-            tokens += int(mask.sum())
-        if anchor is not None:
-            prox = proximal_term(params, anchor, mu)
-            (scaler.scale(prox) if scaler else prox).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        if correction is not None:
-            for p, c in zip(params, correction):
-                if p.grad is None:
-                    p.grad = c.to(p.dtype).clone()
-                else:
-                    p.grad.add_(c.to(p.grad.dtype))
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if scaler:
-            scaler.step(opt)  # skips the step when the scaled gradients overflowed
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        compute += time.perf_counter() - t0
-        loss_tokens += n_label
-        seen += len(batch)
-        if progress is not None:
-            progress(step, loss_sum / max(loss_tokens, 1))
+    loss_sum, loss_tokens, tokens, seen, compute, lr_sum, dp_clipped = 0.0, 0, 0, 0, 0.0, 0.0, 0
+    with (dpsgd.PerExampleGrads(model) if sigma > 0 else contextlib.nullcontext()):
+        for step in range(steps):
+            lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            lr_sum += lr
+            batch = next_batch(cfg.batch_size)
+            n_label = sum(sum(1 for x in t.labels[1:] if x != -100) for t in batch)
+            t0 = time.perf_counter()
+            for micro in micro_batches(batch, cfg):
+                ids, mask, labels = collate(micro, pad_id, device)
+                with amp():
+                    if sigma > 0:  # DP-SGD: each example's own mean loss, so each per-example gradient is its own
+                        token_loss = causal_lm_loss(model, ids, mask, labels, reduction="none")
+                        loss, scaled = token_loss.detach().sum(), dpsgd.example_mean_sum(token_loss, labels)
+                    else:
+                        loss = causal_lm_loss(model, ids, mask, labels, reduction="sum")
+                        scaled = loss / max(n_label, 1)  # token-weighted mean over the whole optimizer batch
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += float(loss.detach())
+                tokens += int(mask.sum())
+            if sigma > 0:  # per-example clip, sum, noise, / batch size (before any term that is not data)
+                dp_clipped += dpsgd.privatize(params, len(batch), cfg.dpsgd_clip, sigma, noise)
+            if anchor is not None:
+                prox = proximal_term(params, anchor, mu)
+                (scaler.scale(prox) if scaler else prox).backward()
+            if scaler:
+                scaler.unscale_(opt)
+            if correction is not None:
+                for p, c in zip(params, correction):
+                    if p.grad is None:
+                        p.grad = c.to(p.dtype).clone()
+                    else:
+                        p.grad.add_(c.to(p.grad.dtype))
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if scaler:
+                scaler.step(opt)  # skips the step when the scaled gradients overflowed
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            compute += time.perf_counter() - t0
+            loss_tokens += n_label
+            seen += len(batch)
+            if progress is not None:
+                progress(step, loss_sum / max(loss_tokens, 1))
     model.eval()
     return TrainStats(loss_sum / max(loss_tokens, 1), steps, seen, tokens, compute, time.perf_counter() - t_start,
-                      lr_sum)
+                      lr_sum, dp_clipped)
