@@ -62,7 +62,7 @@ def cmd_run(args) -> int:
     from fedtune import config as C
     from fedtune import runner
     from fedtune.config_resume import for_resume
-    from fedtune.reporting import print_summary
+    from fedtune.summary_console import print_summary
 
     console = _console()
     if args.resume:

@@ -278,18 +278,8 @@ def write_report(run_dir: str | Path, summary: dict | None = None) -> Path:
                      f"{summary.get('seconds', '?')} s in all.")
     else:
         lines.append(f"_No summary.json: the run has not finished; {len(records)} round(s) recorded so far._")
-    pv = (summary or {}).get("privacy")
-    if pv:
-        lines += ["", f"Differential privacy ({pv['mode']}, client level): ε = {pv['epsilon']:.4g} at δ = {pv['delta']:g} "
-                      f"spent over the run (noise multiplier {pv['noise_multiplier']:.4g}, "
-                      f"{'adaptive clip, last round at ' if 'next_clip' in pv else 'clip '}{pv['clip']:.4g}, "
-                      f"{pv['clients_per_round']} of {pv['clients']} clients per round; RDP accountant, dp-accounting). "
-                      "Each round's ε is in metrics.jsonl (aggregate.dp)."]
-    ps = (summary or {}).get("privacy_sample_level")
-    if ps:
-        lines += ["", f"Sample-level DP-SGD in local training: every client's rows at ε ≤ {ps['epsilon_max']:.4g}, "
-                      f"δ = {ps['delta']:g} (noise multiplier {ps['noise_multiplier']:g}, up to {ps['steps_max']} "
-                      "steps per client; RDP accountant, dp-accounting). Each round's is in metrics.jsonl (dpsgd)."]
+    for statement in privacy_statements(summary or {}):
+        lines += ["", statement]
     lines += ["", "## Results on the held-out set", ""]
     lines.append(results_table(summary) if summary else "_not available yet_")
     if summary and summary.get("client_sizes"):
@@ -339,71 +329,17 @@ def write_outputs(run_dir: str | Path, summary: dict) -> None:
 # ----------------------------------------------------------------------------- the console
 
 
-def _fmt(v, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
-
-
-def print_summary(summary: dict, console) -> None:
-    from rich.table import Table
-
-    final, base = summary.get("final", {}), summary.get("base")
-    if summary.get("algorithm") == "fedit":
-        cats = sorted(set(final.get("loss_by_category", {})) | set(final.get("exact_match_by_category", {})))
-        has_em = "exact_match" in final
-        table = Table(title=f"Held-out results after {summary['rounds']} rounds")
-        table.add_column("category")
-        if base is not None:
-            if has_em:
-                table.add_column("base EM", justify="right")
-            table.add_column("base loss", justify="right")
-        if has_em:
-            table.add_column("federated EM", justify="right")
-        table.add_column("federated loss", justify="right")
-
-        def row(name, key_em, key_loss, get):
-            cells = [name]
-            if base is not None:
-                if has_em:
-                    cells.append(_fmt(get(base, key_em), pct=True))
-                cells.append(_fmt(get(base, key_loss)))
-            if has_em:
-                cells.append(_fmt(get(final, key_em), pct=True))
-            cells.append(_fmt(get(final, key_loss)))
-            table.add_row(*cells)
-
-        for c in cats:
-            row(c, "exact_match_by_category", "loss_by_category", lambda d, k: d.get(k, {}).get(c))
-        row("[bold]all[/]", "exact_match", "loss", lambda d, k: d.get(k))
-        console.print(table)
-    if summary.get("algorithm") == "fedbpt":
-        _print_fedbpt(summary, console)
-    pv = summary.get("privacy")
-    if pv:
-        console.print(f"differential privacy ({pv['mode']}): ε = {pv['epsilon']:.4g}, δ = {pv['delta']:g}")
-    ps = summary.get("privacy_sample_level")
-    if ps:
-        console.print(f"sample-level DP-SGD: every client's rows at ε ≤ {ps['epsilon_max']:.4g}, δ = {ps['delta']:g}")
-    console.print(f"total time {summary.get('seconds', 0):.0f}s")
-
-
-def _print_fedbpt(summary: dict, console) -> None:
-    """Zero prompt vs best-by-dev vs final-round prompt, dev and test, and bytes on the wire."""
-    from rich.table import Table
-
-    metric = summary.get("metric", "accuracy")
-    table = Table(title=f"FedBPT ({summary.get('mode')}) on {summary.get('task')}: {metric}, "
-                        f"{summary['rounds']} rounds (saved prompt: {summary.get('selected')})")
-    for col in ("prompt", "round", f"dev {metric}", "dev loss", f"test {metric}", "test loss"):
-        table.add_column(col, justify="left" if col == "prompt" else "right")
-    for name, key in (("zero prompt", "zero_prompt"), ("best by dev", "best"), ("final round", "final")):
-        r = summary.get(key) or {}
-        dev, test = r.get("dev") or {}, r.get("test") or {}
-        table.add_row(name, str(r.get("round", 0)), _fmt(dev.get("score"), pct=True), _fmt(dev.get("loss")),
-                      _fmt(test.get("score"), pct=True), _fmt(test.get("loss")))
-    console.print(table)
-    comm = summary.get("communication") or {}
-    if comm:
-        console.print(f"bytes per client per round: down {comm['bytes_down_per_client_round_max']:,}, "
-                      f"up {comm['bytes_up_per_client_round_max']:,} (max over the run)")
+def privacy_statements(summary: dict) -> list[str]:
+    """What the run can state about privacy, one sentence per guarantee."""
+    out = []
+    if (pv := summary.get("privacy")):
+        clip = f"{'adaptive clip, last round at ' if 'next_clip' in pv else 'clip '}{pv['clip']:.4g}"
+        out.append(f"Differential privacy ({pv['mode']}, client level): ε = {pv['epsilon']:.4g} at δ = {pv['delta']:g} "
+                   f"spent over the run (noise multiplier {pv['noise_multiplier']:.4g}, {clip}, "
+                   f"{pv['clients_per_round']} of {pv['clients']} clients per round; RDP accountant, dp-accounting). "
+                   "Each round's ε is in metrics.jsonl (aggregate.dp).")
+    if (ps := summary.get("privacy_sample_level")):
+        out.append(f"Sample-level DP-SGD in local training: every client's rows at ε ≤ {ps['epsilon_max']:.4g}, "
+                   f"δ = {ps['delta']:g} (noise multiplier {ps['noise_multiplier']:g}, up to {ps['steps_max']} "
+                   "steps per client; RDP accountant, dp-accounting). Each round's is in metrics.jsonl (dpsgd).")
+    return out
