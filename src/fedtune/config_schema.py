@@ -194,6 +194,8 @@ class TaskSection:
     k_shot: int = opt(16, "training rows per class, drawn from the training file (0 = all rows left after the dev split)")
     dev_shots: int = opt(16, "dev rows per class, drawn from the training file, disjoint from the training rows; the global prompt is selected on them")
     test_max_rows: int = opt(0, "evaluate the test set on a fixed class-balanced subset of this many rows (0 = all)")
+    columns: list = opt([], "the column names of headerless .csv/.tsv files, in order (e.g. AG News as released: [\"label\", \"title\", \"description\"]); [] = the first row is the header")
+    quoting: Literal["auto", "none", "csv"] = opt("auto", ".tsv quoting: none = fields are never quoted (GLUE: a sentence may start with a quote mark); csv = fields may be quoted (holding tabs, quotes or newlines); auto = quoted when the header row's fields all are, or when only the quoted reading gives every row the header's field count. .csv is always read with quoting")
 
 
 @dataclass

@@ -4,7 +4,6 @@ covariance) down; the local mean, its fitness and the sigmas used up."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,14 @@ class FedBPTSite:
 
     def __init__(self, cfg, settings):
         from fedtune.fedbpt.session import FedBPTModel
+        from fedtune.fedbpt.table import TableFormat
         from fedtune.fedbpt.tasks import load_examples, task_from_config
 
         if settings.format:
             raise ConfigError(f"site '{settings.site}': {settings.source}: 'format' is for FedIT instruction data; "
                               f"FedBPT reads the columns named by task.text_columns and task.label_column")
         spec = task_from_config(cfg.task)
-        examples = load_examples(spec, str(settings.data_path))
+        examples = load_examples(spec, str(settings.data_path), TableFormat.from_task(cfg.task))
         model = FedBPTModel(cfg, spec)
         self.key = settings.site
         self.app = model.client_app({self.key: model.shard(examples)})
@@ -42,10 +42,11 @@ class FedBPTAlgorithm:
     output = "prompt"
 
     def check_config(self, cfg) -> None:
-        from fedtune.fedbpt.tasks import task_from_config
+        from fedtune.fedbpt.tasks import for_model, task_from_config
 
         try:
-            task_from_config(cfg.task)  # template, columns, verbalizer and metric fit together
+            spec = task_from_config(cfg.task)  # template, columns, verbalizer and metric fit together
+            for_model(spec, cfg.fedbpt.model_kind)  # 'auto' is checked once the model says what it is
         except ConfigError as e:
             raise ConfigError(f"[task]: {e}") from None
 

@@ -11,7 +11,8 @@ from fedtune.config import FedBPTSection
 from fedtune.errors import ConfigError, DataError, FedtuneError
 from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt
-from fedtune.fedbpt.tasks import TaskSpec, check_text, read_table, space_before_answer
+from fedtune.fedbpt.table import read_table
+from fedtune.fedbpt.tasks import TaskSpec, check_text, space_before_answer
 
 
 def read_inputs(spec: TaskSpec, texts: list[str], file: str | None) -> list[tuple[str, ...]]:

@@ -29,7 +29,8 @@ from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, save_prompt
 from fedtune.fedbpt.strategy import FedBPTStrategy, Fixes
-from fedtune.fedbpt.tasks import (Example, TaskSpec, few_shot, hub_path, load_examples, space_before_answer,
+from fedtune.fedbpt.table import TableFormat
+from fedtune.fedbpt.tasks import (Example, TaskSpec, few_shot, for_model, hub_path, load_examples, space_before_answer,
                                   task_from_config)
 
 
@@ -56,11 +57,12 @@ def prepare_task(cfg: Config) -> TaskData:
     spec = task_from_config(t)
     train_path = t.train_path or hub_path(spec, "train")
     test_path = t.test_path or hub_path(spec, "test")
-    test = load_examples(spec, test_path)
+    fmt = TableFormat.from_task(t)
+    test = load_examples(spec, test_path, fmt)
     if t.test_max_rows:
         test = P.stratified_subset(test, [str(e.label) for e in test], t.test_max_rows)
     held = {tuple(normalize_text(x) for x in e.texts) for e in test}
-    pool = load_examples(spec, train_path)
+    pool = load_examples(spec, train_path, fmt)
     kept = [e for e in pool if tuple(normalize_text(x) for x in e.texts) not in held]  # never train or select on test
     shots = few_shot(kept, spec, t.k_shot, t.dev_shots, seed, source=train_path)
     parts = P.partition([str(e.label) for e in shots.train], pc.method, pc.num_clients, seed,
@@ -116,8 +118,9 @@ class FedBPTModel:
 
     def __init__(self, cfg: Config, spec: TaskSpec):
         fb = cfg.fedbpt
-        self.cfg, self.spec = cfg, spec
+        self.cfg = cfg
         self.box = load_blackbox(cfg.model, fb)
+        self.spec = spec = for_model(spec, self.box.kind)  # a causal LM reads the task's causal template
         self.label_ids = self.box.label_token_ids(spec.words, space_before_answer(spec))
         self.proj_spec = ProjectionSpec(cfg.run.seed, fb.intrinsic_dim, fb.n_prompt_tokens, self.box.hidden_size,
                                         self.box.embedding_std, fb.proj_alpha, fb.proj_sigma)
@@ -165,8 +168,8 @@ class FedBPTSession:
     def __init__(self, cfg: Config, data: TaskData | None = None):
         self.cfg = cfg
         self.data = data or prepare_task(cfg)
-        self.spec = self.data.spec
-        self.model = FedBPTModel(cfg, self.spec)
+        self.model = FedBPTModel(cfg, self.data.spec)
+        self.spec = self.model.spec
         self.shards = {cid: self.model.shard(rows) for cid, rows in self.data.client_rows().items()}
         self.client_ids = list(self.shards)
         self.client_sizes = {cid: len(s) for cid, s in self.shards.items()}

@@ -9,8 +9,8 @@ a custom one. Rows carry their source (`file:line`) so that a bad label points b
 
 from __future__ import annotations
 
-import csv
-import json
+import difflib
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -20,10 +20,13 @@ import numpy as np
 
 from fedtune.data import hub
 from fedtune.errors import ConfigError, DataError
+from fedtune.fedbpt.table import TableFormat, read_table
+
+log = logging.getLogger("fedtune.fedbpt")
 
 PROMPT_SLOT = "<P>"
 ANSWER_SLOT = "<mask>"
-_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_ #]*)\}")
+_FIELD = re.compile(r"\{([^{}]+)\}")  # a column name may hold any character but braces
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class TaskSpec:
     metric: str = "accuracy"  # accuracy | f1
     hub: tuple[str, str, str, str] = ("", "", "train", "validation")  # (dataset, config, train split, test split)
     skip_labels: tuple[str, ...] = ()  # label values dropped on load (SNLI's -1: no gold label)
+    causal_template: str = ""  # what a causal LM reads instead (the answer after every text field); "" = template
 
     @property
     def labels(self) -> list[str]:
@@ -57,7 +61,9 @@ class TaskSpec:
 
 
 # BBT's templates and verbalizers (txsun1997/Black-Box-Tuning, as used by FedBPT); column names are
-# those of the Hugging Face datasets, so hub ids and exported files load as they are.
+# those of the Hugging Face datasets, so hub ids and exported files load as they are. BBT's templates
+# are for masked LMs, where <mask> may sit anywhere; a causal LM predicts the label word from what
+# precedes it, so where BBT puts the answer before a text field, `causal_template` puts it last.
 BUILTIN: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", ("sentence",), "label", "<P> . {sentence} . It was <mask> .",
                      {"0": "bad", "1": "great"}, hub=("glue", "sst2", "train", "validation")),
@@ -65,18 +71,21 @@ BUILTIN: dict[str, TaskSpec] = {
                      {"0": "bad", "1": "great"}, hub=("yelp_polarity", "plain_text", "train", "test")),
     "agnews": TaskSpec("agnews", ("text",), "label", "<P> . <mask> News: {text}",
                        {"0": "World", "1": "Sports", "2": "Business", "3": "Tech"},
-                       hub=("ag_news", "default", "train", "test")),
+                       hub=("ag_news", "default", "train", "test"), causal_template="<P> . {text} . Topic: <mask> ."),
     "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), "label", "<P> . {sentence1} ? <mask> , {sentence2}",
-                     {"0": "No", "1": "Yes"}, metric="f1", hub=("glue", "mrpc", "train", "validation")),
+                     {"0": "No", "1": "Yes"}, metric="f1", hub=("glue", "mrpc", "train", "validation"),
+                     causal_template="<P> . {sentence1} . {sentence2} . Do they mean the same? <mask> ."),
     "rte": TaskSpec("rte", ("sentence1", "sentence2"), "label", "<P> . {sentence1} ? <mask> , {sentence2}",
-                    {"0": "Yes", "1": "No"}, hub=("glue", "rte", "train", "validation")),
+                    {"0": "Yes", "1": "No"}, hub=("glue", "rte", "train", "validation"),
+                    causal_template="<P> . {sentence1} . Question: {sentence2} ? Answer: <mask> ."),
     "snli": TaskSpec("snli", ("premise", "hypothesis"), "label", "<P> . {premise} ? <mask> , {hypothesis}",
-                     {"0": "Yes", "1": "Maybe", "2": "No"}, hub=("snli", "", "train", "test"), skip_labels=("-1",)),
+                     {"0": "Yes", "1": "Maybe", "2": "No"}, hub=("snli", "", "train", "test"), skip_labels=("-1",),
+                     causal_template="<P> . {premise} . Question: {hypothesis} ? Answer: <mask> ."),
     "dbpedia": TaskSpec("dbpedia", ("content",), "label", "<P> [ Category: <mask> ] {content}",
                         {"0": "Company", "1": "Education", "2": "Artist", "3": "Athlete", "4": "Office",
                          "5": "Transportation", "6": "Building", "7": "Natural", "8": "Village", "9": "Animal",
                          "10": "Plant", "11": "Album", "12": "Film", "13": "Written"},
-                        hub=("dbpedia_14", "", "train", "test")),
+                        hub=("dbpedia_14", "", "train", "test"), causal_template="<P> . {content} . Category: <mask> ."),
 }
 
 
@@ -98,8 +107,8 @@ def task_from_config(t) -> TaskSpec:
         over["text_columns"] = tuple(t.text_columns)
     if t.label_column:
         over["label_column"] = t.label_column
-    if t.template:
-        over["template"] = t.template
+    if t.template:  # the user's template, for every kind of model
+        over["template"], over["causal_template"] = t.template, ""
     if t.verbalizer:
         over["verbalizer"] = {str(k): v for k, v in t.verbalizer.items()}
     if t.metric:
@@ -145,6 +154,29 @@ def check_spec(spec: TaskSpec, where: str = "task") -> None:
         raise ConfigError(f"{where}.metric = {spec.metric!r} is not 'accuracy' or 'f1'")
 
 
+def for_model(spec: TaskSpec, kind: str) -> TaskSpec:
+    """The task as a model of this kind reads it. A causal LM predicts the label word from the
+    text before the answer slot: it gets the task's causal template (when it has one), and a
+    template in which the answer slot precedes every text field is refused (the model would
+    never see the text, and score chance)."""
+    if kind != "causal":
+        return spec
+    if spec.causal_template:
+        spec = replace(spec, template=spec.causal_template, causal_template="")
+        check_spec(spec, f"task '{spec.name}' (causal template)")
+    head = spec.template.split(ANSWER_SLOT)[0]
+    seen = [c for c in spec.text_columns if "{" + c + "}" in head]
+    if not seen:
+        raise ConfigError(f"task.template = {spec.template!r}: for a causal LM the label word is predicted from the "
+                          f"text before {ANSWER_SLOT}, and no text field ({', '.join(spec.text_columns)}) comes before "
+                          f"it; move {ANSWER_SLOT} after the text, e.g. '<P> . {{{spec.text_columns[-1]}}} . Answer: "
+                          f"{ANSWER_SLOT} .'")
+    if len(seen) < len(spec.text_columns):
+        log.warning("task.template = %r: a causal LM does not see %s, which comes after %s", spec.template,
+                    ", ".join(c for c in spec.text_columns if c not in seen), ANSWER_SLOT)
+    return spec
+
+
 # ----------------------------------------------------------------------------- rows
 
 
@@ -184,53 +216,6 @@ def check_text(text: str, where: str) -> str:
     return text
 
 
-def read_table(path: Path) -> list[tuple[str, dict]]:
-    """(source, record) pairs from a .csv/.tsv (header row) or .jsonl/.json file."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    if suffix in (".csv", ".tsv"):
-        # TSV files such as GLUE's are unquoted (a sentence may start with a quote mark)
-        reader = (csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
-                  else csv.reader(text.splitlines()))
-        rows = list(reader)
-        header = rows[0]
-        out = []
-        for lineno, r in enumerate(rows[1:], start=2):
-            if not r or all(not c.strip() for c in r):
-                continue
-            if len(r) != len(header):
-                raise DataError(f"{path}:{lineno}: {len(r)} fields, the header has {len(header)}")
-            out.append((f"{path}:{lineno}", dict(zip(header, r))))
-        return out
-    if suffix == ".jsonl":
-        out = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            out.append((f"{path}:{lineno}", rec))
-        return out
-    if suffix == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
-        if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return [(f"{path}[{i}]", r) for i, r in enumerate(obj)]
-    raise DataError(f"{path}: expected a .csv, .tsv, .jsonl or .json file (or hub:DATASET[@CONFIG][:SPLIT])")
-
-
 def hub_path(spec: TaskSpec, which: str) -> str:
     """The task's own Hugging Face dataset as a `hub:` path (used when no file is given)."""
     ds, cfg, train, test = spec.hub
@@ -239,20 +224,27 @@ def hub_path(spec: TaskSpec, which: str) -> str:
     return f"hub:{ds}{'@' + cfg if cfg else ''}:{train if which == 'train' else test}"
 
 
-def load_examples(spec: TaskSpec, path: str) -> list[Example]:
+def _missing(where: str, kind: str, column: str, rec: dict, key: str) -> DataError:
+    fields = [str(f) for f in rec]
+    close = difflib.get_close_matches(column, fields, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return DataError(f"{where}: missing {kind} column {column!r} (fields: {', '.join(repr(f) for f in fields)}){hint}; "
+                     f"set {key}")
+
+
+def load_examples(spec: TaskSpec, path: str, fmt: TableFormat = TableFormat()) -> list[Example]:
     """Read a data file into Examples; every label must be one of the verbalizer's."""
     if path.startswith(hub.PREFIX):
         records = hub.load_records(path)
     else:
-        records = read_table(Path(path).expanduser())
+        records = read_table(Path(path).expanduser(), fmt)
     label_index = {lab: i for i, lab in enumerate(spec.labels)}
     out = []
     for where, rec in records:
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected an object with fields, got {type(rec).__name__}")
         if spec.label_column not in rec:
-            raise DataError(f"{where}: missing label column '{spec.label_column}' "
-                            f"(fields: {', '.join(map(str, rec))}); set task.label_column")
+            raise _missing(where, "label", spec.label_column, rec, "task.label_column")
         raw = rec[spec.label_column]
         label = str(int(raw)) if isinstance(raw, (int, float)) and not isinstance(raw, bool) and float(raw).is_integer() \
             else str(raw).strip()
@@ -264,8 +256,7 @@ def load_examples(spec: TaskSpec, path: str) -> list[Example]:
         texts = []
         for c in spec.text_columns:
             if c not in rec:
-                raise DataError(f"{where}: missing text column '{c}' (fields: {', '.join(map(str, rec))}); "
-                                "set task.text_columns")
+                raise _missing(where, "text", c, rec, "task.text_columns")
             v = rec[c]
             if not isinstance(v, str):
                 raise DataError(f"{where}: field '{c}' must be text, got {type(v).__name__}")
