@@ -329,8 +329,9 @@ def _bpt_task(tmp_path) -> list[str]:
             "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2", "fedbpt.max_seq_len=32"]
 
 
-@pytest.mark.parametrize("extra", [[], ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"]],
-                         ids=["plain", "central-dp"])  # DP: noise too small to see, a clip that never binds
+@pytest.mark.parametrize("extra", [[], ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"],
+                                   ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3"]],
+                         ids=["plain", "central-dp", "generation"])  # DP: noise too small to see, a clip that never binds
 def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path, extra):
     from fedtune.engines import nvflare
     from fedtune import runner
@@ -361,10 +362,13 @@ def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp
         assert [(d["id"], d["attempt"], d["cause"]) for d in x["dropped"]] == \
                [(d["id"], d["attempt"], d["cause"]) for d in y["dropped"]]
         assert x["aggregate"]["sigma"] == pytest.approx(y["aggregate"]["sigma"], abs=1e-9)
-        if extra:
+        if "privacy.mode='central'" in extra:
             assert x["aggregate"]["dp"]["epsilon"] == pytest.approx(y["aggregate"]["dp"]["epsilon"])
             assert x["aggregate"]["dp"]["epsilon"] > 0
-    if extra:
+        if "fedbpt.mode='generation'" in extra:  # one generation of the global ES per round, every client's rows
+            assert x["aggregate"]["rows"] == y["aggregate"]["rows"] == 9
+            assert max(c["bytes_up"] for c in y["clients"]) < 1024
+    if "privacy.mode='central'" in extra:
         assert sf["privacy"]["epsilon"] == pytest.approx(se["privacy"]["epsilon"])
     # collecting the server's result as from a deployment, with the training file the dev rows are drawn
     # from: every round is evaluated again and the best-by-dev prompt is the one the run kept

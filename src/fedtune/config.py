@@ -278,34 +278,6 @@ def validate(cfg: Config, source: str = "config") -> None:
     if cfg.data.format == "columns":
         need("instruction" in cfg.data.columns and "output" in cfg.data.columns,
              "data.format = 'columns' needs data.columns.instruction and data.columns.output")
-    if cfg.run.algorithm == "fedbpt":
-        _validate_fedbpt(cfg, need)
-
-
-def _validate_fedbpt(cfg: Config, need) -> None:
-    """[fedbpt] and [task], checked only for FedBPT runs."""
-    fb, t = cfg.fedbpt, cfg.task
-    need(fb.intrinsic_dim >= 1, f"fedbpt.intrinsic_dim must be >= 1, got {fb.intrinsic_dim}")
-    need(fb.n_prompt_tokens >= 1, f"fedbpt.n_prompt_tokens must be >= 1, got {fb.n_prompt_tokens}")
-    need(fb.popsize >= 2, f"fedbpt.popsize must be >= 2, got {fb.popsize}")
-    need(fb.local_iter >= 1, f"fedbpt.local_iter must be >= 1, got {fb.local_iter}")
-    need(fb.sigma0 > 0, f"fedbpt.sigma0 must be > 0, got {fb.sigma0}")
-    need(fb.proj_alpha > 0 and fb.proj_sigma > 0, "fedbpt.proj_alpha and fedbpt.proj_sigma must be > 0")
-    need(0.0 < fb.perturb_rate <= 1.0, f"fedbpt.perturb_rate must be in (0, 1], got {fb.perturb_rate}")
-    need(not (fb.perturb and fb.loss == "perf"),
-         "fedbpt.loss = 'perf' (= -accuracy) cannot be divided by a perturbed loss; set fedbpt.perturb = false")
-    need(fb.bound >= 0, f"fedbpt.bound must be >= 0, got {fb.bound}")
-    need(fb.max_forward_rows >= 1, f"fedbpt.max_forward_rows must be >= 1, got {fb.max_forward_rows}")
-    need(fb.forward_overhead_tokens >= 0, f"fedbpt.forward_overhead_tokens must be >= 0, got {fb.forward_overhead_tokens}")
-    need(fb.max_seq_len >= fb.n_prompt_tokens + 4,
-         f"fedbpt.max_seq_len = {fb.max_seq_len} leaves no room for text after {fb.n_prompt_tokens} prompt tokens")
-    need(not fb.init_prompt or fb.prompt_mode == "cat", "fedbpt.init_prompt is only used with fedbpt.prompt_mode = 'cat'")
-    need(0.0 < fb.sigma_decay <= 1.0, f"fedbpt.sigma_decay must be in (0, 1], got {fb.sigma_decay}")
-    need(fb.sigma_min >= 0, f"fedbpt.sigma_min must be >= 0, got {fb.sigma_min}")
-    need(fb.prompt_norm_max >= 0, f"fedbpt.prompt_norm_max must be >= 0, got {fb.prompt_norm_max}")
-    need(t.k_shot >= 0, f"task.k_shot must be >= 0, got {t.k_shot}")
-    need(t.dev_shots >= 1, f"task.dev_shots must be >= 1 (the dev split selects the global prompt), got {t.dev_shots}")
-    need(t.test_max_rows >= 0, f"task.test_max_rows must be >= 0, got {t.test_max_rows}")
 
 
 # ----------------------------------------------------------------------------- loading

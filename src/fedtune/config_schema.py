@@ -200,7 +200,7 @@ class TaskSection:
 
 @dataclass
 class FedBPTSection:
-    mode: Literal["improved", "reference"] = opt("improved", "reference = FedBPT's server exactly (rank recombination, its sigma rule, one ES seed for all, covariance on the wire); improved = each defect fixed by the switches below (ignored in reference mode)")
+    mode: Literal["improved", "reference", "generation"] = opt("improved", "reference = FedBPT's server exactly (rank recombination, its sigma rule, one ES seed for all, covariance on the wire); improved = each defect fixed by the switches below (ignored in reference mode); generation = one round is one generation of a single global separable CMA-ES: every selected client scores the same popsize candidates on its rows and returns per-candidate loss sums (centralized CMA-ES over the union of the clients' rows)")
     model_kind: Literal["auto", "causal", "masked"] = opt("auto", "causal (label = next token after the template) or masked (label at <mask>); auto reads the model config")
     intrinsic_dim: int = opt(500, "dimension d of the space CMA-ES searches (z)")
     n_prompt_tokens: int = opt(50, "prompt length in tokens; A maps z to n_prompt_tokens x hidden embeddings")
@@ -209,7 +209,9 @@ class FedBPTSection:
     proj_alpha: float = opt(1.0, "projection: A ~ N(0, std^2), std = proj_alpha * word-embedding std / (sqrt(d) * proj_sigma)")
     proj_sigma: float = opt(1.0, "projection: the sigma in A's std rule")
     sigma0: float = opt(1.0, "initial CMA-ES step size")
-    popsize: int = opt(5, "local CMA-ES population size")
+    popsize: int = opt(5, "CMA-ES population size (local ES; generation: the global ES's candidates per round)")
+    separable: bool = opt(False, "improved: local CMA-ES with a diagonal covariance (cma's CMA_diagonal; generation mode always is)")
+    minibatch: int = opt(0, "rows of a client scored per generation, the same for every candidate, drawn afresh each generation (0 = all of the client's rows)")
     local_iter: int = opt(8, "local CMA-ES generations per round")
     loss: Literal["ce", "hinge", "perf"] = opt("ce", "ce = cross-entropy over verbalizer logits; hinge = multi-class margin 2; perf = -accuracy")
     perturb: bool = opt(True, "perturbation objective: fitness = loss(clean) / loss(copy with perturb_rate of the text tokens replaced by random ones)")
@@ -225,7 +227,7 @@ class FedBPTSection:
     sigma_decay: float = opt(0.9, "improved: sigma is multiplied by this each round down to sigma_min (1.0 = no annealing)")
     sigma_min: float = opt(0.05, "improved: floor of the annealed sigma")
     prompt_norm_max: float = opt(1.0, "improved: scale the global z back to norm <= prompt_norm_max * sqrt(d) (0 = off; 1 = entries of A z at word-embedding scale)")
-    select_on_dev: bool = opt(True, "improved: keep the best global prompt by dev metric (false: the final round's); both are reported on the test set")
+    select_on_dev: bool = opt(True, "improved and generation: keep the best global prompt by dev metric (false: the final round's); both are reported on the test set")
 
 
 @dataclass

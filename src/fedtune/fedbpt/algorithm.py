@@ -37,6 +37,44 @@ class FedBPTSite:
         return FitRes(client_id, res.arrays, res.num_examples, res.metrics)
 
 
+def check_fedbpt(cfg) -> None:
+    """[fedbpt] and [task], checked only for FedBPT runs; the first problem is a ConfigError."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    fb, t = cfg.fedbpt, cfg.task
+    need(fb.intrinsic_dim >= 1, f"fedbpt.intrinsic_dim must be >= 1, got {fb.intrinsic_dim}")
+    need(fb.n_prompt_tokens >= 1, f"fedbpt.n_prompt_tokens must be >= 1, got {fb.n_prompt_tokens}")
+    need(fb.popsize >= 2, f"fedbpt.popsize must be >= 2, got {fb.popsize}")
+    need(fb.local_iter >= 1, f"fedbpt.local_iter must be >= 1, got {fb.local_iter}")
+    need(fb.sigma0 > 0, f"fedbpt.sigma0 must be > 0, got {fb.sigma0}")
+    need(fb.proj_alpha > 0 and fb.proj_sigma > 0, "fedbpt.proj_alpha and fedbpt.proj_sigma must be > 0")
+    need(0.0 < fb.perturb_rate <= 1.0, f"fedbpt.perturb_rate must be in (0, 1], got {fb.perturb_rate}")
+    need(not (fb.perturb and fb.loss == "perf"),
+         "fedbpt.loss = 'perf' (= -accuracy) cannot be divided by a perturbed loss; set fedbpt.perturb = false")
+    need(fb.bound >= 0, f"fedbpt.bound must be >= 0, got {fb.bound}")
+    need(fb.max_forward_rows >= 1, f"fedbpt.max_forward_rows must be >= 1, got {fb.max_forward_rows}")
+    need(fb.forward_overhead_tokens >= 0, f"fedbpt.forward_overhead_tokens must be >= 0, got {fb.forward_overhead_tokens}")
+    need(fb.max_seq_len >= fb.n_prompt_tokens + 4,
+         f"fedbpt.max_seq_len = {fb.max_seq_len} leaves no room for text after {fb.n_prompt_tokens} prompt tokens")
+    need(not fb.init_prompt or fb.prompt_mode == "cat", "fedbpt.init_prompt is only used with fedbpt.prompt_mode = 'cat'")
+    need(0.0 < fb.sigma_decay <= 1.0, f"fedbpt.sigma_decay must be in (0, 1], got {fb.sigma_decay}")
+    need(fb.sigma_min >= 0, f"fedbpt.sigma_min must be >= 0, got {fb.sigma_min}")
+    need(fb.prompt_norm_max >= 0, f"fedbpt.prompt_norm_max must be >= 0, got {fb.prompt_norm_max}")
+    need(fb.minibatch >= 0, f"fedbpt.minibatch must be >= 0 (0 = all of a client's rows), got {fb.minibatch}")
+    if fb.mode == "reference":
+        need(not fb.separable and not fb.minibatch, "fedbpt.mode = 'reference' reproduces FedBPT's mechanics: "
+             "fedbpt.separable and fedbpt.minibatch are for 'improved' and 'generation'")
+    if fb.mode == "generation":
+        need(fb.bound == 0, "fedbpt.mode = 'generation' samples from the server's distribution without bounds: "
+             "set fedbpt.bound = 0")
+    need(t.k_shot >= 0, f"task.k_shot must be >= 0, got {t.k_shot}")
+    need(t.dev_shots >= 1, f"task.dev_shots must be >= 1 (the dev split selects the global prompt), got {t.dev_shots}")
+    need(t.test_max_rows >= 0, f"task.test_max_rows must be >= 0, got {t.test_max_rows}")
+
+
 class FedBPTAlgorithm:
     name = "fedbpt"
     output = "prompt"
@@ -44,6 +82,7 @@ class FedBPTAlgorithm:
     def check_config(self, cfg) -> None:
         from fedtune.fedbpt.tasks import for_model, task_from_config
 
+        check_fedbpt(cfg)
         try:
             spec = task_from_config(cfg.task)  # template, columns, verbalizer and metric fit together
             for_model(spec, cfg.fedbpt.model_kind)  # 'auto' is checked once the model says what it is
@@ -70,7 +109,7 @@ class FedBPTAlgorithm:
 
     def needs_data_to_collect(self, cfg) -> bool:
         """The best-by-dev prompt needs the dev rows, drawn from the training file as in the run."""
-        if cfg.fedbpt.mode != "improved" or not cfg.fedbpt.select_on_dev:
+        if cfg.fedbpt.mode == "reference" or not cfg.fedbpt.select_on_dev:
             return False
         if not cfg.task.train_path:
             raise ConfigError("fedbpt.select_on_dev = true: collecting the best-by-dev prompt evaluates every "

@@ -20,7 +20,8 @@ from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.fedbpt import objective as O
 from fedtune.fedbpt.es import es_options
-from fedtune.fedbpt.encoded import Encoded, concat, numpy_blas_single_threaded
+from fedtune.fedbpt.encoded import Encoded, concat, numpy_blas_single_threaded, take
+from fedtune.fedbpt.generation import MINIBATCH_STREAM, candidates
 from fedtune.fedbpt.prompt import Projection
 
 PERTURB_STREAM = 0x9E  # seed stream of a client's perturbed copy, per round
@@ -44,6 +45,8 @@ class LocalSettings:
     perturb_rate: float = 0.5
     batch_population: bool = True
     bound: float = 0.0
+    separable: bool = False  # diagonal covariance (cma's CMA_diagonal)
+    minibatch: int = 0  # rows per generation, the same for every candidate (0 = all of the client's)
 
 
 def make_local_es(mean: np.ndarray, sigma: float, seed: int, s: LocalSettings, covariance: np.ndarray | None = None):
@@ -52,6 +55,8 @@ def make_local_es(mean: np.ndarray, sigma: float, seed: int, s: LocalSettings, c
     import cma
 
     opts = es_options(seed, popsize=s.popsize, maxiter=s.local_iter, verbose=-9, CMA_mu=None)
+    if s.separable:
+        opts["CMA_diagonal"] = True
     if s.bound > 0:
         opts["bounds"] = [-s.bound, s.bound]
     es = cma.CMAEvolutionStrategy(np.asarray(mean, dtype=np.float64), float(sigma), opts)
@@ -82,6 +87,11 @@ class FedBPTClientApp:
             return self._evaluate(z, shard, perturbed)
 
     def _evaluate(self, z: np.ndarray, shard: Shard, perturbed: Encoded | None) -> np.ndarray:
+        clean, pert = self._logits(z, shard, perturbed)
+        return O.fitness(self.s.loss, clean, shard.labels, pert)
+
+    def _logits(self, z: np.ndarray, shard: Shard, perturbed: Encoded | None):
+        """Verbalizer logits of each candidate on the clean rows (P, B, C) and on the perturbed copy."""
         prompts = self.projection(z)  # (P, n, H)
         rows = shard.enc if perturbed is None else concat(shard.enc, perturbed, self.box.pad_id)
         b = len(shard)
@@ -89,8 +99,14 @@ class FedBPTClientApp:
             logits = self.box.logits(prompts, rows, self.label_ids)  # (P, B or 2B, C)
         else:
             logits = np.concatenate([self.box.logits(p[None], rows, self.label_ids) for p in prompts])
-        clean, pert = logits[:, :b], (logits[:, b:] if perturbed is not None else None)
-        return O.fitness(self.s.loss, clean, shard.labels, pert)
+        return logits[:, :b], (logits[:, b:] if perturbed is not None else None)
+
+    def _minibatch(self, client_id: str, rnd: int, n: int, draw: int = 0) -> np.ndarray | None:
+        """The rows of one generation (None: all of them), seeded by (run seed, round, client, draw)."""
+        if not self.s.minibatch or self.s.minibatch >= n:
+            return None
+        rng = np.random.default_rng([self.seed, rnd, self.client_index[client_id], MINIBATCH_STREAM, draw])
+        return np.sort(rng.choice(n, size=self.s.minibatch, replace=False))
 
     # ------------------------------------------------------------------ one round
 
@@ -103,6 +119,8 @@ class FedBPTClientApp:
         if shard is None:
             raise KeyError(f"client '{client_id}' holds no data in this process")
         rnd = int(ins.config.get("round", 0))
+        if "gen_seed" in ins.config:  # one generation of the server's global CMA-ES: score its candidates
+            return self._score(client_id, shard, rnd, ins)
         mean = ins.arrays["mean"]
         sigma = float(ins.arrays["sigma"][0])
         es_seed = int(ins.config["es_seed"])
@@ -120,7 +138,12 @@ class FedBPTClientApp:
                 sigmas.append(float(es.sigma))
                 z = np.array(es.ask())  # (popsize, d)
                 t1 = time.perf_counter()
-                f = self._evaluate(z, shard, perturbed)
+                rows = self._minibatch(client_id, rnd, len(shard), draw=len(sigmas))
+                if rows is None:
+                    f = self._evaluate(z, shard, perturbed)
+                else:  # the same rows for every candidate of this generation
+                    f = self._evaluate(z, Shard(take(shard.enc, rows), shard.labels[rows]),
+                                       None if perturbed is None else take(perturbed, rows))
                 t_eval += time.perf_counter() - t1
                 evals += len(z)
                 es.tell(list(z), f.tolist())
@@ -135,3 +158,25 @@ class FedBPTClientApp:
             "local_sigma_last": float(es.sigma), "mean_norm": float(np.linalg.norm(final)),
             "compute_seconds": round(seconds, 3),
         })
+
+    def _score(self, client_id: str, shard: Shard, rnd: int, ins: FitIns) -> FitRes:
+        """Per-candidate loss sums of the server's generation on this client's rows (or minibatch)."""
+        t0, calls0 = time.perf_counter(), self.box.forward_calls
+        popsize = int(ins.config["popsize"])
+        z = candidates(ins.arrays["mean"], ins.arrays["std"], int(ins.config["gen_seed"]), popsize)
+        rows = self._minibatch(client_id, rnd, len(shard))
+        sub = shard if rows is None else Shard(take(shard.enc, rows), shard.labels[rows])
+        perturbed = None
+        if self.s.perturb:
+            perturbed = self.box.perturb(sub.enc, self.s.perturb_rate,
+                                         derive_seed(self.seed, rnd, self.client_index[client_id], PERTURB_STREAM))
+        clean, pert = self._logits(z, sub, perturbed)
+        reply = {"loss_sum": O.row_losses(self.s.loss, clean, sub.labels).sum(axis=1),
+                 "rows": np.array([len(sub)], dtype=np.int64)}
+        if pert is not None:
+            reply["loss_sum_perturbed"] = O.row_losses(self.s.loss, pert, sub.labels).sum(axis=1)
+        seconds = time.perf_counter() - t0
+        return FitRes(client_id, reply, len(shard), {
+            "train_loss": float(reply["loss_sum"].min() / len(sub)), "candidates": popsize, "rows_scored": len(sub),
+            "forward_calls": self.box.forward_calls - calls0,
+            "candidates_per_s": round(popsize / max(seconds, 1e-9), 3), "compute_seconds": round(seconds, 3)})

@@ -25,6 +25,11 @@ class Encoded:
         return int(self.attention_mask.sum())
 
 
+def take(e: Encoded, rows: np.ndarray) -> Encoded:
+    """The given rows of a batch, in that order."""
+    return Encoded(e.input_ids[rows], e.attention_mask[rows], e.slot_start[rows], e.answer_pos[rows], e.free[rows])
+
+
 def concat(a: Encoded, b: Encoded, pad_id: int) -> Encoded:
     """Stack two encoded batches row-wise (right-padding the shorter one)."""
     t = max(a.input_ids.shape[1], b.input_ids.shape[1])

@@ -16,22 +16,31 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-def ce_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Cross-entropy over the verbalizer words, mean over rows."""
+def ce_rows(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy over the verbalizer words, per row: (P, B)."""
     x = logits.astype(np.float64)
     picked = np.take_along_axis(x, labels[None, :, None].repeat(len(x), 0), axis=-1)[..., 0]
-    return (_logsumexp(x) - picked).mean(axis=1)
+    return _logsumexp(x) - picked
 
 
-def hinge_loss(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:
-    """Multi-class margin loss (as torch.nn.MultiMarginLoss): mean over rows of
-    sum_{j != y} max(0, margin - x_y + x_j) / C."""
+def ce_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy over the verbalizer words, mean over rows."""
+    return ce_rows(logits, labels).mean(axis=1)
+
+
+def hinge_rows(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:
+    """Multi-class margin loss (as torch.nn.MultiMarginLoss) per row: sum_{j != y} max(0, margin - x_y + x_j) / C."""
     x = logits.astype(np.float64)
     c = x.shape[-1]
     picked = np.take_along_axis(x, labels[None, :, None].repeat(len(x), 0), axis=-1)  # (P, B, 1)
     viol = np.maximum(0.0, margin - picked + x)
     viol[:, np.arange(x.shape[1]), labels] = 0.0
-    return (viol.sum(axis=-1) / c).mean(axis=1)
+    return viol.sum(axis=-1) / c
+
+
+def hinge_loss(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:
+    """The multi-class margin loss, mean over rows."""
+    return hinge_rows(logits, labels, margin).mean(axis=1)
 
 
 def predictions(logits: np.ndarray) -> np.ndarray:
@@ -69,6 +78,17 @@ def loss(kind: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return hinge_loss(logits, labels)
     if kind == "perf":
         return -accuracy(logits, labels)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def row_losses(kind: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each candidate's loss on each row, (P, B): what sums across clients (`perf`: -1 per correct row)."""
+    if kind == "ce":
+        return ce_rows(logits, labels)
+    if kind == "hinge":
+        return hinge_rows(logits, labels)
+    if kind == "perf":
+        return -(predictions(logits) == labels[None]).astype(np.float64)
     raise ValueError(f"unknown loss {kind!r}")
 
 

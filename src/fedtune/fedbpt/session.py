@@ -28,6 +28,7 @@ from fedtune.fedbpt.encoded import Encoded, numpy_blas_single_threaded
 from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, save_prompt
+from fedtune.fedbpt.generation import GenerationStrategy
 from fedtune.fedbpt.strategy import FedBPTStrategy, Fixes
 from fedtune.fedbpt.table import TableFormat
 from fedtune.fedbpt.tasks import (Example, TaskSpec, few_shot, for_model, hub_path, load_examples, space_before_answer,
@@ -95,9 +96,13 @@ def encode_eval(box: BlackBoxLM, spec: TaskSpec, examples: list[Example], batch_
     return EvalSet(batches)
 
 
-def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy:
+def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | GenerationStrategy:
     """The FedBPT server step from a config and the number of clients (no data, no model)."""
     fb, s = cfg.fedbpt, cfg.server
+    if fb.mode == "generation":
+        return GenerationStrategy(intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
+                                  popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
+                                  clients_per_round=s.clients_per_round)
     fixes = Fixes(fb.distinct_seeds, fb.weight_by_size, fb.sigma_decay, fb.sigma_min, fb.prompt_norm_max,
                   fb.select_on_dev)
     return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
@@ -134,7 +139,8 @@ class FedBPTModel:
         fb = self.cfg.fedbpt
         return FedBPTClientApp(self.box, self.projection, shards, self.label_ids,
                                LocalSettings(fb.popsize, fb.local_iter, fb.loss, fb.perturb, fb.perturb_rate,
-                                             fb.batch_population, fb.bound), seed=self.cfg.run.seed)
+                                             fb.batch_population, fb.bound, fb.separable, fb.minibatch),
+                               seed=self.cfg.run.seed)
 
     def evaluate(self, z: np.ndarray | None, rows: EvalSet) -> dict:
         """Metric, accuracy and ce loss of one prompt (z None = the zero prompt) on a row set."""
@@ -250,7 +256,7 @@ class FedBPTSession:
         m, fb = self.model, self.cfg.fedbpt
         final_z = np.asarray(final["mean"], dtype=np.float32)
         final_dev = {k[4:]: v for k, v in history[-1].get("eval", {}).items()} or m.evaluate(final_z, self.dev)
-        selected = "best" if (fb.mode == "improved" and fb.select_on_dev) else "final"
+        selected = "best" if (fb.mode != "reference" and fb.select_on_dev) else "final"
         best = self.best
         chosen = (best["z"], best["round"], best["dev"]) if selected == "best" else (final_z, len(history), final_dev)
         m.save(chosen[0], run_dir / "prompt", chosen[1], chosen[2])
