@@ -37,6 +37,9 @@ def variants(epsilons: list[float], clip: float) -> list[tuple[str, list[str]]]:
         else:
             out.append((f"central ε={eps:g}", ["privacy.mode='central'", f"privacy.target_epsilon={eps}",
                                                 f"privacy.clip={clip}"]))
+    # clipping alone (noise multiplier 1e-6: epsilon unbounded): separates what clipping costs from what noise costs
+    out.append(("clip only (no noise)", ["privacy.mode='central'", "privacy.noise_multiplier=1e-6",
+                                         f"privacy.clip={clip}"]))
     if 8.0 in epsilons:
         out.append(("central ε=8, adaptive clip", ["privacy.mode='central'", "privacy.target_epsilon=8.0",
                                                    f"privacy.clip={clip}", "privacy.adaptive_clip=true"]))
@@ -107,7 +110,7 @@ def main() -> int:
     if base:
         lines.append(f"| base model (no tuning) | - | - | - | {base['base_loss']:.4f} | {100 * base['base_exact_match']:.1f}% | - | - |")
     for r in rows:
-        spent = "∞" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3g}"
+        spent = "∞" if r["epsilon_spent"] is None or r["epsilon_spent"] > 1e6 else f"{r['epsilon_spent']:.3g}"
         z = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3g}"
         std = "-" if r["noise_std_of_mean"] is None else f"{r['noise_std_of_mean']:.2e}"
         em = "-" if r["exact_match"] is None else f"{100 * r['exact_match']:.1f}%"

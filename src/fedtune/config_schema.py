@@ -211,6 +211,8 @@ class FedBPTSection:
     sigma0: float = opt(1.0, "initial CMA-ES step size")
     popsize: int = opt(5, "CMA-ES population size (local ES; generation: the global ES's candidates per round)")
     separable: bool = opt(False, "improved: local CMA-ES with a diagonal covariance (cma's CMA_diagonal; generation mode always is)")
+    calibration: Literal["none", "batch", "content_free"] = opt("none", "calibrate the verbalizer's class scores in every evaluation (dev, test, zero prompt): batch = divide by the class probabilities averaged over the rows scored (Zhou et al. 2024); content_free = by those of content-free inputs ('N/A', '[MASK]', '') in the same template (Zhao et al. 2021)")
+    calibrate_fitness: bool = opt(False, "apply fedbpt.calibration inside the clients' fitness too (batch: over each client's rows or minibatch)")
     minibatch: int = opt(0, "rows of a client scored per generation, the same for every candidate, drawn afresh each generation (0 = all of the client's rows)")
     local_iter: int = opt(8, "local CMA-ES generations per round")
     loss: Literal["ce", "hinge", "perf"] = opt("ce", "ce = cross-entropy over verbalizer logits; hinge = multi-class margin 2; perf = -accuracy")

@@ -11,6 +11,7 @@ from fedtune.config import FedBPTSection
 from fedtune.errors import ConfigError, DataError, FedtuneError
 from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, load_prompt
+from fedtune.fedbpt.calibration import calibrate, content_free_texts
 from fedtune.fedbpt.table import read_table
 from fedtune.fedbpt.tasks import TaskSpec, check_text, space_before_answer
 
@@ -65,10 +66,19 @@ def classify(prompt_dir: str | Path, rows: list[tuple[str, ...]], model_cfg, mod
                            f"{proj.spec.hidden_size} ({meta['model']})")
 
     label_ids = box.label_token_ids(spec.words, space_before_answer(spec))
+    cal = meta.get("calibration", "none")  # as the run evaluated it (batch: over the rows given here)
+    cf = None
+    if cal == "content_free":
+        cf = box.logits(embeds[None], box.encode_texts(spec, content_free_texts(len(spec.text_columns))), label_ids)
+    scored = [(chunk, box.logits(embeds[None], box.encode_texts(spec, chunk), label_ids))
+              for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))]
+    if cal != "none":
+        every = calibrate(cal, np.concatenate([lg for _, lg in scored], axis=1), cf)
+        at = np.cumsum([0] + [lg.shape[1] for _, lg in scored])
+        scored = [(chunk, every[:, at[k]:at[k + 1]]) for k, (chunk, _) in enumerate(scored)]
     out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        logits = box.logits(embeds[None], box.encode_texts(spec, chunk), label_ids)[0]  # (B, C)
+    for chunk, lg in scored:
+        logits = lg[0]  # (B, C)
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         for texts, probs in zip(chunk, p):

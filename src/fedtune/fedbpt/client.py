@@ -20,6 +20,7 @@ from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.fedbpt import objective as O
 from fedtune.fedbpt.es import es_options
+from fedtune.fedbpt.calibration import calibrate
 from fedtune.fedbpt.encoded import Encoded, concat, numpy_blas_single_threaded, take
 from fedtune.fedbpt.generation import MINIBATCH_STREAM, candidates
 from fedtune.fedbpt.prompt import Projection
@@ -46,6 +47,7 @@ class LocalSettings:
     batch_population: bool = True
     bound: float = 0.0
     separable: bool = False  # diagonal covariance (cma's CMA_diagonal)
+    calibration: str = "none"  # none | batch | content_free, applied to the scores inside the fitness
     minibatch: int = 0  # rows per generation, the same for every candidate (0 = all of the client's)
 
 
@@ -69,7 +71,7 @@ def make_local_es(mean: np.ndarray, sigma: float, seed: int, s: LocalSettings, c
 
 class FedBPTClientApp:
     def __init__(self, box, projection: Projection, shards: dict[str, Shard], label_ids: list[int],
-                 settings: LocalSettings, *, seed: int):
+                 settings: LocalSettings, *, seed: int, content_free: Encoded | None = None):
         self.box = box  # the black box: encode / perturb / logits, nothing else
         self.projection = projection
         self.shards = shards
@@ -77,6 +79,9 @@ class FedBPTClientApp:
         self.s = settings
         self.seed = seed
         self.client_index = {cid: i for i, cid in enumerate(sorted(shards))}
+        self.content_free = content_free  # content-free rows in the task's template (calibration)
+        if settings.calibration == "content_free" and content_free is None:
+            raise ValueError("content_free calibration needs the content-free rows")
 
     # ------------------------------------------------------------------ evaluating candidates
 
@@ -94,12 +99,20 @@ class FedBPTClientApp:
         """Verbalizer logits of each candidate on the clean rows (P, B, C) and on the perturbed copy."""
         prompts = self.projection(z)  # (P, n, H)
         rows = shard.enc if perturbed is None else concat(shard.enc, perturbed, self.box.pad_id)
+        cal = self.s.calibration
+        if cal == "content_free":  # the same forward scores the content-free rows
+            rows = concat(rows, self.content_free, self.box.pad_id)
         b = len(shard)
         if self.s.batch_population:
             logits = self.box.logits(prompts, rows, self.label_ids)  # (P, B or 2B, C)
         else:
             logits = np.concatenate([self.box.logits(p[None], rows, self.label_ids) for p in prompts])
-        return logits[:, :b], (logits[:, b:] if perturbed is not None else None)
+        clean, pert = logits[:, :b], (logits[:, b:2 * b] if perturbed is not None else None)
+        if cal != "none":
+            cf = logits[:, len(rows) - len(self.content_free):] if cal == "content_free" else None
+            clean = calibrate(cal, clean, cf)
+            pert = None if pert is None else calibrate(cal, pert, cf)
+        return clean, pert
 
     def _minibatch(self, client_id: str, rnd: int, n: int, draw: int = 0) -> np.ndarray | None:
         """The rows of one generation (None: all of them), seeded by (run seed, round, client, draw)."""

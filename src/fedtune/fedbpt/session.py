@@ -26,6 +26,7 @@ from fedtune.fedbpt import objective as O
 from fedtune.fedbpt.blackbox import BlackBoxLM
 from fedtune.fedbpt.encoded import Encoded, numpy_blas_single_threaded
 from fedtune.fedbpt.loading import load_blackbox
+from fedtune.fedbpt.calibration import calibrate, content_free_texts
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, save_prompt
 from fedtune.fedbpt.generation import GenerationStrategy
@@ -130,6 +131,9 @@ class FedBPTModel:
         self.proj_spec = ProjectionSpec(cfg.run.seed, fb.intrinsic_dim, fb.n_prompt_tokens, self.box.hidden_size,
                                         self.box.embedding_std, fb.proj_alpha, fb.proj_sigma)
         self.projection = Projection(self.proj_spec)
+        self.calibration = fb.calibration
+        self.content_free = self.box.encode_texts(spec, content_free_texts(len(spec.text_columns))) \
+            if fb.calibration == "content_free" else None
 
     def shard(self, rows: list[Example]) -> Shard:
         return Shard(self.box.encode_texts(self.spec, [e.texts for e in rows]),
@@ -139,8 +143,10 @@ class FedBPTModel:
         fb = self.cfg.fedbpt
         return FedBPTClientApp(self.box, self.projection, shards, self.label_ids,
                                LocalSettings(fb.popsize, fb.local_iter, fb.loss, fb.perturb, fb.perturb_rate,
-                                             fb.batch_population, fb.bound, fb.separable, fb.minibatch),
-                               seed=self.cfg.run.seed)
+                                             fb.batch_population, fb.bound, separable=fb.separable,
+                                             minibatch=fb.minibatch,
+                                             calibration=fb.calibration if fb.calibrate_fitness else "none"),
+                               seed=self.cfg.run.seed, content_free=self.content_free)
 
     def evaluate(self, z: np.ndarray | None, rows: EvalSet) -> dict:
         """Metric, accuracy and ce loss of one prompt (z None = the zero prompt) on a row set."""
@@ -151,6 +157,9 @@ class FedBPTModel:
             logits.append(self.box.logits(prompt, enc, self.label_ids)[0])
             labels.append(y)
         lg, y = np.concatenate(logits)[None], np.concatenate(labels)
+        if self.calibration != "none":  # batch: over the whole row set; content_free: the prompt's own
+            cf = self.box.logits(prompt, self.content_free, self.label_ids) if self.content_free is not None else None
+            lg = calibrate(self.calibration, lg, cf)
         out = {"metric": self.spec.metric, "accuracy": float(O.accuracy(lg, y)[0]), "loss": float(O.ce_loss(lg, y)[0]),
                "rows": int(len(y))}
         if self.spec.metric == "f1":
@@ -161,6 +170,7 @@ class FedBPTModel:
     def save(self, z: np.ndarray, folder: Path, rnd: int, dev: dict | None) -> Path:
         meta = {"model": self.cfg.model.name, "blackbox": self.box.info(), "task": self.spec.to_json(),
                 "label_token_ids": self.label_ids, "round": rnd, "dev": dev, "mode": self.cfg.fedbpt.mode,
+                "calibration": self.calibration,
                 "max_seq_len": self.box.max_seq_len}
         return save_prompt(folder, z, self.projection, meta)
 
