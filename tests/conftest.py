@@ -86,3 +86,25 @@ def write_jsonl(path: Path, records: list) -> Path:
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+def bpt_task(tmp_path) -> list[str]:
+    """Config overrides for a two-class FedBPT task on the tiny Llama (its words are single
+    tokens of the tiny tokenizer), with train and test files written under tmp_path."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pos, neg = ["the movie was great", "It was good", "good movie"], ["the movie was terrible", "It was bad", "bad news"]
+
+    def rows(n, pos, neg):
+        return [r for _ in range(n) for r in ({"sentence": str(rng.choice(pos)), "label": 1},
+                                              {"sentence": str(rng.choice(neg)), "label": 0})]
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(12, pos, neg))
+    # test sentences that are not in the training file (a repeated one would be removed from training)
+    test = write_jsonl(tmp_path / "test.jsonl", rows(4, ["good news", "It was great"], ["terrible movie", "bad"]))
+    return ["run.algorithm='fedbpt'", "task.name='custom'", f"task.train_path={json.dumps(str(train))}",
+            f"task.test_path={json.dumps(str(test))}", "task.text_columns=['sentence']",
+            "task.template='<P> . {sentence} . It was <mask> .'", "task.verbalizer={0 = 'was', 1 = 'the'}",
+            "task.k_shot=6", "task.dev_shots=2", "partition.method='iid'", "fedbpt.intrinsic_dim=8",
+            "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2", "fedbpt.max_seq_len=32"]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import write_jsonl
+from conftest import bpt_task
 
 from fedtune import config as C
 from fedtune.fedbpt.calibration import calibrate
@@ -42,21 +42,8 @@ def test_batch_calibration_undoes_a_bias_toward_one_class():
 
 
 def _task(tmp_path):
-    rng = np.random.default_rng(0)
-    pos, neg = ["the movie was great", "It was good", "good movie"], ["the movie was terrible", "It was bad", "bad news"]
-
-    def rows(n, pos, neg):
-        return [r for _ in range(n) for r in ({"sentence": str(rng.choice(pos)), "label": 1},
-                                              {"sentence": str(rng.choice(neg)), "label": 0})]
-
-    train = write_jsonl(tmp_path / "train.jsonl", rows(12, pos, neg))
-    test = write_jsonl(tmp_path / "test.jsonl", rows(4, ["good news", "It was great"], ["terrible movie", "bad"]))
-    return ["run.algorithm='fedbpt'", "task.name='custom'", f"task.train_path={json.dumps(str(train))}",
-            f"task.test_path={json.dumps(str(test))}", "task.text_columns=['sentence']",
-            "task.template='<P> . {sentence} . It was <mask> .'", "task.verbalizer={0 = 'was', 1 = 'the'}",
-            "task.k_shot=6", "task.dev_shots=2", "partition.method='iid'", "partition.num_clients=3",
-            "fedbpt.intrinsic_dim=8", "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2",
-            "fedbpt.max_seq_len=32", "run.rounds=2", "run.progress=false", "run.save_every_round=false"]
+    return bpt_task(tmp_path) + ["partition.num_clients=3", "run.rounds=2", "run.progress=false",
+                                 "run.save_every_round=false"]
 
 
 @pytest.mark.parametrize("mode", ["improved", "generation"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import write_jsonl
+from conftest import bpt_task
 
 import nvflare  # noqa: E402,F401  (a pinned dependency: a broken install fails, never skips)
 
@@ -311,22 +311,7 @@ def test_replies_must_be_plain_arrays_and_numbers():
 
 
 def _bpt_task(tmp_path) -> list[str]:
-    """A two-class task on the tiny Llama (its words are single tokens of the tiny tokenizer)."""
-    rng = np.random.default_rng(0)
-    pos, neg = ["the movie was great", "It was good", "good movie"], ["the movie was terrible", "It was bad", "bad news"]
-
-    def rows(n, pos, neg):
-        return [r for _ in range(n) for r in ({"sentence": str(rng.choice(pos)), "label": 1},
-                                              {"sentence": str(rng.choice(neg)), "label": 0})]
-
-    train = write_jsonl(tmp_path / "train.jsonl", rows(12, pos, neg))
-    # test sentences that are not in the training file (a repeated one would be removed from training)
-    test = write_jsonl(tmp_path / "test.jsonl", rows(4, ["good news", "It was great"], ["terrible movie", "bad"]))
-    return ["run.algorithm='fedbpt'", "task.name='custom'", f"task.train_path={json.dumps(str(train))}",
-            f"task.test_path={json.dumps(str(test))}", "task.text_columns=['sentence']",
-            "task.template='<P> . {sentence} . It was <mask> .'", "task.verbalizer={0 = 'was', 1 = 'the'}",
-            "task.k_shot=6", "task.dev_shots=2", "partition.method='iid'", "fedbpt.intrinsic_dim=8",
-            "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2", "fedbpt.max_seq_len=32"]
+    return bpt_task(tmp_path)
 
 
 @pytest.mark.parametrize("extra", [[], ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"],

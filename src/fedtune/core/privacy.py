@@ -206,10 +206,6 @@ class DPAccounting:
             rec["next_clip"] = self.clip
         return rec
 
-    def record(self, rnd: int) -> dict:
-        return {"epsilon": self.epsilon_after(rnd), "delta": self.s.delta, "noise_multiplier": self.z,
-                "clip": self.clip, "clients_per_round": self.m, "clients": self.n}
-
     # ------------------------------------------------------------------ checkpoints
 
     def to_meta(self) -> dict:
