@@ -196,8 +196,9 @@ def validate(cfg: Config, source: str = "config") -> None:
             need(pv.mode == "central", "privacy.mode = 'distributed' needs secure aggregation, which FedBPT does not have: "
                  "use privacy.mode = 'central'")
             need(cfg.fedbpt.mode == "improved", "privacy.mode = 'central' with run.algorithm = 'fedbpt' needs "
-                 "fedbpt.mode = 'improved' (the reference's global CMA-ES ranks the clients' own fitness values, "
-                 "which DP does not cover)")
+                 f"fedbpt.mode = 'improved', not '{cfg.fedbpt.mode}' (reference: its global CMA-ES ranks the "
+                 "clients' own fitness values, which DP does not cover; generation: the per-candidate loss sums "
+                 "are not clipped and noised yet)")
         else:
             need(cfg.run.algorithm == "fedit", f"privacy.mode = '{pv.mode}' is available for FedIT and FedBPT")
             need(cfg.server.aggregation in means and cfg.server.lora_aggregation == "separate"
