@@ -100,7 +100,7 @@ class GenerationStrategy(SelectingStrategy):
         want = ["loss_sum", "rows"] + (["loss_sum_perturbed"] if self.perturb else [])
         if sorted(res.arrays) != sorted(want):
             raise UpdateRejected(f"reply keys {sorted(res.arrays)}, expected {sorted(want)}")
-        for k in want[:1] + want[2:]:
+        for k in (k for k in want if k != "rows"):
             v = res.arrays[k]
             if v.dtype != np.float64 or v.shape != (self.popsize,) or not np.all(np.isfinite(v)):
                 raise UpdateRejected(f"'{k}': {v.dtype}{list(v.shape)}, expected finite float64[{self.popsize}]")

@@ -94,16 +94,21 @@ class SampleLedger:
         self.sigma, self.batch_size, self.delta = sigma, batch_size, delta
         self.steps: dict[str, int] = {}
         self.rows: dict[str, int] = {}
+        self.eps: dict[str, float] = {}  # each client's epsilon so far (recomputed only when it trains)
+
+    def _account(self, cid: str) -> None:
+        from fedtune.core.privacy import epsilon
+
+        n = self.rows[cid]
+        self.eps[cid] = epsilon(n, min(self.batch_size, n), self.sigma, self.steps[cid], self.delta)
 
     def add(self, record: dict) -> dict:
         """Book one round's client records; returns the round's DP-SGD record."""
-        from fedtune.core.privacy import epsilon
-
         for c in record.get("clients", []):
             self.steps[c["id"]] = self.steps.get(c["id"], 0) + int(c.get("steps", 0))
             self.rows[c["id"]] = int(c.get("examples_claimed", c["examples"]))
-        eps = {cid: epsilon(self.rows[cid], min(self.batch_size, self.rows[cid]), self.sigma, n, self.delta)
-               for cid, n in self.steps.items()}
+            self._account(c["id"])
+        eps = self.eps
         worst = max(eps, key=eps.get) if eps else None
         return {"epsilon_max": eps[worst] if worst else 0.0, "client_max": worst, "clients": len(eps),
                 "steps_max": max(self.steps.values(), default=0), "noise_multiplier": self.sigma, "delta": self.delta}
@@ -114,3 +119,6 @@ class SampleLedger:
     def load_state(self, meta: dict) -> None:
         self.steps = {k: int(v) for k, v in meta.get("dpsgd_steps", {}).items()}
         self.rows = {k: int(v) for k, v in meta.get("dpsgd_rows", {}).items()}
+        self.eps = {}
+        for cid in self.steps:
+            self._account(cid)
