@@ -35,3 +35,16 @@ def test_plain_heads_load(cfg):
 def test_the_embedded_model_is_named_by_its_hub_id_elsewhere():
     assert portable_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert portable_name("/models/mine") == "/models/mine"
+
+
+def test_model_dtype_auto_takes_bf16_only_where_it_is_native(monkeypatch):
+    import torch
+
+    from fedtune import models
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.weight_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU emulates bf16
+    assert models.weight_dtype("auto", cpu) == torch.float32
+    assert models.weight_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit setting is kept

@@ -36,7 +36,7 @@ class RunSection:
 class ModelSection:
     name: str = opt("smollm2-135m", "'smollm2-135m' (embedded, offline), a Hugging Face id, a local folder, or a .gguf file")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto picks cuda when available, else cpu")
-    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "dtype of the frozen base weights")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt("float32", "dtype of the frozen base weights; auto = bfloat16 where bf16 matmuls are native (CUDA with bf16, CPUs with AMX or AVX512-BF16), float32 elsewhere")
     autocast: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "mixed precision for compute; auto = bf16 on CPUs with AMX/AVX512-BF16 and on CUDA with bf16 support")
     trust_remote_code: bool = opt(False, "passed to transformers when loading a Hugging Face model")
 
@@ -195,6 +195,8 @@ class TaskSection:
     dev_shots: int = opt(16, "dev rows per class, drawn from the training file, disjoint from the training rows; the global prompt is selected on them")
     test_max_rows: int = opt(0, "evaluate the test set on a fixed class-balanced subset of this many rows (0 = all)")
     columns: list = opt([], "the column names of headerless .csv/.tsv files, in order (e.g. AG News as released: [\"label\", \"title\", \"description\"]); [] = the first row is the header")
+    template_candidates: list = opt([], "fedbpt.search: templates to try beside task.template ([] = the built-in task's alternatives); each is also tried with and without the space before <mask> and, for a tokenizer with a chat template, in the chat format")
+    word_candidates: dict = opt({}, "fedbpt.search: label value -> list of candidate one-token words tried beside the verbalizer's ({} = the built-in task's alternatives, none when task.verbalizer is set)")
     quoting: Literal["auto", "none", "csv"] = opt("auto", ".tsv quoting: none = fields are never quoted (GLUE: a sentence may start with a quote mark); csv = fields may be quoted (holding tabs, quotes or newlines); auto = quoted when the header row's fields all are, or when only the quoted reading gives every row the header's field count. .csv is always read with quoting")
 
 
@@ -212,6 +214,9 @@ class FedBPTSection:
     popsize: int = opt(5, "CMA-ES population size (local ES; generation: the global ES's candidates per round)")
     separable: bool = opt(False, "improved: local CMA-ES with a diagonal covariance (cma's CMA_diagonal; generation mode always is)")
     calibration: Literal["none", "batch", "content_free"] = opt("none", "calibrate the verbalizer's class scores in every evaluation (dev, test, zero prompt): batch = divide by the class probabilities averaged over the rows scored (Zhou et al. 2024); content_free = by those of content-free inputs ('N/A', '[MASK]', '') in the same template (Zhao et al. 2021)")
+    search: bool = opt(False, "before round 1, choose the template, label words and calibration with the zero prompt on the run's training and dev rows (never test): task.template_candidates x task.word_candidates x fedbpt.search_calibration; the choice is printed, saved as search.json and written into the run's config.toml")
+    search_calibration: list = opt(["none", "batch", "content_free"], "fedbpt.search: calibrations to try")
+    search_chat: bool = opt(True, "fedbpt.search: also try each template in the model's chat format (causal LMs whose tokenizer has a chat template)")
     calibrate_fitness: bool = opt(False, "apply fedbpt.calibration inside the clients' fitness too (batch: over each client's rows or minibatch)")
     minibatch: int = opt(0, "rows of a client scored per generation, the same for every candidate, drawn afresh each generation (0 = all of the client's rows)")
     local_iter: int = opt(8, "local CMA-ES generations per round")

@@ -165,6 +165,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def weight_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """model.dtype: 'auto' = bf16 weights where bf16 matmuls are native (CUDA with bf16, CPUs with
+    AMX or AVX512-BF16), float32 elsewhere: on an AVX2-only CPU bf16 weights ran the FedBPT black
+    box 5x slower than float32 (docs/fedbpt.md, "Speed on a shared CPU")."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -195,7 +206,7 @@ def load_causal_lm(cfg_model) -> LoadedModel:
     device = pick_device(cfg_model.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[cfg_model.dtype], trust_remote_code=cfg_model.trust_remote_code
+            path, dtype=weight_dtype(cfg_model.dtype, device), trust_remote_code=cfg_model.trust_remote_code
         )
         tok = load_tokenizer(path, cfg_model.trust_remote_code)
     except OSError as e:

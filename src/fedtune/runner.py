@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fedtune import config as C
 from fedtune.config import Config
 from fedtune.core import algorithm as registry
 from fedtune.core import checkpoint as CK
@@ -51,6 +52,9 @@ def run(cfg: Config, run_dir: Path, resume: bool = False, console=None) -> dict:
         raise ConfigError(f"run.engine = '{engine}' is not available (simulator, nvflare)")
     session = algo.session(cfg)
     session.run_dir = run_dir
+    if getattr(session, "cfg", cfg) != cfg:  # the session resolved choices made before round 1 (fedbpt.search)
+        cfg = session.cfg
+        C.save(cfg, run_dir / "config.toml")  # what a resume, a FLARE job and a reader see
     if console:
         console.print(session.describe(engine))
     hooks = ConsoleHooks(session, console)

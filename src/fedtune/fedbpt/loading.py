@@ -26,7 +26,8 @@ def detect_kind(path) -> str:
 
 def load_blackbox(model_cfg, fb) -> BlackBoxLM:
     """Load the configured model behind the boundary (`fb` is the [fedbpt] section)."""
-    from fedtune.models import autocast_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+    from fedtune.models import (autocast_dtype, load_causal_lm, load_tokenizer, pick_device, resolve_model_path,
+                                weight_dtype)
 
     path = resolve_model_path(model_cfg.name)
     kind = fb.model_kind if fb.model_kind != "auto" else detect_kind(path)
@@ -37,13 +38,11 @@ def load_blackbox(model_cfg, fb) -> BlackBoxLM:
     if kind == "causal":
         lm = load_causal_lm(model_cfg)
         return BlackBoxLM(lm.model, lm.tokenizer, "causal", lm.device, lm.amp_dtype, **common)
-    import torch
     from transformers import AutoModelForMaskedLM
 
     device = pick_device(model_cfg.device)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, dtype=dtypes[model_cfg.dtype],
+        model = AutoModelForMaskedLM.from_pretrained(path, dtype=weight_dtype(model_cfg.dtype, device),
                                                      trust_remote_code=model_cfg.trust_remote_code)
         tok = load_tokenizer(path, model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:

@@ -30,6 +30,7 @@ from fedtune.fedbpt.calibration import calibrate, content_free_texts
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, save_prompt
 from fedtune.fedbpt.generation import GenerationStrategy
+from fedtune.fedbpt.search import Choice, resolved, search, space_from_config
 from fedtune.fedbpt.strategy import FedBPTStrategy, Fixes
 from fedtune.fedbpt.table import TableFormat
 from fedtune.fedbpt.tasks import (Example, TaskSpec, few_shot, for_model, hub_path, load_examples, space_before_answer,
@@ -122,10 +123,10 @@ class FedBPTModel:
     """The black box, the projection and the label words of one task: what evaluates a prompt,
     saves it, and (with shards) builds the client app."""
 
-    def __init__(self, cfg: Config, spec: TaskSpec):
+    def __init__(self, cfg: Config, spec: TaskSpec, box: BlackBoxLM | None = None):
         fb = cfg.fedbpt
         self.cfg = cfg
-        self.box = load_blackbox(cfg.model, fb)
+        self.box = box or load_blackbox(cfg.model, fb)
         self.spec = spec = for_model(spec, self.box.kind)  # a causal LM reads the task's causal template
         self.label_ids = self.box.label_token_ids(spec.words, space_before_answer(spec))
         self.proj_spec = ProjectionSpec(cfg.run.seed, fb.intrinsic_dim, fb.n_prompt_tokens, self.box.hidden_size,
@@ -185,6 +186,13 @@ class FedBPTSession:
         self.cfg = cfg
         self.data = data or prepare_task(cfg)
         self.model = FedBPTModel(cfg, self.data.spec)
+        self.search: Choice | None = None
+        if cfg.fedbpt.search:  # the starting point, on the training and dev rows (never test)
+            m = self.model
+            self.search = search(m.box, m.spec, self.data.train + self.data.dev,
+                                 space_from_config(m.spec, cfg.task, cfg.fedbpt))
+            cfg = self.cfg = resolved(cfg, self.search)
+            self.model = FedBPTModel(cfg, task_from_config(cfg.task), box=m.box)
         self.spec = self.model.spec
         self.shards = {cid: self.model.shard(rows) for cid, rows in self.data.client_rows().items()}
         self.client_ids = list(self.shards)
@@ -210,8 +218,16 @@ class FedBPTSession:
         return (f"[bold]FedBPT[/]{where} ({fb.mode}) · {self.model.box.kind} LM {self.cfg.model.name} · task "
                 f"{self.spec.name} · {len(s)} clients ({min(s.values())}-{max(s.values())} rows) · dev {len(self.dev)} · "
                 f"test {len(self.test)} · d = {fb.intrinsic_dim}, {fb.n_prompt_tokens} prompt tokens ({fb.prompt_mode})"
+                + (self._search_line() if self.search else "") +
                 f"\nround   0: zero prompt · dev {self.spec.metric} {self.zero_dev['score']:.4f} · "
                 f"dev loss {self.zero_dev['loss']:.4f}")
+
+    def _search_line(self) -> str:
+        from rich.markup import escape
+
+        c = self.search
+        return (f"\nsearch ({c.rows} training and dev rows, zero prompt): template {escape(repr(c.template))} · words "
+                f"{' / '.join(c.verbalizer.values())} · calibration {c.calibration} · {self.spec.metric} {c.score:.4f}")
 
     def evaluate(self, rnd: int, arrays: Arrays) -> dict:
         return {"dev_" + k: v for k, v in self.model.evaluate(arrays["mean"], self.dev).items()}
@@ -283,6 +299,9 @@ class FedBPTSession:
             "test_source": self.data.test_source, "test_overlap_removed": self.data.overlap_removed,
             "communication": communication(history),
         }
+        if self.search:
+            summary["search"] = self.search.to_json()
+            atomic.write_text(run_dir / "search.json", json.dumps(summary["search"], indent=1))
         if (pv := privacy_summary(history)):
             summary["privacy"] = pv
         atomic.write_text(run_dir / "prompt" / "summary.json",
