@@ -28,7 +28,8 @@ class RowBox:
     pad_id = 0
     forward_calls = 0
 
-    def logits(self, prompts, rows, label_ids):
+    def logits(self, prompts, rows, label_ids, deep=None):
+        assert deep is None
         self.forward_calls += 1
         w = np.stack([np.sin(np.arange(N_TOK * H * C) * 0.01 * (1 + r[0] % 7)) for r in rows.input_ids])
         p = prompts.reshape(len(prompts), 1, -1, 1)  # (P, 1, n*H, 1)
@@ -123,7 +124,7 @@ def test_a_minibatch_is_the_same_rows_for_every_candidate_and_fresh_each_round()
     strat = GenerationStrategy(intrinsic_dim=D, sigma0=0.8, seed=1, popsize=4, perturb=False)
     g = strat.initial_arrays()
     seen = []
-    app.box.logits = (lambda f: lambda p, rows, ids: (seen.append(rows.input_ids[:, 0].tolist()), f(p, rows, ids))[1])(
+    app.box.logits = (lambda f: lambda p, rows, ids, deep: (seen.append(rows.input_ids[:, 0].tolist()), f(p, rows, ids))[1])(
         app.box.logits)
     for rnd in (1, 2):
         res = app.fit("c1", FitIns(g, {"round": rnd, "gen_seed": strat.round_seed(rnd), "popsize": 4}))

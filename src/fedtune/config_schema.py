@@ -217,6 +217,8 @@ class FedBPTSection:
     search: bool = opt(False, "before round 1, choose the template, label words and calibration with the zero prompt on the run's training and dev rows (never test): task.template_candidates x task.word_candidates x fedbpt.search_calibration; the choice is printed, saved as search.json and written into the run's config.toml")
     search_calibration: list = opt(["none", "batch", "content_free"], "fedbpt.search: calibrations to try")
     search_chat: bool = opt(True, "fedbpt.search: also try each template in the model's chat format (causal LMs whose tokenizer has a chat template)")
+    deep: bool = opt(False, "generation mode: deep prompts (BBTv2): besides the input prompt, an offset A_l z_l at the prompt positions entering every layer, one separable CMA-ES per layer, optimized layer by layer; each A_l's std follows that layer's hidden-state std, which the black box publishes")
+    deep_rounds_per_layer: int = opt(2, "fedbpt.deep: rounds (generations) each layer is optimized before the next one takes over (layer 0, 1, ..., L-1, then again)")
     calibrate_fitness: bool = opt(False, "apply fedbpt.calibration inside the clients' fitness too (batch: over each client's rows or minibatch)")
     minibatch: int = opt(0, "rows of a client scored per generation, the same for every candidate, drawn afresh each generation (0 = all of the client's rows)")
     local_iter: int = opt(8, "local CMA-ES generations per round")

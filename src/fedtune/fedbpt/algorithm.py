@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from fedtune.core.arrays import Arrays
 from fedtune.core.strategy import FitIns, FitRes
@@ -67,6 +66,8 @@ def check_fedbpt(cfg) -> None:
     if fb.mode == "reference":
         need(not fb.separable and not fb.minibatch, "fedbpt.mode = 'reference' reproduces FedBPT's mechanics: "
              "fedbpt.separable and fedbpt.minibatch are for 'improved' and 'generation'")
+    need(not fb.deep or fb.mode == "generation", "fedbpt.deep = true (deep prompts) runs in fedbpt.mode = 'generation'")
+    need(fb.deep_rounds_per_layer >= 1, f"fedbpt.deep_rounds_per_layer must be >= 1, got {fb.deep_rounds_per_layer}")
     if fb.mode == "generation":
         need(fb.bound == 0, "fedbpt.mode = 'generation' samples from the server's distribution without bounds: "
              "set fedbpt.bound = 0")
@@ -120,11 +121,11 @@ class FedBPTAlgorithm:
 
     def write_output(self, cfg, arrays: Arrays, folder: Path, rounds: int) -> Path:
         """The final global prompt, reusable by `fedtune classify`."""
-        from fedtune.fedbpt.session import FedBPTModel
+        from fedtune.fedbpt.session import FedBPTModel, prompt_z
         from fedtune.fedbpt.tasks import task_from_config
 
         model = FedBPTModel(cfg, task_from_config(cfg.task))
-        return model.save(np.asarray(arrays["mean"], dtype=np.float32), folder, rounds, None)
+        return model.save(prompt_z(arrays), folder, rounds, None)
 
 
 ALGORITHM = FedBPTAlgorithm()

@@ -102,7 +102,8 @@ class BlackBoxLM:
         # cache would drop early tokens; hybrid or recurrent models have no key/value cache)
         layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
         self._can_share = kind == "causal" and all(t == "full_attention" for t in layer_types)
-        self.shared_context_calls = 0  # logits calls that ran the text before <P> once for all candidates
+        self.shared_context_calls = 0
+        self._hooks = self._deep_now = self._layer_stds = None  # deep prompts: installed on first use  # logits calls that ran the text before <P> once for all candidates
 
     # ------------------------------------------------------------------ facts an API would publish
 
@@ -212,7 +213,8 @@ class BlackBoxLM:
 
     # ------------------------------------------------------------------ the forward pass
 
-    def logits(self, prompts: np.ndarray | None, enc: Encoded, label_ids: list[int]) -> np.ndarray:
+    def logits(self, prompts: np.ndarray | None, enc: Encoded, label_ids: list[int],
+               deep: np.ndarray | None = None) -> np.ndarray:
         """Verbalizer logits, shape (P, B, C), for P prompts (P, n_prompt_tokens, hidden) on B rows.
 
         All P x B rows go through the model together: evaluating a whole CMA-ES population
@@ -220,7 +222,8 @@ class BlackBoxLM:
         forwards by `plan_forwards` (each forward padded only to its own longest row, at most
         max_forward_rows rows): a row appears once per candidate with the same length, so a
         population packs into forwards with almost no padding. `prompts` None means the zero
-        prompt (the untuned model with its placeholder slots).
+        prompt (the untuned model with its placeholder slots). `deep` (P, L-1, n, hidden): deep
+        prompts' offsets, added at the prompt positions to the hidden states entering layers 1..L-1.
         """
         import torch
 
@@ -242,11 +245,41 @@ class BlackBoxLM:
             tok_emb = self._model.get_input_embeddings()(ids).float()  # (B, T, H)
             slots = self._slot_base.to(dev)[None] + torch.as_tensor(prompts, device=dev)  # (P, n, H)
             label = torch.as_tensor(label_ids, device=dev)
-            if self._sharing_pays(enc, p_count):
-                self._forward_shared(tok_emb, slots, enc, lengths, answer, label, out)
-            else:
-                self._forward_full(tok_emb, slots, mask, lengths, slot_idx, answer, label, out, b_count)
+            self._deep_now = None if deep is None else torch.as_tensor(self._check_deep(deep, p_count), device=dev)
+            try:
+                if self._sharing_pays(enc, p_count):
+                    self._forward_shared(tok_emb, slots, enc, lengths, answer, label, out)
+                else:
+                    self._forward_full(tok_emb, slots, mask, lengths, slot_idx, answer, label, out, b_count)
+            finally:
+                self._deep_now = None
+                if self._hooks is not None:
+                    self._hooks.now = None
         return out.reshape(p_count, b_count, len(label_ids))
+
+    def _check_deep(self, deep, p_count: int) -> np.ndarray:
+        from fedtune.fedbpt.deep import DeepHooks
+
+        deep = np.asarray(deep, dtype=np.float32)
+        if self._hooks is None:
+            self._hooks = DeepHooks(self._model)
+        want = (p_count, len(self._hooks.layers) - 1, self.n_prompt_tokens, self.hidden_size)
+        if deep.shape != want:
+            raise ValueError(f"deep prompt offsets must have shape {want}, got {deep.shape}")
+        return deep
+
+    def layer_stds(self) -> list[float]:
+        """The std of the hidden states entering each layer 1..L-1 (published, like embedding_std)."""
+        from fedtune.fedbpt.deep import layer_input_stds
+
+        if self._layer_stds is None:
+            self._layer_stds = layer_input_stds(self._model, self.tokenizer, self._device, self._autocast)
+        return self._layer_stds
+
+    def _set_deep(self, p, pos) -> None:
+        """The offsets of this forward's rows (candidates p) at prompt positions pos (rows, n)."""
+        if self._deep_now is not None:
+            self._hooks.now = (self._deep_now[p], pos)
 
     def _forward_full(self, tok_emb, slots, mask, lengths, slot_idx, answer, label, out, b_count):
         """Every forward row holds a whole context: [text before <P>] prompt [rest]."""
@@ -259,6 +292,7 @@ class BlackBoxLM:
             x = tok_emb[b, :width].clone()  # (rows, width, H)
             x[torch.arange(len(r), device=dev)[:, None], slot_idx[b]] = slots[p]
             m = mask[b, :width]
+            self._set_deep(p, slot_idx[b])
             full = bool((lengths[rows_np % b_count] == width).all())  # no padding in this forward
             with self._autocast():
                 x = self._input_dtype(x)
@@ -321,6 +355,7 @@ class BlackBoxLM:
             cache = DynamicCache(config=cfg)
             for i in range(len(keys)):
                 cache.update(keys[i][b, :, :k_len], values[i][b, :, :k_len], i)
+            self._set_deep(p, torch.arange(n, device=dev)[None].expand(len(r), n))
             m = torch.cat([torch.arange(k_len, device=dev) < start[:, None],
                            torch.arange(width, device=dev) < rest_t[b][:, None]], 1).long()
             with self._autocast():

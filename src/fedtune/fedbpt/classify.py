@@ -51,9 +51,11 @@ def classify(prompt_dir: str | Path, rows: list[tuple[str, ...]], model_cfg, mod
     z, embeds, meta = load_prompt(Path(prompt_dir))
     spec = TaskSpec.from_json(meta["task"])
     proj = Projection(ProjectionSpec.from_json(meta["projection"]))
-    rebuilt = proj(z)[0]
+    deep = meta.get("deep_embeds")  # a deep prompt's per-layer offsets (checked against the model below)
+    rebuilt = proj(z[0] if deep is not None else z)[0]
     if not np.allclose(rebuilt, embeds, rtol=1e-4, atol=1e-5):  # A is rebuilt from the seed: it must agree
         raise FedtuneError(f"{prompt_dir}: prompt_embeds differ from A z rebuilt from the saved seed and settings")
+    deep = None if deep is None else deep[None]
     bb = meta["blackbox"]
     model_cfg.name = model_name or meta["model"]
     # the [fedbpt] keys the black box reads: the saved prompt's, every other at its default
@@ -69,8 +71,8 @@ def classify(prompt_dir: str | Path, rows: list[tuple[str, ...]], model_cfg, mod
     cal = meta.get("calibration", "none")  # as the run evaluated it (batch: over the rows given here)
     cf = None
     if cal == "content_free":
-        cf = box.logits(embeds[None], box.encode_texts(spec, content_free_texts(len(spec.text_columns))), label_ids)
-    scored = [(chunk, box.logits(embeds[None], box.encode_texts(spec, chunk), label_ids))
+        cf = box.logits(embeds[None], box.encode_texts(spec, content_free_texts(len(spec.text_columns))), label_ids, deep)
+    scored = [(chunk, box.logits(embeds[None], box.encode_texts(spec, chunk), label_ids, deep))
               for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))]
     if cal != "none":
         every = calibrate(cal, np.concatenate([lg for _, lg in scored], axis=1), cf)

@@ -21,6 +21,7 @@ from fedtune.core.strategy import FitIns, FitRes
 from fedtune.fedbpt import objective as O
 from fedtune.fedbpt.es import es_options
 from fedtune.fedbpt.calibration import calibrate
+from fedtune.fedbpt.deep_strategy import apply_update
 from fedtune.fedbpt.encoded import Encoded, concat, numpy_blas_single_threaded, take
 from fedtune.fedbpt.generation import MINIBATCH_STREAM, candidates
 from fedtune.fedbpt.prompt import Projection
@@ -80,6 +81,7 @@ class FedBPTClientApp:
         self.seed = seed
         self.client_index = {cid: i for i, cid in enumerate(sorted(shards))}
         self.content_free = content_free  # content-free rows in the task's template (calibration)
+        self.deep_cache: dict[str, np.ndarray] = {}  # deep prompts: each client's copy of the whole prompt
         if settings.calibration == "content_free" and content_free is None:
             raise ValueError("content_free calibration needs the content-free rows")
 
@@ -96,17 +98,19 @@ class FedBPTClientApp:
         return O.fitness(self.s.loss, clean, shard.labels, pert)
 
     def _logits(self, z: np.ndarray, shard: Shard, perturbed: Encoded | None):
-        """Verbalizer logits of each candidate on the clean rows (P, B, C) and on the perturbed copy."""
-        prompts = self.projection(z)  # (P, n, H)
+        """Verbalizer logits of each candidate on the clean rows (P, B, C) and on the perturbed copy;
+        z (P, d), or (P, L, d) for deep prompts (then the projection is a DeepProjection)."""
+        prompts, deep = self.projection(z) if z.ndim == 3 else (self.projection(z), None)  # (P, n, H), offsets
         rows = shard.enc if perturbed is None else concat(shard.enc, perturbed, self.box.pad_id)
         cal = self.s.calibration
         if cal == "content_free":  # the same forward scores the content-free rows
             rows = concat(rows, self.content_free, self.box.pad_id)
         b = len(shard)
         if self.s.batch_population:
-            logits = self.box.logits(prompts, rows, self.label_ids)  # (P, B or 2B, C)
+            logits = self.box.logits(prompts, rows, self.label_ids, deep)  # (P, B or 2B, C)
         else:
-            logits = np.concatenate([self.box.logits(p[None], rows, self.label_ids) for p in prompts])
+            logits = np.concatenate([self.box.logits(p[None], rows, self.label_ids, None if deep is None else deep[i:i + 1])
+                                     for i, p in enumerate(prompts)])
         clean, pert = logits[:, :b], (logits[:, b:2 * b] if perturbed is not None else None)
         if cal != "none":
             cf = logits[:, len(rows) - len(self.content_free):] if cal == "content_free" else None
@@ -177,6 +181,13 @@ class FedBPTClientApp:
         t0, calls0 = time.perf_counter(), self.box.forward_calls
         popsize = int(ins.config["popsize"])
         z = candidates(ins.arrays["mean"], ins.arrays["std"], int(ins.config["gen_seed"]), popsize)
+        if "deep/layer" in ins.arrays:  # deep prompts: this layer's candidates, the other layers as last sent
+            full = apply_update(self.deep_cache.pop(client_id, None), ins.arrays, int(ins.config["deep_layers"]),
+                                z.shape[1])
+            self.deep_cache[client_id] = full  # kept only once it matched the server's digest
+            zz = np.repeat(full[None].astype(np.float64), popsize, axis=0)
+            zz[:, int(ins.arrays["deep/layer"][0])] = z
+            z = zz
         rows = self._minibatch(client_id, rnd, len(shard))
         sub = shard if rows is None else Shard(take(shard.enc, rows), shard.labels[rows])
         perturbed = None

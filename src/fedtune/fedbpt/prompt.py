@@ -75,13 +75,17 @@ class Projection:
 # ----------------------------------------------------------------------------- saving and loading
 
 
-def save_prompt(folder: Path, z: np.ndarray, projection: Projection, meta: dict) -> Path:
-    """Write z, its prompt embeddings and everything needed to reuse them."""
+def save_prompt(folder: Path, z: np.ndarray, projection, meta: dict) -> Path:
+    """Write z, its prompt embeddings (and a deep prompt's per-layer offsets, `deep_embeds`) and
+    everything needed to reuse them. `projection`: a Projection, or a DeepProjection for z (L, d)."""
     z = np.asarray(z, dtype=np.float32)
     doc = {"format": "fedtune-fedbpt-prompt/1", "projection": projection.spec.to_json(), **meta}
+    out = projection(z)
+    arrays = {"z": z, "prompt_embeds": out[0][0], "deep_embeds": out[1][0]} if isinstance(out, tuple) \
+        else {"z": z, "prompt_embeds": out[0]}
 
     def fill(tmp: Path) -> None:  # a new folder swapped in whole: never half written
-        save_file({"z": z, "prompt_embeds": projection(z)[0]}, str(tmp / "prompt.safetensors"))
+        save_file(arrays, str(tmp / "prompt.safetensors"))
         (tmp / "prompt.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
     return atomic.publish_dir(folder, fill)
@@ -98,10 +102,16 @@ def load_prompt(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         arrays = load_file(str(st))
     except Exception as e:  # JSON and safetensors errors: a damaged folder
         raise FedtuneError(f"{folder}: cannot read the saved prompt: {e}") from None
-    if set(arrays) != {"z", "prompt_embeds"}:
-        raise FedtuneError(f"{st}: expected arrays 'z' and 'prompt_embeds', found {sorted(arrays)}")
+    deep = meta.get("deep")
+    want = {"z", "prompt_embeds"} | ({"deep_embeds"} if deep else set())
+    if set(arrays) != want:
+        raise FedtuneError(f"{st}: expected arrays {sorted(want)}, found {sorted(arrays)}")
     spec = ProjectionSpec.from_json(meta["projection"])
     z, emb = arrays["z"], arrays["prompt_embeds"]
-    if z.shape != (spec.intrinsic_dim,) or emb.shape != (spec.n_prompt_tokens, spec.hidden_size):
+    z_shape = (int(deep["layers"]), spec.intrinsic_dim) if deep else (spec.intrinsic_dim,)
+    if z.shape != z_shape or emb.shape != (spec.n_prompt_tokens, spec.hidden_size) or \
+            (deep and arrays["deep_embeds"].shape != (z_shape[0] - 1, spec.n_prompt_tokens, spec.hidden_size)):
         raise FedtuneError(f"{st}: shapes z {z.shape}, prompt_embeds {emb.shape} do not match prompt.json")
+    if deep:
+        meta = {**meta, "deep_embeds": arrays["deep_embeds"]}
     return z, emb, meta

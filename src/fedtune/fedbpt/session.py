@@ -29,6 +29,8 @@ from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.calibration import calibrate, content_free_texts
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
 from fedtune.fedbpt.prompt import Projection, ProjectionSpec, save_prompt
+from fedtune.fedbpt.deep import DeepProjection
+from fedtune.fedbpt.deep_strategy import DeepGenerationStrategy
 from fedtune.fedbpt.generation import GenerationStrategy
 from fedtune.fedbpt.search import Choice, resolved, search, space_from_config
 from fedtune.fedbpt.strategy import FedBPTStrategy, Fixes
@@ -101,6 +103,11 @@ def encode_eval(box: BlackBoxLM, spec: TaskSpec, examples: list[Example], batch_
 def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | GenerationStrategy:
     """The FedBPT server step from a config and the number of clients (no data, no model)."""
     fb, s = cfg.fedbpt, cfg.server
+    if fb.mode == "generation" and fb.deep:
+        return DeepGenerationStrategy(n_layers=model_layers(cfg.model), rounds_per_layer=fb.deep_rounds_per_layer,
+                                      intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
+                                      popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
+                                      clients_per_round=s.clients_per_round)
     if fb.mode == "generation":
         return GenerationStrategy(intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                                   popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
@@ -112,6 +119,21 @@ def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | Generation
                           local_iter=fb.local_iter, fixes=fixes, fraction=s.fraction,
                           clients_per_round=s.clients_per_round, bound=fb.bound, max_update_norm=s.max_update_norm,
                           dp=DPSettings.from_config(cfg.privacy, cfg.run.rounds))
+
+
+def model_layers(model_cfg) -> int:
+    """The number of transformer layers, from the model's config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from fedtune.models import resolve_model_path
+
+    c = AutoConfig.from_pretrained(resolve_model_path(model_cfg.name), trust_remote_code=model_cfg.trust_remote_code)
+    return int(c.get_text_config().num_hidden_layers)
+
+
+def prompt_z(arrays: Arrays) -> np.ndarray:
+    """The global prompt in a round's arrays: z (d,), or the deep prompt (L, d)."""
+    return np.asarray(arrays["layers"] if "layers" in arrays else arrays["mean"], dtype=np.float32)
 
 
 def better(a: dict, b: dict | None) -> bool:
@@ -132,6 +154,7 @@ class FedBPTModel:
         self.proj_spec = ProjectionSpec(cfg.run.seed, fb.intrinsic_dim, fb.n_prompt_tokens, self.box.hidden_size,
                                         self.box.embedding_std, fb.proj_alpha, fb.proj_sigma)
         self.projection = Projection(self.proj_spec)
+        self.deep = DeepProjection(self.proj_spec, self.box.layer_stds()) if fb.deep else None
         self.calibration = fb.calibration
         self.content_free = self.box.encode_texts(spec, content_free_texts(len(spec.text_columns))) \
             if fb.calibration == "content_free" else None
@@ -142,7 +165,7 @@ class FedBPTModel:
 
     def client_app(self, shards: dict[str, Shard]) -> FedBPTClientApp:
         fb = self.cfg.fedbpt
-        return FedBPTClientApp(self.box, self.projection, shards, self.label_ids,
+        return FedBPTClientApp(self.box, self.deep or self.projection, shards, self.label_ids,
                                LocalSettings(fb.popsize, fb.local_iter, fb.loss, fb.perturb, fb.perturb_rate,
                                              fb.batch_population, fb.bound, separable=fb.separable,
                                              minibatch=fb.minibatch,
@@ -150,16 +173,18 @@ class FedBPTModel:
                                seed=self.cfg.run.seed, content_free=self.content_free)
 
     def evaluate(self, z: np.ndarray | None, rows: EvalSet) -> dict:
-        """Metric, accuracy and ce loss of one prompt (z None = the zero prompt) on a row set."""
+        """Metric, accuracy and ce loss of one prompt (z None = the zero prompt; (L, d) = a deep
+        prompt) on a row set."""
         with numpy_blas_single_threaded():
-            prompt = None if z is None else self.projection(z)
+            prompt, deep = (None, None) if z is None else self.prompt_of(z)
         logits, labels = [], []
         for enc, y in rows.batches:
-            logits.append(self.box.logits(prompt, enc, self.label_ids)[0])
+            logits.append(self.box.logits(prompt, enc, self.label_ids, deep)[0])
             labels.append(y)
         lg, y = np.concatenate(logits)[None], np.concatenate(labels)
         if self.calibration != "none":  # batch: over the whole row set; content_free: the prompt's own
-            cf = self.box.logits(prompt, self.content_free, self.label_ids) if self.content_free is not None else None
+            cf = self.box.logits(prompt, self.content_free, self.label_ids, deep) \
+                if self.content_free is not None else None
             lg = calibrate(self.calibration, lg, cf)
         out = {"metric": self.spec.metric, "accuracy": float(O.accuracy(lg, y)[0]), "loss": float(O.ce_loss(lg, y)[0]),
                "rows": int(len(y))}
@@ -168,12 +193,23 @@ class FedBPTModel:
         out["score"] = out[self.spec.metric]
         return out
 
+    def prompt_of(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(input prompt (1, n, H), deep offsets (1, L-1, n, H) or None) of one prompt z."""
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim == 2:
+            if self.deep is None:
+                raise ValueError(f"a deep prompt {z.shape} needs fedbpt.deep = true")
+            return self.deep(z)
+        return self.projection(z), None
+
     def save(self, z: np.ndarray, folder: Path, rnd: int, dev: dict | None) -> Path:
         meta = {"model": self.cfg.model.name, "blackbox": self.box.info(), "task": self.spec.to_json(),
                 "label_token_ids": self.label_ids, "round": rnd, "dev": dev, "mode": self.cfg.fedbpt.mode,
                 "calibration": self.calibration,
                 "max_seq_len": self.box.max_seq_len}
-        return save_prompt(folder, z, self.projection, meta)
+        if self.deep is not None:
+            meta["deep"] = {"layers": self.deep.layers, "layer_stds": self.deep.layer_stds}
+        return save_prompt(folder, z, self.deep or self.projection, meta)
 
 
 class FedBPTSession:
@@ -201,7 +237,7 @@ class FedBPTSession:
         self.dev = encode_eval(self.model.box, self.spec, self.data.dev, bs)
         self.test = encode_eval(self.model.box, self.spec, self.data.test, bs)
         self.zero_dev = self.model.evaluate(None, self.dev)
-        self.best = {"round": 0, "dev": self.zero_dev, "z": np.zeros(cfg.fedbpt.intrinsic_dim, dtype=np.float32)}
+        self.best = {"round": 0, "dev": self.zero_dev, "z": np.zeros_like(prompt_z(self.strategy().initial_arrays()))}
         self.run_dir: Path | None = None
 
     # ------------------------------------------------------------------ what the driver asks for
@@ -230,10 +266,10 @@ class FedBPTSession:
                 f"{' / '.join(c.verbalizer.values())} · calibration {c.calibration} · {self.spec.metric} {c.score:.4f}")
 
     def evaluate(self, rnd: int, arrays: Arrays) -> dict:
-        return {"dev_" + k: v for k, v in self.model.evaluate(arrays["mean"], self.dev).items()}
+        return {"dev_" + k: v for k, v in self.model.evaluate(prompt_z(arrays), self.dev).items()}
 
     def on_round_end(self, rnd: int, arrays: Arrays, record: dict) -> None:
-        z = np.asarray(arrays["mean"], dtype=np.float32)
+        z = prompt_z(arrays)
         dev = {k[4:]: v for k, v in record.get("eval", {}).items()}
         if self.cfg.run.save_every_round:
             self.model.save(z, self.run_dir / "rounds" / f"round_{rnd:03d}", rnd, dev or None)
@@ -280,7 +316,7 @@ class FedBPTSession:
 
     def finish(self, run_dir: Path, history: list[dict], final: Arrays) -> dict:
         m, fb = self.model, self.cfg.fedbpt
-        final_z = np.asarray(final["mean"], dtype=np.float32)
+        final_z = prompt_z(final)
         final_dev = {k[4:]: v for k, v in history[-1].get("eval", {}).items()} or m.evaluate(final_z, self.dev)
         selected = "best" if (fb.mode != "reference" and fb.select_on_dev) else "final"
         best = self.best
