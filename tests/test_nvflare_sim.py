@@ -315,8 +315,11 @@ def _bpt_task(tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("extra", [[], ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"],
-                                   ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3"]],
-                         ids=["plain", "central-dp", "generation"])  # DP: noise too small to see, a clip that never binds
+                                   ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3"],
+                                   ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3", "fedbpt.deep=true",
+                                    "fedbpt.deep_rounds_per_layer=1", "fedbpt.search=true",
+                                    "task.word_candidates={0 = ['was', 'the'], 1 = ['the', 'was']}"]],
+                         ids=["plain", "central-dp", "generation", "deep-search"])  # DP: noise too small to see, a clip that never binds
 def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path, extra):
     from fedtune.engines import nvflare
     from fedtune import runner
@@ -353,6 +356,9 @@ def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp
         if "fedbpt.mode='generation'" in extra:  # one generation of the global ES per round, every client's rows
             assert x["aggregate"]["rows"] == y["aggregate"]["rows"] == 9
             assert max(c["bytes_up"] for c in y["clients"]) < 1024
+    if "fedbpt.search=true" in extra:  # chosen once, before round 1; the FLARE job ran the choice
+        assert sf["search"] == se["search"]
+        assert C.load(flr / "config.toml").task.verbalizer == se["search"]["verbalizer"]
     if "privacy.mode='central'" in extra:
         assert sf["privacy"]["epsilon"] == pytest.approx(se["privacy"]["epsilon"])
     # collecting the server's result as from a deployment, with the training file the dev rows are drawn
