@@ -107,8 +107,11 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                     "privacy.noise_multiplier=1e-12", "privacy.clip=1e3", "privacy.adaptive_clip=true"],
                                    # DP-SGD on each site (Opacus per-example gradients), noise too small to see
                                    ["server.aggregation='fedavgm'", "train.dpsgd_noise_multiplier=1e-15",
-                                    "train.dpsgd_clip=1e3"]],
-                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm", "distributed-dp+secagg", "dpsgd"])
+                                    "train.dpsgd_clip=1e3"],
+                                   # heterogeneous ranks: each site trains its own rank's adapter
+                                   ["server.aggregation='fedavgm'", "lora.r=4", "lora.client_ranks=[2, 4]"]],
+                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm", "distributed-dp+secagg", "dpsgd",
+                              "hetlora+fedavgm"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
     """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
     folder); FedProx and FedYogi change only the client's loss and the server step."""

@@ -183,6 +183,14 @@ def validate(cfg: Config, source: str = "config") -> None:
          f"server.aggregation = 'fedavg', not '{cfg.server.aggregation}'")
     pv = cfg.privacy
     means = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+    ranks = cfg.lora.client_ranks
+    if ranks:
+        need(all(isinstance(r, int) and 1 <= r <= cfg.lora.r for r in ranks),
+             f"lora.client_ranks = {ranks}: each rank must be an integer between 1 and lora.r = {cfg.lora.r} "
+             f"(the global adapter's rank)")
+        need(cfg.server.aggregation in means and pv.mode == "off" and not cfg.secagg.enabled,
+             f"lora.client_ranks (heterogeneous ranks) goes with a mean rule ({', '.join(means)}), without privacy.mode "
+             f"or secagg; got server.aggregation = '{cfg.server.aggregation}'")
     if pv.mode != "off":
         need(pv.clip > 0, f"privacy.clip must be > 0, got {pv.clip}")
         need(pv.noise_multiplier >= 0 and pv.target_epsilon >= 0, "privacy.noise_multiplier and privacy.target_epsilon must be >= 0")

@@ -83,3 +83,29 @@ class ProductMean:
             out[k] = (acc / self.total).astype(self.like[k].dtype)
         return {k: out[k] for k in self.like}, {"discarded_energy": max(lost, default=0.0),
                                                 "discarded_energy_mean": float(np.mean(lost)) if lost else 0.0}
+
+
+def truncate(arrays: Arrays, rank: int) -> Arrays:
+    """The first `rank` components of every LoRA pair (A's rows, B's columns): what a client of
+    that rank receives (HetLoRA). After an SVD re-factoring (FlexLoRA) the components are in
+    order of singular value, so B[:, :r] A[:r] is the best rank-r approximation of B A."""
+    out = dict(arrays)
+    for a, b in lora_pairs(arrays).values():
+        out[a], out[b] = arrays[a][:rank].copy(), arrays[b][:, :rank].copy()
+    return out
+
+
+def zero_pad(arrays: Arrays, like: Arrays) -> Arrays:
+    """A lower-rank adapter zero-padded to the shapes of `like` (HetLoRA's padding)."""
+    out = dict(arrays)
+    for a, b in lora_pairs(arrays).values():
+        r = arrays[a].shape[0]
+        pa, pb = np.zeros_like(like[a]), np.zeros_like(like[b])
+        pa[:r], pb[:, :r] = arrays[a], arrays[b]
+        out[a], out[b] = pa, pb
+    return out
+
+
+def rank_of(client_id: str, client_ids: list[str], ranks: list[int]) -> int:
+    """A client's LoRA rank: ranks[i % len(ranks)] for the client's position i in sorted ids."""
+    return int(ranks[sorted(client_ids).index(client_id) % len(ranks)])

@@ -17,7 +17,7 @@ class FedITSite:
         from fedtune.core.client_state import ClientStateStore
         from fedtune.data.instructions import PromptFormatter, load_rows, tokenize_rows
         from fedtune.fedit.client import FedITClientApp
-        from fedtune.fedit.lora import AdapterSlot, attach_lora
+        from fedtune.fedit.lora import AdapterSlot, attach_lora, rank_slots
         from fedtune.fedit.session import wrap_client
         from fedtune.models import load_causal_lm
 
@@ -31,7 +31,8 @@ class FedITSite:
                             f"(all longer than data.cutoff_len = {cfg.data.cutoff_len})")
         self.num_rows = len(tokenized)
         store = ClientStateStore(settings.state_dir) if cfg.server.aggregation == "scaffold" else None
-        self.inner = FedITClientApp(AdapterSlot(peft_model), {settings.site: tokenized}, cfg.train,
+        slots = rank_slots(peft_model, AdapterSlot(peft_model), cfg.lora)  # one adapter per rank of lora.client_ranks
+        self.inner = FedITClientApp(slots, {settings.site: tokenized}, cfg.train,
                                     seed=cfg.run.seed, pad_id=lm.tokenizer.pad_token_id, device=lm.device,
                                     amp=lm.autocast, state_store=store, freeze_a=cfg.lora.freeze_a)
         self.app = wrap_client(self.inner, cfg)

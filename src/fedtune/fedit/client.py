@@ -13,16 +13,18 @@ from fedtune.core.client_state import ClientStateStore
 from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.data.instructions import Tokenized
+from fedtune.errors import UpdateRejected
 from fedtune.fedit.lora import AdapterSlot
 from fedtune.fedit.scaffold import VARIATE_PREFIX, split_variates
 from fedtune.fedit.train import local_steps, train_local
 
 
 class FedITClientApp:
-    def __init__(self, slot: AdapterSlot, data: dict[str, list[Tokenized]], train_cfg, *, seed: int, pad_id: int,
+    def __init__(self, slot: AdapterSlot | dict[int, AdapterSlot], data: dict[str, list[Tokenized]], train_cfg, *, seed: int, pad_id: int,
                  device, amp, progress_factory=None, state_store: ClientStateStore | None = None,
                  freeze_a: bool = False):
-        self.slot = slot
+        self.slots = slot if isinstance(slot, dict) else {slot.rank: slot}  # by LoRA rank (heterogeneous ranks)
+        self.slot = self.slots[max(self.slots)]
         self.data = data
         self.train_cfg = train_cfg
         self.seed = seed
@@ -40,6 +42,7 @@ class FedITClientApp:
             raise KeyError(f"client '{client_id}' holds no data in this process")
         rnd = int(ins.config.get("round", 0))
         adapter, server_c = split_variates(ins.arrays)
+        self.slot = self._slot_for(adapter)  # the server decides each client's rank; the adapter says which
         self.slot.set(adapter)
         torch.manual_seed(derive_seed(self.seed, rnd, self.client_index[client_id], 1))  # LoRA dropout
         keys = [k for k in self.slot.params if not (self.freeze_a and ".lora_A." in k)]
@@ -73,6 +76,13 @@ class FedITClientApp:
             "tokens": stats.tokens, "compute_seconds": stats.compute_seconds, "train_seconds": stats.seconds,
             **({"dpsgd_clipped": stats.dpsgd_clipped} if getattr(self.train_cfg, "dpsgd_noise_multiplier", 0) > 0 else {}),
         })
+
+    def _slot_for(self, adapter) -> AdapterSlot:
+        ranks = {v.shape[0] for k, v in adapter.items() if ".lora_A." in k}
+        if len(ranks) != 1 or next(iter(ranks)) not in self.slots:
+            raise UpdateRejected(f"adapter of LoRA rank {sorted(ranks)}: this client holds ranks {sorted(self.slots)} "
+                                 f"(lora.r and lora.client_ranks)")
+        return self.slots[next(iter(ranks))]
 
     def _client_variate(self, client_id: str, rnd: int, like: dict) -> dict:
         if self.state_store is None:

@@ -37,14 +37,23 @@ def attach_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, targ
 
 
 class AdapterSlot:
-    """The live LoRA parameters of a PEFT model, addressed by PEFT's portable keys."""
+    """The live LoRA parameters of one adapter of a PEFT model, addressed by PEFT's portable keys."""
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, adapter: str = ADAPTER):
         self.model = peft_model
+        self.adapter = adapter
         self.params: dict[str, torch.nn.Parameter] = {}
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                self.params[name.replace(f".{ADAPTER}.", ".")] = p
+            if "lora_" not in name:
+                continue
+            if f".{adapter}." in name:
+                self.params[name.replace(f".{adapter}.", ".")] = p
+            elif name.endswith(f".{adapter}"):  # embedding LoRA: a ParameterDict entry (PEFT's key keeps it)
+                self.params[name[:-len(adapter)] + ADAPTER] = p
+
+    @property
+    def rank(self) -> int:
+        return min(p.shape[0] for k, p in self.params.items() if ".lora_A." in k)
 
     def keys(self) -> list[str]:
         return sorted(self.params)
@@ -66,9 +75,29 @@ class AdapterSlot:
         for k, p in self.params.items():  # every shape first: a mismatch leaves the model untouched
             if tuple(arrays[k].shape) != tuple(p.shape):
                 raise UpdateRejected(f"adapter '{k}': shape {tuple(arrays[k].shape)}, model expects {tuple(p.shape)}")
+        if self.model.active_adapter != self.adapter:  # the model computes with the adapter just loaded
+            self.model.set_adapter(self.adapter)
         with torch.no_grad():
             for k, p in self.params.items():
                 p.copy_(torch.from_numpy(np.ascontiguousarray(arrays[k])))
+
+
+def rank_slots(peft_model, slot: AdapterSlot, lora_cfg) -> dict[int, AdapterSlot]:
+    """One adapter per rank of lora.client_ranks besides the global one (rank lora.r), each with
+    lora_alpha scaled by r_i / r so that every rank applies the same scale alpha / r to B A: a
+    rank-r_i client's B A is then directly a part of the global one."""
+    from peft import LoraConfig
+
+    out = {slot.rank: slot}
+    for r in sorted(set(lora_cfg.client_ranks or [])):
+        if r not in out:
+            peft_model.add_adapter(f"rank{r}", LoraConfig(r=r, lora_alpha=lora_cfg.alpha * r / lora_cfg.r,
+                                                          lora_dropout=lora_cfg.dropout,
+                                                          target_modules=list(lora_cfg.target_modules), bias="none",
+                                                          task_type="CAUSAL_LM"))
+            out[r] = AdapterSlot(peft_model, f"rank{r}")
+    peft_model.set_adapter(slot.adapter)
+    return out
 
 
 def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Arrays:

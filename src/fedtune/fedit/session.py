@@ -28,7 +28,7 @@ from fedtune.eval.metrics import generation_scores
 from fedtune.fedit.client import FedITClientApp
 from fedtune.fedit.dpsgd import SampleLedger
 from fedtune.fedit.evaluate import generate_answers, heldout_loss
-from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter, save_adapter
+from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter, rank_slots, save_adapter
 from fedtune.fedit.strategy import FedAvgStrategy
 from fedtune.models import load_causal_lm, portable_name
 
@@ -100,7 +100,7 @@ def build_strategy(cfg: Config, initial: Arrays) -> FedAvgStrategy:
                           max_update_norm=s.max_update_norm, clip_norm=s.clip_norm, trim_fraction=s.trim_fraction,
                           byzantine=s.byzantine, krum_select=s.krum_select,
                           lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r, dp=DPSettings.from_config(cfg.privacy, cfg.run.rounds),
-                          trainable=trainable(cfg),
+                          trainable=trainable(cfg), client_ranks=cfg.lora.client_ranks,
                           secagg=SecAggSettings(cfg.secagg.neighbours, cfg.secagg.threshold) if cfg.secagg.enabled else None)
 
 
@@ -136,6 +136,7 @@ class FedITSession:
         self.peft_model = attach_lora(self.lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                                       cfg.lora.target_modules)
         self.slot = AdapterSlot(self.peft_model)
+        self.rank_slots = rank_slots(self.peft_model, self.slot, cfg.lora)  # heterogeneous ranks: one adapter each
         self.initial = init_adapter(self.slot.shapes(), cfg.run.seed)
         self.formatter = PromptFormatter(cfg.data.template, self.lm.tokenizer)
         self.client_data = {cid: self.tokenize(rows) for cid, rows in self.data.client_rows().items()}
@@ -176,7 +177,7 @@ class FedITSession:
             if folder is None:
                 raise ConfigError("server.aggregation = 'scaffold' keeps client state in the run folder; none is set")
             store = ClientStateStore(folder)
-        app = FedITClientApp(self.slot, self.client_data if data is None else data,
+        app = FedITClientApp(self.rank_slots, self.client_data if data is None else data,
                              cfg.train if train_cfg is None else train_cfg, seed=cfg.run.seed,
                              pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
                              progress_factory=_bar_factory(self.progress), state_store=store,

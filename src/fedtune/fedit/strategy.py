@@ -12,7 +12,7 @@ import numpy as np
 
 from fedtune.core import fedopt
 from fedtune.core.aggregate import RunningMean
-from fedtune.core.lora_math import ProductMean
+from fedtune.core.lora_math import ProductMean, rank_of, truncate, zero_pad
 from fedtune.core.dp_client import round_config
 from fedtune.core.dp_fold import DistributedDPFinish, DPMeanFold, update_keys
 from fedtune.core.privacy import DPLedger, DPSettings
@@ -35,7 +35,8 @@ class FedAvgStrategy(SelectingStrategy):
                  beta2: float = 0.99, tau: float = 1e-3, max_update_norm: float = 0.0,
                  clip_norm: float = 0.0, trim_fraction: float = 0.1, byzantine: int = 1, krum_select: int = 0,
                  lora_aggregation: str = "separate", lora_rank: int = 0, train_config: dict | None = None,
-                 dp: DPSettings | None = None, secagg: SecAggSettings | None = None, trainable=None):
+                 dp: DPSettings | None = None, secagg: SecAggSettings | None = None, trainable=None,
+                 client_ranks: list[int] | None = None):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
@@ -56,6 +57,9 @@ class FedAvgStrategy(SelectingStrategy):
         if dp is not None and dp.mode == "distributed" and secagg is None:
             raise ValueError("distributed DP needs secure aggregation")
         self.secagg = secagg
+        self.client_ranks = list(client_ranks or [])  # heterogeneous LoRA ranks (HetLoRA / FlexLoRA)
+        if self.client_ranks and (aggregation not in fedopt.RULES or dp is not None or secagg is not None):
+            raise ValueError("heterogeneous LoRA ranks go with the mean rules, without DP or secure aggregation")
         self._initial = copy(initial)
         self.aggregation = aggregation
         self.server_lr, self.momentum, self.beta2, self.tau = server_lr, momentum, beta2, tau
@@ -82,7 +86,11 @@ class FedAvgStrategy(SelectingStrategy):
             if not self.c:
                 self.c = {k: np.zeros_like(v) for k, v in global_arrays.items()}
             arrays = with_variates(global_arrays, self.c)
-        return {cid: FitIns(arrays, {"round": rnd, **extra, **self.train_config}) for cid in selected}
+        cfg = {"round": rnd, **extra, **self.train_config}
+        if self.client_ranks:  # each client gets the first r_i components of the global adapter
+            return {cid: FitIns(truncate(arrays, rank_of(cid, client_ids, self.client_ranks)), dict(cfg))
+                    for cid in selected}
+        return {cid: FitIns(arrays, dict(cfg)) for cid in selected}
 
     def check_reply(self, ins: FitIns, res: FitRes) -> None:
         if self.secagg is None:
@@ -177,7 +185,7 @@ class MeanFold(OneExchange):
         self.clipped: list[str] = []
 
     def add(self, res: FitRes) -> None:
-        update, clip = res.arrays, self.strategy.clip_norm
+        update, clip = zero_pad(res.arrays, self.global_arrays), self.strategy.clip_norm  # HetLoRA: pad lower ranks
         if clip > 0:  # before the mean: no single update moves the global farther than clip_norm
             update, norm = clip_to_norm(self.global_arrays, update, clip)
             if norm > clip:
@@ -212,7 +220,7 @@ class ProductFold(OneExchange):
         self.clipped: list[str] = []
 
     def add(self, res: FitRes) -> None:
-        update, clip = res.arrays, self.strategy.clip_norm
+        update, clip = zero_pad(res.arrays, self.global_arrays), self.strategy.clip_norm  # same B A, padded
         if clip > 0:
             update, norm = clip_to_norm(self.global_arrays, update, clip)
             if norm > clip:
