@@ -37,6 +37,8 @@ ALGORITHMS = {
     "scaffold": ["server.aggregation='scaffold'"],
     "flexlora_svd": ["server.lora_aggregation='svd'"],
     "ffa_lora": ["lora.freeze_a=true"],
+    "hetlora": ["lora.client_ranks=[2, 4, 8]"],
+    "flexlora_het": ["lora.client_ranks=[2, 4, 8]", "server.lora_aggregation='svd'"],
     "median": ["server.aggregation='median'"],
     "trimmed_mean": ["server.aggregation='trimmed_mean'", "server.trim_fraction=0.2"],
     "krum": ["server.aggregation='krum'", "server.min_clients=5"],

@@ -107,16 +107,20 @@ def test_compare_with_the_llm_judge_on_a_fake_endpoint(tiny_llama, tmp_path):
 def test_compare_runs_the_federated_variant_once_per_listed_algorithm(tiny_llama, tmp_path):
     cfg = C.load(None, _tiny(tiny_llama, "run.rounds=1", "train.max_steps=1", "eval.generate=false",
                              "compare.variants=['federated']",
-                             "compare.algorithms=['fedavg', 'scaffold', 'fedprox', 'flexlora_svd', 'ffa_lora']"))
+                             "compare.algorithms=['fedavg', 'scaffold', 'fedprox', 'flexlora_svd', 'ffa_lora', "
+                             "'hetlora', 'flexlora_het']"))
     out = tmp_path / "cmp"
     out.mkdir()
     doc = run_compare(cfg, out)
     names = ["federated fedavg", "federated scaffold", "federated fedprox", "federated flexlora_svd",
-             "federated ffa_lora"]
+             "federated ffa_lora", "federated hetlora", "federated flexlora_het"]
     assert sorted(doc["variants"]) == sorted(names)
     assert all(doc["variants"][n]["budget"]["optimizer_steps"] == 3 for n in names)  # the same budget each
     assert list((out / "federated_scaffold" / "client_state").rglob("*.safetensors"))
     svd = [json.loads(x) for x in (out / "federated_flexlora_svd" / "metrics.jsonl").read_text().splitlines()]
     assert "discarded_energy" in svd[0]["aggregate"]
+    het = [json.loads(x) for x in (out / "federated_hetlora" / "metrics.jsonl").read_text().splitlines()]
+    sent = sorted({c["bytes_down"] for c in het[0]["clients"]})
+    assert len(sent) == min(3, len(het[0]["clients"]))  # ranks r/4, r/2, r: three message sizes
     with pytest.raises(Exception, match="compare.algorithms: .krum.: .* needs at least 5 clients per round"):
         run_compare(C.load(None, _tiny(tiny_llama, "compare.algorithms=['krum']")), tmp_path / "bad")

@@ -99,15 +99,22 @@ ALGORITHM_SETTINGS = {  # compare.algorithms entries beyond the server.aggregati
     "fedprox": {"train": {"prox_mu": 0.01}},
     "flexlora_svd": {"server": {"lora_aggregation": "svd"}},
     "ffa_lora": {"lora": {"freeze_a": True}},
+    "hetlora": {},  # lora.client_ranks = [r/4, r/2, r]: zero-padding (HetLoRA)
+    "flexlora_het": {"server": {"lora_aggregation": "svd"}},  # the same ranks, SVD redistribution (FlexLoRA)
 }
+HETERO = ("hetlora", "flexlora_het")
 
 
 def with_algorithm(cfg: Config, name: str) -> Config:
     """The config with one algorithm switched on: a server.aggregation value, or fedprox
-    (train.prox_mu, 0.01 unless the config sets one), flexlora_svd, ffa_lora."""
+    (train.prox_mu, 0.01 unless the config sets one), flexlora_svd, ffa_lora, hetlora and
+    flexlora_het (lora.client_ranks = [r/4, r/2, r] unless the config sets them)."""
     if not name:
         return cfg
     raw = cfg.to_dict()
+    if name in HETERO and not raw["lora"]["client_ranks"]:
+        r = raw["lora"]["r"]
+        raw["lora"]["client_ranks"] = sorted({max(1, r // 4), max(1, r // 2), r})
     if name in ALGORITHM_SETTINGS:
         for section, values in ALGORITHM_SETTINGS[name].items():
             for k, v in values.items():

@@ -269,7 +269,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         need(v in known_variants, f"compare.variants: unknown variant {v!r}{_suggest(str(v), known_variants)}")
     need(cfg.compare.local_clients >= 0, "compare.local_clients must be >= 0")
     from_aggregation = list(typing.get_args(typing.get_type_hints(ServerSection)["aggregation"]))
-    known_algorithms = from_aggregation + ["fedprox", "flexlora_svd", "ffa_lora"]
+    known_algorithms = from_aggregation + ["fedprox", "flexlora_svd", "ffa_lora", "hetlora", "flexlora_het"]
     for a in cfg.compare.algorithms:
         need(a in known_algorithms, f"compare.algorithms: unknown algorithm {a!r}{_suggest(str(a), known_algorithms)}")
     if cfg.judge.endpoint:

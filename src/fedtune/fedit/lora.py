@@ -90,11 +90,12 @@ def rank_slots(peft_model, slot: AdapterSlot, lora_cfg) -> dict[int, AdapterSlot
 
     out = {slot.rank: slot}
     for r in sorted(set(lora_cfg.client_ranks or [])):
-        if r not in out:
+        if r not in out and f"rank{r}" not in peft_model.peft_config:
             peft_model.add_adapter(f"rank{r}", LoraConfig(r=r, lora_alpha=lora_cfg.alpha * r / lora_cfg.r,
                                                           lora_dropout=lora_cfg.dropout,
                                                           target_modules=list(lora_cfg.target_modules), bias="none",
                                                           task_type="CAUSAL_LM"))
+        if r not in out:
             out[r] = AdapterSlot(peft_model, f"rank{r}")
     peft_model.set_adapter(slot.adapter)
     return out

@@ -177,7 +177,8 @@ class FedITSession:
             if folder is None:
                 raise ConfigError("server.aggregation = 'scaffold' keeps client state in the run folder; none is set")
             store = ClientStateStore(folder)
-        app = FedITClientApp(self.rank_slots, self.client_data if data is None else data,
+        slots = self.rank_slots if cfg is self.cfg else rank_slots(self.peft_model, self.slot, cfg.lora)
+        app = FedITClientApp(slots, self.client_data if data is None else data,
                              cfg.train if train_cfg is None else train_cfg, seed=cfg.run.seed,
                              pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
                              progress_factory=_bar_factory(self.progress), state_store=store,
