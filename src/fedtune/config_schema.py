@@ -193,7 +193,7 @@ class TaskSection:
     metric: str = opt("", "override: 'accuracy' or 'f1' (binary F1 of the second class; macro F1 for more classes)")
     skip_labels: list = opt([], "override: label values dropped when loading (SNLI's -1)")
     k_shot: int = opt(16, "training rows per class, drawn from the training file (0 = all rows left after the dev split)")
-    dev_shots: int = opt(16, "dev rows per class, drawn from the training file, disjoint from the training rows; the global prompt is selected on them")
+    dev_shots: int = opt(100, "dev rows per class, drawn from the training file, disjoint from the training rows; the global prompt is selected on them")
     test_max_rows: int = opt(0, "evaluate the test set on a fixed class-balanced subset of this many rows (0 = all)")
     columns: list = opt([], "the column names of headerless .csv/.tsv files, in order (e.g. AG News as released: [\"label\", \"title\", \"description\"]); [] = the first row is the header")
     template_candidates: list = opt([], "fedbpt.search: templates to try beside task.template ([] = the built-in task's alternatives); each is also tried with and without the space before <mask> and, for a tokenizer with a chat template, in the chat format")
