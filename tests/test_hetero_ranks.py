@@ -110,3 +110,38 @@ def test_every_rank_applies_the_same_scale(tiny_llama):
     assert sorted(slots) == [2, 4, 8] and peft.active_adapter == "default"
     layer = peft.base_model.model.model.layers[0].self_attn.v_proj
     assert {name: layer.scaling[name] for name in layer.scaling} == {"default": 2.0, "rank2": 2.0, "rank4": 2.0}
+
+
+def test_fedsa_lora_shares_a_and_keeps_each_clients_b(tiny_llama, tmp_path):
+    """FedSA-LoRA: the global B never moves (it is the mean of the B's the clients were sent),
+    A is the example-weighted mean of the clients' A's, each client starts round 2 from its own
+    B, and each personalized model is evaluated on its own categories."""
+    from safetensors.numpy import load_file
+
+    from fedtune import runner
+    from fedtune.core import arrays as A_
+    from fedtune.core.client_state import ClientStateStore
+
+    cfg = C.load(None, [f"model.name={json.dumps(str(tiny_llama))}", "model.autocast='off'", "data.demo_rows_per_skill=24",
+                        "partition.num_clients=3", "partition.test_per_category=2", "train.max_steps=2",
+                        "train.batch_size=4", "train.micro_batch_size=2", "eval.generate=false",
+                        "eval.compare_base=false", "run.rounds=2", "run.progress=false", "lora.personal_b=true"])
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = runner.run(cfg, run)
+    final = A_.unpack((run / "checkpoint" / "global.safetensors").read_bytes())
+    bs = [k for k in final if ".lora_B." in k]
+    assert bs and all(np.all(final[k] == 0) for k in bs)  # the global B is still PEFT's zero init
+    store = ClientStateStore(run / "client_state")
+    own = {cid: store.load(cid, 10**9) for cid in ("client_000", "client_001", "client_002")}
+    assert all(set(o) == set(bs) for o in own.values())
+    assert not np.array_equal(own["client_000"][bs[0]], own["client_001"][bs[0]])  # personal, and trained
+    assert all(np.abs(o[bs[0]]).sum() > 0 for o in own.values())
+    per = summary["personalized"]
+    assert sorted(per["clients"]) == sorted(own) and per["mean_loss"] > 0
+    every = set(summary["final"]["loss_by_category"])
+    assert all(0 < len(m["loss_by_category"]) < len(every) for m in per["clients"].values())  # its own categories
+    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(np.all(saved[k] == 0) for k in saved if "lora_B" in k)
+    with pytest.raises(ConfigError, match="lora.personal_b .* without lora.freeze_a"):
+        C.load(None, ["lora.personal_b=true", "lora.freeze_a=true"])

@@ -184,6 +184,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     pv = cfg.privacy
     means = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
     ranks = cfg.lora.client_ranks
+    if cfg.lora.personal_b:
+        need(cfg.server.aggregation in means and pv.mode == "off" and not cfg.secagg.enabled and not ranks
+             and not cfg.lora.freeze_a and cfg.server.lora_aggregation == "separate",
+             "lora.personal_b (FedSA-LoRA: A shared, B kept by each client) goes with a mean rule "
+             f"({', '.join(means)}) and server.lora_aggregation = 'separate', without lora.freeze_a (nothing would "
+             "be shared), lora.client_ranks, privacy.mode or secagg")
     if ranks:
         need(all(isinstance(r, int) and 1 <= r <= cfg.lora.r for r in ranks),
              f"lora.client_ranks = {ranks}: each rank must be an integer between 1 and lora.r = {cfg.lora.r} "

@@ -121,6 +121,7 @@ class LoraSection:
     dropout: float = opt(0.05, "LoRA dropout")
     target_modules: list = opt(["q_proj", "v_proj"], "module names that get LoRA adapters")
     client_ranks: list = opt([], "heterogeneous ranks: client i (in sorted id order) trains at rank client_ranks[i % len], each <= lora.r, e.g. [4, 8, 16]; the global adapter has rank lora.r and a client receives its first r_i components; server.lora_aggregation = 'separate' zero-pads the lower ranks (HetLoRA), 'svd' re-factors the mean of the products B A (FlexLoRA: a client then receives the best rank-r_i approximation of the global B A); [] = every client at lora.r")
+    personal_b: bool = opt(False, "FedSA-LoRA: only A is shared and averaged; each client keeps its own B between rounds (in the run folder's client_state/, or on the FLARE site) and its personalized model (global A, own B) is evaluated on the held-out rows of its own categories at the end; the global B stays at its initial zeros")
     freeze_a: bool = opt(False, "FFA-LoRA: every client keeps A at the shared random init and trains only B, so averaging the adapters is exactly averaging their products B A")
 
 

@@ -30,11 +30,13 @@ class FedITSite:
             raise DataError(f"site '{settings.site}': {settings.data_path}: no rows left after tokenization "
                             f"(all longer than data.cutoff_len = {cfg.data.cutoff_len})")
         self.num_rows = len(tokenized)
-        store = ClientStateStore(settings.state_dir) if cfg.server.aggregation == "scaffold" else None
+        keeps_state = cfg.server.aggregation == "scaffold" or cfg.lora.personal_b  # SCAFFOLD's c_i, FedSA-LoRA's B
+        store = ClientStateStore(settings.state_dir) if keeps_state else None
         slots = rank_slots(peft_model, AdapterSlot(peft_model), cfg.lora)  # one adapter per rank of lora.client_ranks
         self.inner = FedITClientApp(slots, {settings.site: tokenized}, cfg.train,
                                     seed=cfg.run.seed, pad_id=lm.tokenizer.pad_token_id, device=lm.device,
-                                    amp=lm.autocast, state_store=store, freeze_a=cfg.lora.freeze_a)
+                                    amp=lm.autocast, state_store=store, freeze_a=cfg.lora.freeze_a,
+                                    personal_b=cfg.lora.personal_b)
         self.app = wrap_client(self.inner, cfg)
 
     def fit(self, client_id: str, ins: FitIns, index: int) -> FitRes:

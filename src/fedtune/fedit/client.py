@@ -14,7 +14,7 @@ from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.data.instructions import Tokenized
 from fedtune.errors import UpdateRejected
-from fedtune.fedit.lora import AdapterSlot
+from fedtune.fedit.lora import AdapterSlot, is_b
 from fedtune.fedit.scaffold import VARIATE_PREFIX, split_variates
 from fedtune.fedit.train import local_steps, train_local
 
@@ -22,7 +22,7 @@ from fedtune.fedit.train import local_steps, train_local
 class FedITClientApp:
     def __init__(self, slot: AdapterSlot | dict[int, AdapterSlot], data: dict[str, list[Tokenized]], train_cfg, *, seed: int, pad_id: int,
                  device, amp, progress_factory=None, state_store: ClientStateStore | None = None,
-                 freeze_a: bool = False):
+                 freeze_a: bool = False, personal_b: bool = False):
         self.slots = slot if isinstance(slot, dict) else {slot.rank: slot}  # by LoRA rank (heterogeneous ranks)
         self.slot = self.slots[max(self.slots)]
         self.data = data
@@ -35,6 +35,9 @@ class FedITClientApp:
         self.client_index = {cid: i for i, cid in enumerate(sorted(data))}
         self.state_store = state_store  # where SCAFFOLD's client control variates live between rounds
         self.freeze_a = freeze_a  # FFA-LoRA: A stays at its shared initial value; only B trains
+        self.personal_b = personal_b  # FedSA-LoRA: A is shared, each client keeps its own B (in state_store)
+        if personal_b and state_store is None:
+            raise RuntimeError("FedSA-LoRA keeps each client's B in a ClientStateStore; none was given")
 
     def fit(self, client_id: str, ins: FitIns) -> FitRes:
         rows = self.data.get(client_id)
@@ -42,6 +45,9 @@ class FedITClientApp:
             raise KeyError(f"client '{client_id}' holds no data in this process")
         rnd = int(ins.config.get("round", 0))
         adapter, server_c = split_variates(ins.arrays)
+        sent = adapter
+        if self.personal_b and (own := self.state_store.load(client_id, rnd)) is not None:
+            adapter = {**adapter, **own}  # FedSA-LoRA: this client's own B, from its last round
         self.slot = self._slot_for(adapter)  # the server decides each client's rank; the adapter says which
         self.slot.set(adapter)
         torch.manual_seed(derive_seed(self.seed, rnd, self.client_index[client_id], 1))  # LoRA dropout
@@ -65,6 +71,9 @@ class FedITClientApp:
             if bar is not None:
                 bar.close()
         reply = self.slot.get()
+        if self.personal_b:  # B stays here; the reply carries back the B that was sent, unchanged
+            self.state_store.save(client_id, rnd, {k: reply[k] for k in reply if is_b(k)})
+            reply.update({k: sent[k] for k in reply if is_b(k)})
         if server_c is not None:
             # option II of Karimireddy et al. (2020): c_i+ = c_i - c + (x - y) / (K lr), K lr = the summed step sizes
             new_c = {k: (client_c[k] - server_c[k] + (adapter[k] - reply[k]) / stats.lr_sum).astype(np.float32)

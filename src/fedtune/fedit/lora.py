@@ -82,6 +82,11 @@ class AdapterSlot:
                 p.copy_(torch.from_numpy(np.ascontiguousarray(arrays[k])))
 
 
+def is_b(key: str) -> bool:
+    """A LoRA B factor (what FedSA-LoRA keeps on each client)."""
+    return ".lora_B." in key or ".lora_embedding_B" in key
+
+
 def rank_slots(peft_model, slot: AdapterSlot, lora_cfg) -> dict[int, AdapterSlot]:
     """One adapter per rank of lora.client_ranks besides the global one (rank lora.r), each with
     lora_alpha scaled by r_i / r so that every rank applies the same scale alpha / r to B A: a

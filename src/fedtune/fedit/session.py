@@ -172,17 +172,18 @@ class FedITSession:
         place of the run's (fedtune compare); SCAFFOLD's client state goes to `state_dir`."""
         cfg = cfg or self.cfg
         store = None
-        if cfg.server.aggregation == "scaffold":  # the clients' control variates, on disk in the run folder
+        if cfg.server.aggregation == "scaffold" or cfg.lora.personal_b:  # client state, on disk in the run folder
             folder = state_dir or (self.run_dir / "client_state" if self.run_dir else None)
             if folder is None:
-                raise ConfigError("server.aggregation = 'scaffold' keeps client state in the run folder; none is set")
+                raise ConfigError("SCAFFOLD's control variates and FedSA-LoRA's B factors are kept per client in the "
+                                  "run folder; none is set")
             store = ClientStateStore(folder)
         slots = self.rank_slots if cfg is self.cfg else rank_slots(self.peft_model, self.slot, cfg.lora)
         app = FedITClientApp(slots, self.client_data if data is None else data,
                              cfg.train if train_cfg is None else train_cfg, seed=cfg.run.seed,
                              pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
                              progress_factory=_bar_factory(self.progress), state_store=store,
-                             freeze_a=cfg.lora.freeze_a)
+                             freeze_a=cfg.lora.freeze_a, personal_b=cfg.lora.personal_b)
         return wrap_client(app, cfg)
 
     def describe(self, engine: str) -> str:
@@ -198,23 +199,46 @@ class FedITSession:
     def evaluate(self, rnd: int, arrays: Arrays) -> dict:
         return self.evaluate_adapter(arrays, generate=self.cfg.eval.generate and rnd == self.cfg.run.rounds)
 
-    def evaluate_adapter(self, arrays: Arrays, generate: bool | None = None) -> dict:
-        """Held-out loss (and exact match when generating) of an adapter."""
+    def evaluate_adapter(self, arrays: Arrays, generate: bool | None = None, categories: set | None = None) -> dict:
+        """Held-out loss (and exact match when generating) of an adapter, on every held-out row
+        or on those of `categories`."""
         e = self.cfg.eval
-        if not self.test:
+        keep = [i for i, r in enumerate(self.test) if categories is None or r.category in categories]
+        test = [self.test[i] for i in keep]
+        tok_keep = [i for i, c in enumerate(self.test_cats) if categories is None or c in categories]
+        if not test:
             return {"rows": 0}  # no held-out rows (partition.test_per_category = 0): no metric, not a zero
         self.slot.set(arrays)
         pad = self.lm.tokenizer.pad_token_id
-        cats = self.test_cats or ["all"] * len(self.test_tok)
-        out = heldout_loss(self.peft_model, self.test_tok, cats, batch_size=e.batch_size, pad_id=pad,
+        cats = [self.test_cats[i] for i in tok_keep] or ["all"] * len(self.test_tok)
+        toks = [self.test_tok[i] for i in tok_keep] if self.test_cats else self.test_tok
+        out = heldout_loss(self.peft_model, toks, cats, batch_size=e.batch_size, pad_id=pad,
                            device=self.lm.device, amp=self.lm.autocast)
         if e.generate if generate is None else generate:
-            answers = generate_answers(self.peft_model, self.lm.tokenizer, self.formatter, self.test,
+            answers = generate_answers(self.peft_model, self.lm.tokenizer, self.formatter, test,
                                        batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                                        device=self.lm.device, amp=self.lm.autocast)
-            out.update(generation_scores(answers, [r.output for r in self.test], [r.category for r in self.test]))
+            out.update(generation_scores(answers, [r.output for r in test], [r.category for r in test]))
             out["samples"] = [{"instruction": r.instruction, "expected": r.output, "answer": a}
-                              for r, a in list(zip(self.test, answers))[:3]]
+                              for r, a in list(zip(test, answers))[:3]]
+        return out
+
+    def personalized(self, final: Arrays, folder: Path) -> dict:
+        """FedSA-LoRA: each client's model (the global A with its own B) on the held-out rows of the
+        categories it holds; the mean over clients."""
+        store, per = ClientStateStore(folder), {}
+        for cid, rows in self.data.client_rows().items():
+            own = store.load(cid, 10**9)
+            if own is None:
+                continue  # never selected
+            per[cid] = self.evaluate_adapter({**final, **own}, generate=self.cfg.eval.generate,
+                                             categories={r.category for r in rows})
+        scored = [m for m in per.values() if m.get("rows", 1)]
+        out = {"clients": per}
+        for k in ("loss", "exact_match", "rouge_l"):
+            vals = [m[k] for m in scored if k in m]
+            if vals:
+                out[f"mean_{k}"] = float(np.mean(vals))
         return out
 
     def on_round_end(self, rnd: int, arrays: Arrays, record: dict) -> None:
@@ -267,4 +291,6 @@ class FedITSession:
             summary["privacy_sample_level"] = history[-1]["dpsgd"]
         if self.cfg.eval.compare_base:  # B = 0: the initial adapter is the base model exactly
             summary["base"] = self.evaluate_adapter(self.initial, generate=self.cfg.eval.generate)
+        if self.cfg.lora.personal_b and (run_dir / "client_state").is_dir():  # on FLARE each site keeps its B
+            summary["personalized"] = self.personalized(final, run_dir / "client_state")
         return summary
