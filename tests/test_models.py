@@ -48,3 +48,55 @@ def test_model_dtype_auto_takes_bf16_only_where_it_is_native(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU emulates bf16
     assert models.weight_dtype("auto", cpu) == torch.float32
     assert models.weight_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit setting is kept
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_qlora_trains_a_plain_adapter_on_quantized_base_weights(tiny_llama, tmp_path, quant):
+    """model.quantization: the base model's linear layers are bitsandbytes' 4-bit / 8-bit ones, the
+    LoRA adapter has the same keys and shapes as on full-precision weights, restores exactly, and
+    a FedIT round trains it."""
+    pytest.importorskip("bitsandbytes", reason="model.quantization needs bitsandbytes (pip install 'fedtune[qlora]')")
+    import json
+
+    import numpy as np
+
+    from fedtune import config as C
+    from fedtune import runner
+    from fedtune.fedit.lora import AdapterSlot, attach_lora
+    from fedtune.models import load_causal_lm
+
+    base = C.load(None, [f"model.name={json.dumps(str(tiny_llama))}", "model.autocast='off'"])
+    quantized = C.load(None, [f"model.name={json.dumps(str(tiny_llama))}", "model.autocast='off'",
+                              f"model.quantization='{quant}'"])
+    lm = load_causal_lm(quantized.model)
+    kind = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[quant]
+    assert type(lm.model.model.layers[0].self_attn.q_proj).__name__ == kind
+    slot = AdapterSlot(attach_lora(lm.model, 4, 8, 0.0, ["q_proj", "v_proj"]))
+    ref = AdapterSlot(attach_lora(load_causal_lm(base.model).model, 4, 8, 0.0, ["q_proj", "v_proj"]))
+    assert slot.shapes() == ref.shapes()
+    want = {k: np.random.default_rng(0).standard_normal(v.shape).astype(np.float32) for k, v in slot.get().items()}
+    slot.set(want)
+    assert all(np.array_equal(slot.get()[k], want[k]) for k in want)  # exact restore
+    cfg = C.load(None, [f"model.name={json.dumps(str(tiny_llama))}", "model.autocast='off'",
+                        f"model.quantization='{quant}'", "data.demo_rows_per_skill=16", "partition.num_clients=2",
+                        "partition.test_per_category=1", "train.max_steps=1", "train.batch_size=2",
+                        "train.micro_batch_size=2", "eval.generate=false", "eval.compare_base=false", "run.rounds=1",
+                        "run.progress=false", "lora.r=4"])
+    (tmp_path / "run").mkdir()
+    summary = runner.run(cfg, tmp_path / "run")
+    assert summary["rounds"] == 1 and np.isfinite(summary["final"]["loss"])
+
+
+def test_quantization_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import builtins
+
+    import torch
+
+    from fedtune.errors import ModelError
+    from fedtune.models import bnb_config
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError("no module"))
+                        if name == "bitsandbytes" else real(name, *a, **k))
+    with pytest.raises(ModelError, match=r"model.quantization = 'nf4' needs bitsandbytes: pip install 'fedtune\[qlora\]'"):
+        bnb_config("nf4", torch.device("cpu"))

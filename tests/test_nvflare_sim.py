@@ -99,19 +99,20 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
 
 
 @pytest.mark.parametrize("extra", [["server.aggregation='scaffold'", "train.prox_mu=0.1"],
-                                   ["server.aggregation='fedyogi'", "server.server_lr=0.05"],
+                                   # heterogeneous ranks (HetLoRA): each site trains its own rank's adapter
+                                   ["server.aggregation='fedyogi'", "server.server_lr=0.05", "lora.r=4",
+                                    "lora.client_ranks=[2, 4]"],
                                    ["server.aggregation='fedavgm'", "secagg.enabled=true", "secagg.threshold=2"],
                                    # noise too small to see and a clip that never binds: the same adapter, and the
                                    # clients' clip and noise shares travel in FLARE's round config
                                    ["server.aggregation='fedavgm'", "secagg.enabled=true", "privacy.mode='distributed'",
                                     "privacy.noise_multiplier=1e-12", "privacy.clip=1e3", "privacy.adaptive_clip=true"],
-                                   # DP-SGD on each site (Opacus per-example gradients), noise too small to see
+                                   # DP-SGD on each site (Opacus per-example gradients), noise too small to see, with
+                                   # FedSA-LoRA: each site keeps its own B in its workspace
                                    ["server.aggregation='fedavgm'", "train.dpsgd_noise_multiplier=1e-15",
-                                    "train.dpsgd_clip=1e3"],
-                                   # heterogeneous ranks: each site trains its own rank's adapter
-                                   ["server.aggregation='fedavgm'", "lora.r=4", "lora.client_ranks=[2, 4]"]],
-                         ids=["scaffold+fedprox", "fedyogi", "secagg+fedavgm", "distributed-dp+secagg", "dpsgd",
-                              "hetlora+fedavgm"])
+                                    "train.dpsgd_clip=1e3", "lora.personal_b=true"]],
+                         ids=["scaffold+fedprox", "fedyogi+hetlora", "secagg+fedavgm", "distributed-dp+secagg",
+                              "dpsgd+fedsa"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
     """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
     folder); FedProx and FedYogi change only the client's loss and the server step."""
@@ -141,6 +142,8 @@ def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engine
     assert sorted(sa) == sorted(sb) and sa  # the server state (c, or m and v) too
     for k in sa:
         np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-6, err_msg=k)
+    if "lora.personal_b=true" in extra:  # B stayed on each site
+        assert list((flr / "nvflare" / "workspace").rglob("fedtune_client_state/*/r000002.safetensors"))
     if "scaffold" in extra[0]:
         assert len(list((emb / "client_state").rglob("*.safetensors"))) == 3 * 2  # 3 clients, 2 rounds kept
         assert list((flr / "nvflare" / "workspace").rglob("fedtune_client_state/*/r000002.safetensors"))
@@ -317,12 +320,12 @@ def _bpt_task(tmp_path) -> list[str]:
     return bpt_task(tmp_path)
 
 
-@pytest.mark.parametrize("extra", [[], ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"],
-                                   ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3"],
+@pytest.mark.parametrize("extra", [["fedbpt.search=true", "task.word_candidates={0 = ['was', 'the'], 1 = ['the', 'was']}"],
+                                   ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"],
+                                   # one generation per round, deep prompts layer by layer (each site keeps its copy)
                                    ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3", "fedbpt.deep=true",
-                                    "fedbpt.deep_rounds_per_layer=1", "fedbpt.search=true",
-                                    "task.word_candidates={0 = ['was', 'the'], 1 = ['the', 'was']}"]],
-                         ids=["plain", "central-dp", "generation", "deep-search"])  # DP: noise too small to see, a clip that never binds
+                                    "fedbpt.deep_rounds_per_layer=1"]],
+                         ids=["plain+search", "central-dp", "generation-deep"])  # DP: noise too small to see, a clip that never binds
 def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path, extra):
     from fedtune.engines import nvflare
     from fedtune import runner

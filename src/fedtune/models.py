@@ -165,6 +165,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def bnb_config(quant: str, device: torch.device):
+    """bitsandbytes' quantization config for model.quantization; a clear error when the library
+    is missing or its build cannot run on this device."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelError(f"model.quantization = '{quant}' needs bitsandbytes: pip install 'fedtune[qlora]' ({e})") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ModelError(f"model.quantization = '{quant}': bitsandbytes runs on CUDA or CPU, not {device.type}")
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if weight_dtype("auto", device) == torch.bfloat16 else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
 def weight_dtype(setting: str, device: torch.device) -> torch.dtype:
     """model.dtype: 'auto' = bf16 weights where bf16 matmuls are native (CUDA with bf16, CPUs with
     AMX or AVX512-BF16), float32 elsewhere: on an AVX2-only CPU bf16 weights ran the FedBPT black
@@ -204,15 +221,18 @@ def load_causal_lm(cfg_model) -> LoadedModel:
 
     path = resolve_model_path(cfg_model.name)
     device = pick_device(cfg_model.device)
+    quant = getattr(cfg_model, "quantization", "none")
+    extra = {"quantization_config": bnb_config(quant, device), "device_map": {"": device}} if quant != "none" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=weight_dtype(cfg_model.dtype, device), trust_remote_code=cfg_model.trust_remote_code
+            path, dtype=weight_dtype(cfg_model.dtype, device), trust_remote_code=cfg_model.trust_remote_code, **extra
         )
         tok = load_tokenizer(path, cfg_model.trust_remote_code)
     except OSError as e:
         raise ModelError(f"cannot load model '{cfg_model.name}' (resolved to {path}): {e}") from None
     check_logit_handling(model.config, cfg_model.name)
-    model.to(device)
+    if quant == "none":  # a quantized model is placed by from_pretrained (device_map) and cannot be moved
+        model.to(device)
     model.requires_grad_(False)
     model.eval()
     if model.config.pad_token_id is None:

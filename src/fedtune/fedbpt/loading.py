@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedtune.errors import ModelError
+from fedtune.errors import ConfigError, ModelError
 from fedtune.fedbpt.blackbox import BlackBoxLM
 
 
@@ -41,6 +41,9 @@ def load_blackbox(model_cfg, fb) -> BlackBoxLM:
     from transformers import AutoModelForMaskedLM
 
     device = pick_device(model_cfg.device)
+    if getattr(model_cfg, "quantization", "none") != "none":
+        raise ConfigError(f"model.quantization = '{model_cfg.quantization}' is for causal LMs; '{model_cfg.name}' is "
+                          f"a masked LM")
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, dtype=weight_dtype(model_cfg.dtype, device),
                                                      trust_remote_code=model_cfg.trust_remote_code)
