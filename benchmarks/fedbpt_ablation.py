@@ -1,0 +1,106 @@
+"""FedBPT's levers, switched on one at a time on one task and budget (the ablation table of
+docs/fedbpt.md): reference mode, today's improved mode, then the starting-point search, the
+calibrated fitness, the one-generation mode (separable CMA-ES across all clients' rows,
+population `--popsize`, minibatch fitness) and deep prompts. Every row is a normal `fedtune run`
+of the task's config with the overrides in ROWS; each reports the majority-class baseline, the
+zero prompt, best-by-dev and final-round test scores, and the bytes per client per round.
+
+    .venv/bin/python benchmarks/fedbpt_ablation.py --json docs/benchmarks/fedbpt_ablation_sst2.json
+    .venv/bin/python benchmarks/fedbpt_ablation.py --config configs/fedbpt_agnews.toml \\
+        --json docs/benchmarks/fedbpt_ablation_agnews.json
+    .venv/bin/python benchmarks/fedbpt_ablation.py --only generation+search --seeds 1,2,3   # 3 seeds of one row
+
+The test file is never used for selection (each run picks on its dev split); `--set` applies to
+every row (e.g. --set run.rounds=30 --set task.test_max_rows=0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GENERATION = ["fedbpt.mode='generation'", "fedbpt.minibatch=8", "fedbpt.select_on_dev=true"]
+ROWS = {  # name -> overrides on top of the config (and of --set); each adds one lever to the row above it
+    "reference": ["fedbpt.mode='reference'"],
+    "improved": ["fedbpt.mode='improved'"],
+    "improved+search": ["fedbpt.mode='improved'", "fedbpt.search=true"],
+    "improved+search+calibrated-fitness": ["fedbpt.mode='improved'", "fedbpt.search=true",
+                                           "fedbpt.calibrate_fitness=true"],
+    "generation+search": [*GENERATION, "fedbpt.search=true"],
+    "generation+search+deep": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true"],
+}
+
+
+def run_row(config: str, name: str, overrides: list[str], seed: int, work: Path, popsize: int) -> dict:
+    from fedtune import config as C
+    from fedtune import runner
+
+    extra = ROWS[name] + ([f"fedbpt.popsize={popsize}"] if name.startswith("generation") else [])
+    cfg = C.load(config or None, overrides + extra + [f"run.seed={seed}", "run.progress=false", "run.save_every_round=false"])
+    run_dir = work / f"{name}_seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    C.save(cfg, run_dir / "config.toml")
+    t0 = time.perf_counter()
+    s = runner.run(cfg, run_dir)
+    from fedtune.fedbpt.session import prepare_task
+
+    test = prepare_task(cfg).test
+    majority = max(Counter(e.label for e in test).values()) / len(test)
+    pick = (lambda part: {k: s[part]["test"][k] for k in ("accuracy", "score", "f1") if k in s[part]["test"]})
+    return {"row": name, "seed": seed, "metric": s["metric"], "majority": majority, "test_rows": s["test_rows"],
+            "zero_prompt": pick("zero_prompt"), "best_round": s["best"]["round"], "best": pick("best"),
+            "final": pick("final"), "communication": s["communication"], "search": s.get("search", {}).get("template"),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2.toml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--only", default="", help="comma-separated row names (default: every row)")
+    ap.add_argument("--seeds", default="1234")
+    ap.add_argument("--popsize", type=int, default=20, help="population of the one-generation rows")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_fedbpt_ablation"))
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    from fedtune import config as C
+
+    cfg = C.load(args.config or None, args.overrides)
+    for p in (cfg.task.train_path, cfg.task.test_path):
+        if p and not p.startswith("hub:") and not Path(p).exists():
+            print(f"skipped: {p} is absent (../shared/data holds the task files)", file=sys.stderr)
+            return 0
+    names = [n for n in args.only.split(",") if n] or list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        ap.error(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    rows = []
+    for name in names:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            rows.append(run_row(args.config, name, args.overrides, seed, Path(args.work), args.popsize))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    m = rows[0]["metric"]
+    lines = [f"| row | seed | majority | zero prompt | best-by-dev (round) | final | final - best | bytes down / up "
+             f"per client per round (max) | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        z, b, f = (100 * r[k]["score"] for k in ("zero_prompt", "best", "final"))
+        c = r["communication"]
+        lines.append(f"| {r['row']} | {r['seed']} | {100 * r['majority']:.1f}% | {z:.1f}% | {b:.1f}% ({r['best_round']}) | "
+                     f"{f:.1f}% | {f - b:+.1f} | {c['bytes_down_per_client_round_max']:,} / "
+                     f"{c['bytes_up_per_client_round_max']:,} | {r['seconds']:.0f} |")
+    print(f"metric: {m}\n" + "\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "table": lines}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
