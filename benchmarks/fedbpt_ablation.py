@@ -11,7 +11,7 @@ zero prompt, best-by-dev and final-round test scores, and the bytes per client p
     .venv/bin/python benchmarks/fedbpt_ablation.py --only generation+search --seeds 1,2,3   # 3 seeds of one row
 
 The test file is never used for selection (each run picks on its dev split); `--set` applies to
-every row (e.g. --set run.rounds=30 --set task.test_max_rows=0).
+every row, after its own overrides (e.g. --set run.rounds=30 --set task.test_max_rows=0).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run_row(config: str, name: str, overrides: list[str], seed: int, work: Path,
     from fedtune import runner
 
     extra = ROWS[name] + ([f"fedbpt.popsize={popsize}"] if name.startswith("generation") else [])
-    cfg = C.load(config or None, overrides + extra + [f"run.seed={seed}", "run.progress=false", "run.save_every_round=false"])
+    cfg = C.load(config or None, extra + overrides + [f"run.seed={seed}", "run.progress=false", "run.save_every_round=false"])
     run_dir = work / f"{name}_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
