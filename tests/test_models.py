@@ -100,3 +100,31 @@ def test_quantization_without_bitsandbytes_is_a_clear_error(monkeypatch):
                         if name == "bitsandbytes" else real(name, *a, **k))
     with pytest.raises(ModelError, match=r"model.quantization = 'nf4' needs bitsandbytes: pip install 'fedtune\[qlora\]'"):
         bnb_config("nf4", torch.device("cpu"))
+
+
+def test_a_chunked_embedded_model_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from fedtune import models
+
+    for pkg, files in {"fk_main": {"SHA256SUMS": None}, "fk_part1": {"m.gguf.part00": b"GGUF-a"},
+                       "fk_part2": {"m.gguf.part01": b"-b"}}.items():
+        (tmp_path / pkg / "data").mkdir(parents=True)
+        (tmp_path / pkg / "__init__.py").write_text("raise ImportError('never imported')")
+        for name, data in files.items():
+            if data is not None:
+                (tmp_path / pkg / "data" / name).write_bytes(data)
+    good = hashlib.sha256(b"GGUF-a-b").hexdigest()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.CHUNKED, "fake", ("fk_main", "m.gguf", [("fk_part1", "m.gguf.part00"),
+                                                                        ("fk_part2", "m.gguf.part01")]))
+    (tmp_path / "fk_main" / "data" / "SHA256SUMS").write_text(f"{'0' * 64}  m.gguf\n")
+    with pytest.raises(ModelError, match=f"has SHA-256 {good}, expected {'0' * 64}"):
+        models._assemble_chunked("fake")
+    assert not (tmp_path / "cache" / "gguf" / "m.gguf").exists()  # nothing half-checked is kept
+    (tmp_path / "fk_main" / "data" / "SHA256SUMS").write_text(f"{good}  m.gguf\n")
+    assert models._assemble_chunked("fake").read_bytes() == b"GGUF-a-b"
+    monkeypatch.setitem(models.CHUNKED, "gone", ("fk_absent", "m.gguf", []))
+    with pytest.raises(ModelError, match=r"package 'fk-absent' is not installed; run: pip install 'fedtune\[gemma3\]'"):
+        models._assemble_chunked("gone")

