@@ -23,7 +23,8 @@ def _run(tmp_path, name, *sets):
 
 
 def test_fedit_round_on_gemma3_cuts_the_held_out_loss(tmp_path):
-    s, out = _run(tmp_path, "fedit", "run.rounds=1", "partition.num_clients=2", "data.demo_rows_per_skill=24",
+    s, out = _run(tmp_path, "fedit", "data.template='alpaca'", "run.rounds=1", "partition.num_clients=2",
+                  "data.demo_rows_per_skill=24",
                   "partition.test_per_category=2", "train.max_steps=3", "train.lr=2e-3", "eval.generate=false")
     assert s["final"]["loss"] < s["base"]["loss"], (s["final"]["loss"], s["base"]["loss"])
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
