@@ -151,6 +151,10 @@ class FedAvgStrategy(SelectingStrategy):
                         self.trim_fraction, self.trim_fraction, len(updates))
         return trimmed_mean(updates, self.trim_fraction), metrics
 
+    def padded(self, update: Arrays, global_arrays: Arrays) -> Arrays:
+        """A lower-rank client's reply zero-padded to the global rank (heterogeneous ranks only)."""
+        return zero_pad(update, global_arrays) if self.client_ranks else update
+
     def server_step(self, global_arrays: Arrays, avg: Arrays) -> Arrays:
         """The next global arrays from the mean of the updates (FedOpt's server optimizer)."""
         if self.aggregation not in fedopt.RULES or self.aggregation == "fedavg":
@@ -185,7 +189,7 @@ class MeanFold(OneExchange):
         self.clipped: list[str] = []
 
     def add(self, res: FitRes) -> None:
-        update, clip = zero_pad(res.arrays, self.global_arrays), self.strategy.clip_norm  # HetLoRA: pad lower ranks
+        update, clip = self.strategy.padded(res.arrays, self.global_arrays), self.strategy.clip_norm  # HetLoRA
         if clip > 0:  # before the mean: no single update moves the global farther than clip_norm
             update, norm = clip_to_norm(self.global_arrays, update, clip)
             if norm > clip:
@@ -220,7 +224,7 @@ class ProductFold(OneExchange):
         self.clipped: list[str] = []
 
     def add(self, res: FitRes) -> None:
-        update, clip = zero_pad(res.arrays, self.global_arrays), self.strategy.clip_norm  # same B A, padded
+        update, clip = self.strategy.padded(res.arrays, self.global_arrays), self.strategy.clip_norm  # same B A
         if clip > 0:
             update, norm = clip_to_norm(self.global_arrays, update, clip)
             if norm > clip:
