@@ -103,7 +103,7 @@ class BlackBoxLM:
         layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
         self._can_share = kind == "causal" and all(t == "full_attention" for t in layer_types)
         self.shared_context_calls = 0
-        self._hooks = self._deep_now = self._layer_stds = None  # deep prompts: installed on first use  # logits calls that ran the text before <P> once for all candidates
+        self._hooks = self._deep_now = None  # deep prompts: installed on first use  # logits calls that ran the text before <P> once for all candidates
 
     # ------------------------------------------------------------------ facts an API would publish
 
@@ -272,12 +272,9 @@ class BlackBoxLM:
         """The std of the hidden states entering each layer 1..L-1 (published, like embedding_std)."""
         from fedtune.fedbpt.deep import layer_input_stds
 
-        if self._layer_stds is None:
-            self._layer_stds = layer_input_stds(self._model, self.tokenizer, self._device, self._autocast)
-        return self._layer_stds
+        return layer_input_stds(self._model, self.tokenizer, self._device, self._autocast)
 
-    def _set_deep(self, p, pos) -> None:
-        """The offsets of this forward's rows (candidates p) at prompt positions pos (rows, n)."""
+    def _set_deep(self, p, pos) -> None:  # this forward's rows (candidates p), prompt positions pos (rows, n)
         if self._deep_now is not None:
             self._hooks.now = (self._deep_now[p], pos)
 
