@@ -79,9 +79,9 @@ class DeepProjection:
     """Z (P, L, d) -> (input prompts (P, n, H), offsets (P, L-1, n, H)); A_0 is the ordinary
     projection, A_l (l >= 1) is drawn from the seed's stream for layer l."""
 
-    def __init__(self, spec: ProjectionSpec, layer_stds: list[float]):
+    def __init__(self, spec: ProjectionSpec, layer_stds: list[float], first: Projection | None = None):
         self.spec, self.layer_stds = spec, list(layer_stds)
-        self.first = Projection(spec)
+        self.first = first or Projection(spec)  # the input layer's A_0: the caller's, when it has one
         rows = spec.n_prompt_tokens * spec.hidden_size
         self.A = []
         for i, s in enumerate(self.layer_stds, start=1):

@@ -154,7 +154,7 @@ class FedBPTModel:
         self.proj_spec = ProjectionSpec(cfg.run.seed, fb.intrinsic_dim, fb.n_prompt_tokens, self.box.hidden_size,
                                         self.box.embedding_std, fb.proj_alpha, fb.proj_sigma)
         self.projection = Projection(self.proj_spec)
-        self.deep = DeepProjection(self.proj_spec, self.box.layer_stds()) if fb.deep else None
+        self.deep = DeepProjection(self.proj_spec, self.box.layer_stds(), self.projection) if fb.deep else None
         self.calibration = fb.calibration
         self.content_free = self.box.encode_texts(spec, content_free_texts(len(spec.text_columns))) \
             if fb.calibration == "content_free" else None
