@@ -36,9 +36,11 @@ ALGORITHMS = {
     "fedprox": ["train.prox_mu=0.01"],
     "scaffold": ["server.aggregation='scaffold'"],
     "flexlora_svd": ["server.lora_aggregation='svd'"],
+    "flora": ["server.lora_aggregation='stack'"],
     "ffa_lora": ["lora.freeze_a=true"],
     "hetlora": ["lora.client_ranks=[2, 4, 8]"],
     "flexlora_het": ["lora.client_ranks=[2, 4, 8]", "server.lora_aggregation='svd'"],
+    "fedsa_lora": ["lora.personal_b=true"],  # personalized: each client's model on its own categories
     "median": ["server.aggregation='median'"],
     "trimmed_mean": ["server.aggregation='trimmed_mean'", "server.trim_fraction=0.2"],
     "krum": ["server.aggregation='krum'", "server.min_clients=5"],
@@ -77,7 +79,11 @@ def main() -> int:
         wall = time.perf_counter() - t0
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         final = summary["final"]
-        row = {"algorithm": name, "loss": final.get("loss"), "exact_match": final.get("exact_match"),
+        if "personalized" in summary:  # FedSA-LoRA: the global A with B = 0 is the base model; score the clients'
+            p = summary["personalized"]
+            final = {k: p.get(f"mean_{k}") for k in ("loss", "exact_match", "rouge_l")}
+        row = {"algorithm": name + (" (personalized)" if "personalized" in summary else ""),
+               "loss": final.get("loss"), "exact_match": final.get("exact_match"),
                "rouge_l": final.get("rouge_l"),
                "bytes_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in recs) / len(recs),
                "seconds_per_round": sum(r["round_seconds"] for r in recs) / len(recs), "wall_seconds": round(wall, 1)}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-GENERATION = ["fedbpt.mode='generation'", "fedbpt.minibatch=8", "fedbpt.select_on_dev=true"]
+GENERATION = ["fedbpt.mode='generation'", "fedbpt.minibatch=4", "fedbpt.select_on_dev=true"]
 ROWS = {  # name -> overrides on top of the config (and of --set); each adds one lever to the row above it
     "reference": ["fedbpt.mode='reference'"],
     "improved": ["fedbpt.mode='improved'"],
@@ -38,11 +38,27 @@ ROWS = {  # name -> overrides on top of the config (and of --set); each adds one
 }
 
 
-def run_row(config: str, name: str, overrides: list[str], seed: int, work: Path, popsize: int) -> dict:
+def chosen(search_json: Path) -> list[str]:
+    """Overrides that set a finished search's choice (template, words, calibration) with the
+    search off: the search scores the zero prompt on the run's training and dev rows, which are
+    the same in every row of one seed, so its choice is the same and is computed once."""
+    s = json.loads(search_json.read_text(encoding="utf-8"))
+    words = ", ".join(f"{json.dumps(str(k))} = {json.dumps(v)}" for k, v in s["verbalizer"].items())
+    return [f"task.template={json.dumps(s['template'])}", f"task.verbalizer={{{words}}}",
+            "task.template_candidates=[]", "task.word_candidates={}",
+            f"fedbpt.calibration={json.dumps(s['calibration'])}", "fedbpt.search=false"]
+
+
+def run_row(config: str, name: str, overrides: list[str], seed: int, work: Path, popsize: int,
+            searched: dict) -> dict:
     from fedtune import config as C
     from fedtune import runner
 
     extra = ROWS[name] + ([f"fedbpt.popsize={popsize}"] if name.startswith("generation") else [])
+    reused = ""
+    if "fedbpt.search=true" in extra and seed in searched:
+        reused = str(searched[seed])
+        extra = [o for o in extra if o != "fedbpt.search=true"] + chosen(searched[seed])
     cfg = C.load(config or None, extra + overrides + [f"run.seed={seed}", "run.progress=false", "run.save_every_round=false"])
     run_dir = work / f"{name}_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -50,6 +66,8 @@ def run_row(config: str, name: str, overrides: list[str], seed: int, work: Path,
     C.save(cfg, run_dir / "config.toml")
     t0 = time.perf_counter()
     s = runner.run(cfg, run_dir)
+    if (run_dir / "search.json").exists():
+        searched.setdefault(seed, run_dir / "search.json")
     from fedtune.fedbpt.session import prepare_task
 
     test = prepare_task(cfg).test
@@ -57,7 +75,8 @@ def run_row(config: str, name: str, overrides: list[str], seed: int, work: Path,
     pick = (lambda part: {k: s[part]["test"][k] for k in ("accuracy", "score", "f1") if k in s[part]["test"]})
     return {"row": name, "seed": seed, "metric": s["metric"], "majority": majority, "test_rows": s["test_rows"],
             "zero_prompt": pick("zero_prompt"), "best_round": s["best"]["round"], "best": pick("best"),
-            "final": pick("final"), "communication": s["communication"], "search": s.get("search", {}).get("template"),
+            "final": pick("final"), "communication": s["communication"], "search": s.get("search", {}).get("template") or (cfg.task.template if reused else None),
+            "search_reused_from": reused,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -70,6 +89,8 @@ def main() -> int:
     ap.add_argument("--popsize", type=int, default=20, help="population of the one-generation rows")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_fedbpt_ablation"))
     ap.add_argument("--json", default="")
+    ap.add_argument("--search-from", default="", help="search.json of an earlier run of the same task, seed and "
+                    "data settings: its choice is reused instead of searching again (first seed only)")
     args = ap.parse_args()
     from fedtune import config as C
 
@@ -83,9 +104,11 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
     rows = []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    searched = {seeds[0]: Path(args.search_from)} if args.search_from else {}
     for name in names:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            rows.append(run_row(args.config, name, args.overrides, seed, Path(args.work), args.popsize))
+        for seed in seeds:
+            rows.append(run_row(args.config, name, args.overrides, seed, Path(args.work), args.popsize, searched))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     m = rows[0]["metric"]
     lines = [f"| row | seed | majority | zero prompt | best-by-dev (round) | final | final - best | bytes down / up "

@@ -99,10 +99,11 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
 
 
 @pytest.mark.parametrize("extra", [["server.aggregation='scaffold'", "train.prox_mu=0.1"],
-                                   # heterogeneous ranks (HetLoRA): each site trains its own rank's adapter
-                                   ["server.aggregation='fedyogi'", "server.server_lr=0.05", "lora.r=4",
-                                    "lora.client_ranks=[2, 4]"],
-                                   ["server.aggregation='fedavgm'", "secagg.enabled=true", "secagg.threshold=2"],
+                                   # heterogeneous ranks: each site trains its own rank's adapter over the FLoRA
+                                   # stack of every earlier round (the stack travels with the fresh adapter)
+                                   ["server.lora_aggregation='stack'", "lora.r=4", "lora.client_ranks=[2, 4]"],
+                                   ["server.aggregation='fedyogi'", "server.server_lr=0.05", "secagg.enabled=true",
+                                    "secagg.threshold=2"],
                                    # noise too small to see and a clip that never binds: the same adapter, and the
                                    # clients' clip and noise shares travel in FLARE's round config
                                    ["server.aggregation='fedavgm'", "secagg.enabled=true", "privacy.mode='distributed'",
@@ -111,7 +112,7 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                    # FedSA-LoRA: each site keeps its own B in its workspace
                                    ["server.aggregation='fedavgm'", "train.dpsgd_noise_multiplier=1e-15",
                                     "train.dpsgd_clip=1e3", "lora.personal_b=true"]],
-                         ids=["scaffold+fedprox", "fedyogi+hetlora", "secagg+fedavgm", "distributed-dp+secagg",
+                         ids=["scaffold+fedprox", "flora+hetero-ranks", "secagg+fedyogi", "distributed-dp+secagg",
                               "dpsgd+fedsa"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
     """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
@@ -139,7 +140,13 @@ def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engine
         assert dp[1]["clip"] == pytest.approx(dp[0]["next_clip"])  # the adapted clip reached the sites
     sa = A.unpack((emb / "checkpoint" / "strategy.safetensors").read_bytes())
     sb = A.unpack((flr / "checkpoint" / "strategy.safetensors").read_bytes())
-    assert sorted(sa) == sorted(sb) and sa  # the server state (c, or m and v) too
+    assert sorted(sa) == sorted(sb) and (sa or "server.lora_aggregation='stack'" in extra)  # c, or m and v
+    if "server.lora_aggregation='stack'" in extra:  # FLoRA's state is the stack in the global arrays
+        ga = A.unpack((emb / "checkpoint" / "global.safetensors").read_bytes())
+        gb = A.unpack((flr / "checkpoint" / "global.safetensors").read_bytes())
+        assert sorted(ga) == sorted(gb) and json.loads((emb / "adapter" / "adapter_config.json").read_text())["r"] == 16
+        for k in ga:
+            np.testing.assert_allclose(gb[k], ga[k], rtol=0, atol=1e-6, err_msg=k)
     for k in sa:
         np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-6, err_msg=k)
     if "lora.personal_b=true" in extra:  # B stayed on each site

@@ -98,6 +98,7 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
 ALGORITHM_SETTINGS = {  # compare.algorithms entries beyond the server.aggregation values
     "fedprox": {"train": {"prox_mu": 0.01}},
     "flexlora_svd": {"server": {"lora_aggregation": "svd"}},
+    "flora": {"server": {"lora_aggregation": "stack"}},
     "ffa_lora": {"lora": {"freeze_a": True}},
     "hetlora": {},  # lora.client_ranks = [r/4, r/2, r]: zero-padding (HetLoRA)
     "flexlora_het": {"server": {"lora_aggregation": "svd"}},  # the same ranks, SVD redistribution (FlexLoRA)
@@ -107,7 +108,7 @@ HETERO = ("hetlora", "flexlora_het")
 
 def with_algorithm(cfg: Config, name: str) -> Config:
     """The config with one algorithm switched on: a server.aggregation value, or fedprox
-    (train.prox_mu, 0.01 unless the config sets one), flexlora_svd, ffa_lora, hetlora and
+    (train.prox_mu, 0.01 unless the config sets one), flexlora_svd, flora, ffa_lora, hetlora and
     flexlora_het (lora.client_ranks = [r/4, r/2, r] unless the config sets them)."""
     if not name:
         return cfg

@@ -179,8 +179,10 @@ def validate(cfg: Config, source: str = "config") -> None:
          "server.clip_norm is not applied with server.aggregation = 'scaffold' (its control variates assume the "
          "clients' own updates): set server.clip_norm = 0")
     need(cfg.server.lora_aggregation == "separate" or cfg.server.aggregation == "fedavg",
-         f"server.lora_aggregation = 'svd' re-factors the mean of the clients' products B A: it goes with "
-         f"server.aggregation = 'fedavg', not '{cfg.server.aggregation}'")
+         f"server.lora_aggregation = '{cfg.server.lora_aggregation}' takes the mean of the clients' products B A: it "
+         f"goes with server.aggregation = 'fedavg', not '{cfg.server.aggregation}'")
+    need(cfg.server.lora_aggregation != "stack" or cfg.server.clip_norm == 0,
+         "server.lora_aggregation = 'stack' (FLoRA) stacks each client's adapter as it is: set server.clip_norm = 0")
     pv = cfg.privacy
     means = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
     ranks = cfg.lora.client_ranks
@@ -275,7 +277,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         need(v in known_variants, f"compare.variants: unknown variant {v!r}{_suggest(str(v), known_variants)}")
     need(cfg.compare.local_clients >= 0, "compare.local_clients must be >= 0")
     from_aggregation = list(typing.get_args(typing.get_type_hints(ServerSection)["aggregation"]))
-    known_algorithms = from_aggregation + ["fedprox", "flexlora_svd", "ffa_lora", "hetlora", "flexlora_het"]
+    known_algorithms = from_aggregation + ["fedprox", "flexlora_svd", "flora", "ffa_lora", "hetlora", "flexlora_het"]
     for a in cfg.compare.algorithms:
         need(a in known_algorithms, f"compare.algorithms: unknown algorithm {a!r}{_suggest(str(a), known_algorithms)}")
     if cfg.judge.endpoint:

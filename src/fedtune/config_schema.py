@@ -76,7 +76,7 @@ class ServerSection:
     byzantine: int = opt(1, "krum / multi_krum / bulyan: how many Byzantine clients per round to tolerate (f); krum needs at least 2f + 3 updates per round, bulyan 4f + 3")
     krum_select: int = opt(0, "multi_krum: how many lowest-score updates to average (0 = updates - byzantine)")
     trim_fraction: float = opt(0.1, "trimmed_mean: fraction of clients dropped at each end, per coordinate, in [0, 0.5)")
-    lora_aggregation: Literal["separate", "svd"] = opt("separate", "FedIT: separate = average A and B each (FedIT's way; the product of the means is not the mean of the products B A); svd = the exact example-weighted mean of each client's B A, re-factored to rank lora.r by truncated SVD (FlexLoRA), with the discarded energy reported")
+    lora_aggregation: Literal["separate", "svd", "stack"] = opt("separate", "FedIT: separate = average A and B each (FedIT's way; the product of the means is not the mean of the products B A); svd = the exact example-weighted mean of each client's B A, re-factored to rank lora.r by truncated SVD (FlexLoRA), with the discarded energy reported; stack = FLoRA: the clients' adapters stacked with their example weights, so the global update grows by exactly the mean of the B A each round (its rank grows by the clients' ranks; clients train a fresh adapter on top; the saved adapter has that rank)")
     clip_norm: float = opt(0.0, "before any aggregation, scale each client update down to this L2 distance from the global arrays (0 = off)")
     client_timeout: float = opt(0.0, "seconds a client call may take before it is dropped from the round (0 = no limit in the embedded simulator; nvflare.task_timeout on FLARE)")
     max_examples: int = opt(1_000_000, "cap on the example count a client reports, which weighs its update (0 = no cap); the embedded simulator also rejects a count that differs from the partition it made, so a client cannot choose its own weight")
@@ -157,7 +157,7 @@ class EvalSection:
 @dataclass
 class CompareSection:
     variants: list = opt(["base", "local", "centralized", "federated"], "fedtune compare: which variants to run (base = no tuning, local = each client alone, centralized = all client data pooled, federated)")
-    algorithms: list = opt([], "fedtune compare: run the federated variant once per algorithm listed (server.aggregation values, or fedprox, flexlora_svd, ffa_lora, hetlora, flexlora_het: ranks [r/4, r/2, r] unless lora.client_ranks is set); [] = the config's own")
+    algorithms: list = opt([], "fedtune compare: run the federated variant once per algorithm listed (server.aggregation values, or fedprox, flexlora_svd, flora, ffa_lora, hetlora, flexlora_het: ranks [r/4, r/2, r] unless lora.client_ranks is set); [] = the config's own")
     local_clients: int = opt(0, "fedtune compare: run the local-only baseline for the first N clients only (0 = every client)")
 
 

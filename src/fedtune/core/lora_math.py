@@ -1,5 +1,6 @@
 """LoRA adapters as the products they stand for: the exact mean of the clients' B A, and its
-best rank-r factorization (FlexLoRA: Bai et al., 2024). Pure numpy over named arrays.
+best rank-r factorization (FlexLoRA: Bai et al., 2024), and FLoRA's stacking (Wang et al., 2024).
+Pure numpy over named arrays.
 
 Averaging A and B separately is not the average of the products: mean(B_i) mean(A_i) !=
 mean(B_i A_i). `ProductMean` folds w_i B_i A_i per adapted module (one float64 matrix each,
@@ -109,3 +110,39 @@ def zero_pad(arrays: Arrays, like: Arrays) -> Arrays:
 def rank_of(client_id: str, client_ids: list[str], ranks: list[int]) -> int:
     """A client's LoRA rank: ranks[i % len(ranks)] for the client's position i in sorted ids."""
     return int(ranks[sorted(client_ids).index(client_id) % len(ranks)])
+
+
+STACK = "stack/"  # FLoRA: the stacked factors travel beside the round's fresh adapter under this prefix
+
+
+def split_stack(arrays: Arrays) -> tuple[Arrays, Arrays]:
+    """(the adapter, the stacked factors under their adapter keys) of a FLoRA payload."""
+    adapter = {k: v for k, v in arrays.items() if not k.startswith(STACK)}
+    return adapter, {k[len(STACK):]: v for k, v in arrays.items() if k.startswith(STACK)}
+
+
+def empty_stack(adapter: Arrays) -> Arrays:
+    """Rank-0 stacked factors for every LoRA pair of `adapter` (FLoRA before round 1)."""
+    out = {}
+    for a, b in lora_pairs(adapter).values():
+        if ".lora_A." not in a:
+            raise ValueError(f"FLoRA stacking is for linear-layer LoRA; {a!r} is an embedding adapter")
+        out[STACK + a] = np.zeros((0, adapter[a].shape[1]), adapter[a].dtype)
+        out[STACK + b] = np.zeros((adapter[b].shape[0], 0), adapter[b].dtype)
+    return out
+
+
+def stack(old: Arrays, adapters: list[Arrays], weights: list[float]) -> Arrays:
+    """FLoRA: A_new = [A_old; A_1; ...; A_n], B_new = [B_old, p_1 B_1, ..., p_n B_n] with
+    p_i = w_i / sum(w), so that B_new A_new = B_old A_old + sum_i p_i B_i A_i exactly: the
+    weighted mean of the clients' products is added to the global update, with no
+    cross terms and no truncation (the rank grows by the clients' ranks every round)."""
+    total = float(sum(weights))
+    if not adapters or total <= 0:
+        raise ValueError("no adapters to stack")
+    out = dict(old)
+    for a, b in lora_pairs(adapters[0]).values():
+        out[STACK + a] = np.concatenate([old[STACK + a], *(x[a] for x in adapters)], axis=0)
+        out[STACK + b] = np.concatenate([old[STACK + b], *((w / total) * x[b] for x, w in zip(adapters, weights))],
+                                        axis=1).astype(old[STACK + b].dtype)
+    return out

@@ -6,14 +6,18 @@ client's own pre-tokenized rows, and returns a copy of the trained adapter.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from fedtune.core.client_state import ClientStateStore
+from fedtune.core.lora_math import split_stack
 from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.data.instructions import Tokenized
 from fedtune.errors import UpdateRejected
+from fedtune.fedit.flora import applied
 from fedtune.fedit.lora import AdapterSlot, is_b
 from fedtune.fedit.scaffold import VARIATE_PREFIX, split_variates
 from fedtune.fedit.train import local_steps, train_local
@@ -45,6 +49,7 @@ class FedITClientApp:
             raise KeyError(f"client '{client_id}' holds no data in this process")
         rnd = int(ins.config.get("round", 0))
         adapter, server_c = split_variates(ins.arrays)
+        adapter, stack = split_stack(adapter)  # FLoRA: the earlier rounds' stacked factors, frozen
         sent = adapter
         if self.personal_b and (own := self.state_store.load(client_id, rnd)) is not None:
             adapter = {**adapter, **own}  # FedSA-LoRA: this client's own B, from its last round
@@ -61,10 +66,12 @@ class FedITClientApp:
         for p in frozen:
             p.requires_grad_(False)
         bar = self.progress_factory(client_id, local_steps(len(rows), self.train_cfg)) if self.progress_factory else None
+        frozen_delta = applied(self.slot.model, stack, self.slot.adapter, self.device) if stack else contextlib.nullcontext()
         try:
-            stats = train_local(self.slot.model, params, rows, self.train_cfg,
-                                seed=derive_seed(self.seed, rnd, self.client_index[client_id]), pad_id=self.pad_id,
-                                device=self.device, amp=self.amp, progress=bar, correction=correction)
+            with frozen_delta:
+                stats = train_local(self.slot.model, params, rows, self.train_cfg,
+                                    seed=derive_seed(self.seed, rnd, self.client_index[client_id]), pad_id=self.pad_id,
+                                    device=self.device, amp=self.amp, progress=bar, correction=correction)
         finally:
             for p in frozen:
                 p.requires_grad_(True)

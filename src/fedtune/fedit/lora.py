@@ -7,6 +7,7 @@ name stripped), so a saved global adapter opens with `PeftModel.from_pretrained`
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.numpy import save_file
 
 from fedtune.core import atomic
 from fedtune.core.arrays import Arrays
+from fedtune.core.lora_math import lora_pairs, split_stack
 from fedtune.errors import ConfigError, UpdateRejected
 
 ADAPTER = "default"
@@ -125,11 +127,28 @@ def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Arrays:
     return out
 
 
+def portable(arrays: Arrays, peft_config) -> tuple[Arrays, object]:
+    """The adapter and its PEFT config as saved. A FLoRA global (stacked factors of rank R beside
+    the round's fresh adapter, whose B is 0) is saved as the rank-R adapter B_stack A_stack, with
+    lora_alpha = alpha R / r so that PEFT's scale alpha / r is the one the clients trained with."""
+    adapter, stack = split_stack(arrays)
+    if not stack or not all(v.size for v in stack.values()):
+        return adapter, peft_config
+    ranks = {stack[a].shape[0] for a, _ in lora_pairs(stack).values()}
+    if len(ranks) != 1:
+        raise ValueError(f"stacked factors of different ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    out = copy.deepcopy(peft_config)
+    out.lora_alpha, out.r = peft_config.lora_alpha * rank / peft_config.r, rank
+    return stack, out
+
+
 def save_adapter(arrays: Arrays, peft_config, path: str | Path, base_model: str | None = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json (PEFT format), atomically (a new
     folder swapped in: see core.atomic). `base_model` is written as base_model_name_or_path
     (the model's name, not this machine's cache path); target_modules are written sorted, so
-    two identical runs write identical files."""
+    two identical runs write identical files. A FLoRA global is saved as its stack (`portable`)."""
+    arrays, peft_config = portable(arrays, peft_config)
 
     def fill(tmp: Path) -> None:
         save_file({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())},

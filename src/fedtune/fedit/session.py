@@ -8,6 +8,7 @@ file and evaluates the rounds FLARE's server produced.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from fedtune.config import Config
 from fedtune.core.arrays import Arrays
+from fedtune.core.lora_math import split_stack
 from fedtune.data import partition as P
 from fedtune.data import skills
 from fedtune.data.instructions import PromptFormatter, Row, load_rows, tokenize_rows, write_jsonl
@@ -28,6 +30,7 @@ from fedtune.eval.metrics import generation_scores
 from fedtune.fedit.client import FedITClientApp
 from fedtune.fedit.dpsgd import SampleLedger
 from fedtune.fedit.evaluate import generate_answers, heldout_loss
+from fedtune.fedit.flora import applied
 from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter, rank_slots, save_adapter
 from fedtune.fedit.strategy import FedAvgStrategy
 from fedtune.models import load_causal_lm, portable_name
@@ -208,10 +211,16 @@ class FedITSession:
         tok_keep = [i for i, c in enumerate(self.test_cats) if categories is None or c in categories]
         if not test:
             return {"rows": 0}  # no held-out rows (partition.test_per_category = 0): no metric, not a zero
-        self.slot.set(arrays)
-        pad = self.lm.tokenizer.pad_token_id
         cats = [self.test_cats[i] for i in tok_keep] or ["all"] * len(self.test_tok)
         toks = [self.test_tok[i] for i in tok_keep] if self.test_cats else self.test_tok
+        adapter, stack = split_stack(arrays)  # FLoRA: the stacked factors act through hooks
+        self.slot.set(adapter)
+        with applied(self.peft_model, stack, self.slot.adapter, self.lm.device) if stack else contextlib.nullcontext():
+            return self._scores(test, toks, cats, generate)
+
+    def _scores(self, test, toks, cats, generate) -> dict:
+        e = self.cfg.eval
+        pad = self.lm.tokenizer.pad_token_id
         out = heldout_loss(self.peft_model, toks, cats, batch_size=e.batch_size, pad_id=pad,
                            device=self.lm.device, amp=self.lm.autocast)
         if e.generate if generate is None else generate:

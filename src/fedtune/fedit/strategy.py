@@ -12,7 +12,8 @@ import numpy as np
 
 from fedtune.core import fedopt
 from fedtune.core.aggregate import RunningMean
-from fedtune.core.lora_math import ProductMean, rank_of, truncate, zero_pad
+from fedtune.core.lora_math import ProductMean, empty_stack, rank_of, split_stack, stack, truncate, zero_pad
+from fedtune.core.seeds import derive_seed
 from fedtune.core.dp_client import round_config
 from fedtune.core.dp_fold import DistributedDPFinish, DPMeanFold, update_keys
 from fedtune.core.privacy import DPLedger, DPSettings
@@ -44,8 +45,11 @@ class FedAvgStrategy(SelectingStrategy):
             raise ValueError(f"need clip_norm >= 0 and 0 <= trim_fraction < 0.5, got {clip_norm}, {trim_fraction}")
         self.clip_norm, self.trim_fraction = clip_norm, trim_fraction
         self.byzantine, self.krum_select = byzantine, krum_select
-        if lora_aggregation not in ("separate", "svd") or (lora_aggregation == "svd" and aggregation != "fedavg"):
+        if lora_aggregation not in ("separate", "svd", "stack") or (lora_aggregation != "separate"
+                                                                    and aggregation != "fedavg"):
             raise ValueError(f"lora_aggregation {lora_aggregation!r} with aggregation {aggregation!r}")
+        if lora_aggregation == "stack" and clip_norm > 0:
+            raise ValueError("lora_aggregation 'stack' (FLoRA) does not clip: set clip_norm = 0")
         self.lora_aggregation, self.lora_rank = lora_aggregation, lora_rank
         if dp is not None and (aggregation not in fedopt.RULES or lora_aggregation != "separate"):
             raise ValueError(f"client-level DP goes with the mean rules, not {aggregation!r} / {lora_aggregation!r}")
@@ -60,7 +64,7 @@ class FedAvgStrategy(SelectingStrategy):
         self.client_ranks = list(client_ranks or [])  # heterogeneous LoRA ranks (HetLoRA / FlexLoRA)
         if self.client_ranks and (aggregation not in fedopt.RULES or dp is not None or secagg is not None):
             raise ValueError("heterogeneous LoRA ranks go with the mean rules, without DP or secure aggregation")
-        self._initial = copy(initial)
+        self._initial = copy(split_stack(initial)[0])  # FLARE's job file holds initial_arrays(), stack included
         self.aggregation = aggregation
         self.server_lr, self.momentum, self.beta2, self.tau = server_lr, momentum, beta2, tau
         self.train_config = dict(train_config or {})
@@ -71,7 +75,18 @@ class FedAvgStrategy(SelectingStrategy):
         self.steps = 0
 
     def initial_arrays(self) -> Arrays:
+        if self.lora_aggregation == "stack":  # FLoRA: the adapter clients start from, and a rank-0 stack
+            return {**copy(self._initial), **empty_stack(self._initial)}
         return copy(self._initial)
+
+    def fresh_adapter(self, rnd: int) -> Arrays:
+        """FLoRA: the adapter every client starts round `rnd` from: the run's initial adapter in
+        round 1, then PEFT's init drawn anew each round (B = 0: the stack alone is the model)."""
+        from fedtune.fedit.lora import init_adapter
+
+        if rnd <= 1:
+            return copy(self._initial)
+        return init_adapter({k: v.shape for k, v in self._initial.items()}, derive_seed(self.seed, rnd, 0, 7))
 
     def configure_fit(self, rnd: int, global_arrays: Arrays, client_ids: list[str]) -> dict[str, FitIns]:
         selected = self.select(rnd, client_ids)
@@ -87,12 +102,18 @@ class FedAvgStrategy(SelectingStrategy):
                 self.c = {k: np.zeros_like(v) for k, v in global_arrays.items()}
             arrays = with_variates(global_arrays, self.c)
         cfg = {"round": rnd, **extra, **self.train_config}
+        stacked = {}
+        if self.lora_aggregation == "stack":  # FLoRA: a fresh adapter, and the stack of every earlier round
+            stacked = {k: v for k, v in global_arrays.items() if k not in self._initial}
+            arrays = self.fresh_adapter(rnd)
         if self.client_ranks:  # each client gets the first r_i components of the global adapter
-            return {cid: FitIns(truncate(arrays, rank_of(cid, client_ids, self.client_ranks)), dict(cfg))
-                    for cid in selected}
-        return {cid: FitIns(arrays, dict(cfg)) for cid in selected}
+            return {cid: FitIns({**truncate(arrays, rank_of(cid, client_ids, self.client_ranks)), **stacked},
+                                dict(cfg)) for cid in selected}
+        return {cid: FitIns({**arrays, **stacked}, dict(cfg)) for cid in selected}
 
     def check_reply(self, ins: FitIns, res: FitRes) -> None:
+        if self.lora_aggregation == "stack":  # the reply is the trained adapter, without the stack
+            return super().check_reply(FitIns(split_stack(ins.arrays)[0], ins.config), res)
         if self.secagg is None:
             return super().check_reply(ins, res)
         if sorted(res.arrays) != ["c_pk", "s_pk"] or any(v.dtype != np.uint8 or v.shape != (32,)
@@ -118,6 +139,8 @@ class FedAvgStrategy(SelectingStrategy):
             return _ScaffoldRound(self, global_arrays)
         if self.lora_aggregation == "svd":
             return ProductFold(self, global_arrays)
+        if self.lora_aggregation == "stack":
+            return StackFold(global_arrays)
         return MeanFold(self, global_arrays)
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
@@ -237,3 +260,21 @@ class ProductFold(OneExchange):
         if self.strategy.clip_norm > 0:
             metrics["clipped"] = self.clipped
         return out, metrics
+
+
+class StackFold(OneExchange):
+    """FLoRA: each client's adapter stacked onto the global stack with its example weight, so the
+    global update grows by exactly the weighted mean of the clients' B A (core/lora_math.py)."""
+
+    def __init__(self, global_arrays: Arrays):
+        self.global_arrays = global_arrays
+        self.replies: dict[str, FitRes] = {}
+
+    def add(self, res: FitRes) -> None:
+        self.replies[res.client_id] = res
+
+    def result(self) -> tuple[Arrays, dict]:
+        ordered = [self.replies[c] for c in sorted(self.replies)]  # by client id, not by arrival: same on every engine
+        out = stack(self.global_arrays, [r.arrays for r in ordered], [float(r.num_examples) for r in ordered])
+        rank = min(v.shape[0] for k, v in split_stack(out)[1].items() if ".lora_A." in k)
+        return out, {"stack_rank": rank}
