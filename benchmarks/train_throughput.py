@@ -1,4 +1,5 @@
-"""Local LoRA training speed: fedtune's loop vs a plain Hugging Face `Trainer` loop in fp32.
+"""Local LoRA training speed: fedtune's loop vs a plain Hugging Face `Trainer` loop in fp32, and
+vs the same Trainer with `bf16=True` (what a user who knows their hardware would run).
 
 The Trainer side is Shepherd's way (FederatedGPT-Shepherd, fed_utils/client.py): a PEFT
 LoRA model in fp32 (on a CPU there is no fp16), `transformers.Trainer` with
@@ -13,8 +14,14 @@ and optimizer (AdamW, linear decay). They run alternately in one process, `--rep
 each, so that machine noise hits both; the first optimizer step of every block is a
 warm-up and is not timed. Tokens/s counts non-pad tokens through forward and backward.
 
-MFU: model FLOPs per second over the peak of a bf16 matmul measured in this same run
-(torch.mm on large square matrices, before and after the training blocks; the max).
+The bf16 Trainer (`TrainingArguments(bf16=True)`: torch's bf16 autocast over the fp32 model) runs
+only where bf16 matmuls are native (CUDA, CPUs with AMX or AVX512-BF16): on a CPU without them
+torch emulates bf16 at a small fraction of its fp32 speed (measured and printed here), no user
+would pick it, and the fp32 Trainer is the strongest baseline; `--trainer-bf16 always` forces it.
+
+MFU: model FLOPs per second over the peak of a matmul measured in this same run (torch.mm on
+large square matrices, before and after the training blocks; the max), in bf16 and in fp32; the
+headline MFU is against the faster of the two (bf16 where it is native, fp32 on AVX2-only CPUs).
 Model FLOPs of one row of L tokens, N labelled: every linear layer of the decoder
 forward (2 x params x L) and backward for the inputs only (2 x params x L: the base is
 frozen, LoRA's own weight gradients are negligible), attention scores and mixing
@@ -43,16 +50,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly15k" / "databricks-dolly-15k.jsonl"
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
+def matmul_peak(dtype: torch.dtype, seconds: float = 3.0, device: torch.device = torch.device("cpu")) -> float:
     """Sustained FLOP/s of torch.mm on square matrices (the best of a few sizes)."""
     best = 0.0
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for n in ((1024, 2048, 3072) if device.type == "cpu" else (4096, 8192)):
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         torch.mm(a, b)  # warm-up
+        sync()
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / 3:
             torch.mm(a, b)
             reps += 1
+            sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     return best
 
@@ -78,18 +88,20 @@ def row_flops(n_tokens: int, n_labels: int, shape: dict) -> float:
 # ----------------------------------------------------------------------------- the two loops
 
 
-def fedtune_block(peft_model, params, data, train_cfg, pad_id, amp, seed) -> list[float]:
+def fedtune_block(peft_model, params, data, train_cfg, pad_id, amp, seed, device) -> list[float]:
     """train_local over the rows; returns the time at the end of every optimizer step."""
     from fedtune.fedit.train import train_local
 
     stamps: list[float] = []
-    train_local(peft_model, params, data, train_cfg, seed=seed, pad_id=pad_id, device=torch.device("cpu"), amp=amp,
-                progress=lambda step, loss: stamps.append(time.perf_counter()))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    train_local(peft_model, params, data, train_cfg, seed=seed, pad_id=pad_id, device=device, amp=amp,
+                progress=lambda step, loss: (sync(), stamps.append(time.perf_counter())))
     return stamps
 
 
-def trainer_block(model, tokenizer, ordered, batch_size, micro, steps, lr, out_dir) -> list[float]:
-    """A plain HF Trainer loop in fp32 over `ordered` rows, read in that order."""
+def trainer_block(model, tokenizer, ordered, batch_size, micro, steps, lr, out_dir, bf16=False,
+                  use_cpu=True) -> list[float]:
+    """A plain HF Trainer loop (fp32, or bf16 autocast) over `ordered` rows, read in that order."""
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -97,6 +109,8 @@ def trainer_block(model, tokenizer, ordered, batch_size, micro, steps, lr, out_d
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
+            if not use_cpu:
+                torch.cuda.synchronize()
             stamps.append(time.perf_counter())
 
     class InOrder(Trainer):
@@ -106,7 +120,7 @@ def trainer_block(model, tokenizer, ordered, batch_size, micro, steps, lr, out_d
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=micro,
                              gradient_accumulation_steps=batch_size // micro, max_steps=steps, learning_rate=lr,
                              lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch",
-                             logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                             logging_strategy="no", save_strategy="no", report_to=[], use_cpu=use_cpu, bf16=bf16,
                              fp16=False, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
                              seed=0)
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
@@ -142,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(DOLLY), help="Dolly jsonl (default ../shared/data/dolly15k); else demo:skills")
     ap.add_argument("--fedtune-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="model.dtype of fedtune's frozen base weights (fedtune's default: float32)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides train")
+    ap.add_argument("--trainer-bf16", default="auto", choices=["auto", "always", "never"],
+                    help="the Trainer with bf16=True: auto = where bf16 matmuls are native (AMX, AVX512-BF16, CUDA)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -155,16 +172,27 @@ def main(argv=None) -> int:
     from fedtune.models import load_causal_lm
 
     cfg = C.load(None, [f"train.batch_size={args.batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
-                        f"train.max_steps={args.steps}", f"model.dtype='{args.fedtune_dtype}'"])
+                        f"train.max_steps={args.steps}", f"model.dtype='{args.fedtune_dtype}'",
+                        f"model.device='{args.device}'"])
     torch.manual_seed(0)
-    peak0 = matmul_peak(torch.bfloat16)
+    from fedtune.models import cpu_has_fast_bf16
+
+    dev = torch.device(args.device)
+    peak0, fp32_peak0 = matmul_peak(torch.bfloat16, device=dev), matmul_peak(torch.float32, device=dev)
+    native = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_fast_bf16()
+    with_bf16 = args.trainer_bf16 == "always" or (args.trainer_bf16 == "auto" and native)
+    bf16_note = "" if with_bf16 else (
+        f"Trainer bf16 not run: bf16 matmuls are not native on this CPU (torch.mm bf16 {peak0 / 1e9:.1f} GFLOP/s "
+        f"vs fp32 {fp32_peak0 / 1e9:.1f}); the fp32 Trainer is the strongest baseline here")
+    if bf16_note:
+        print(bf16_note)
     lm = load_causal_lm(cfg.model)
     peft_model = attach_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     slot = AdapterSlot(peft_model)
     shape = model_shape(peft_model)
 
     # The Trainer's model: the same weights (the cached safetensors folder), fp32, the same LoRA.
-    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32)  # the Trainer side: always fp32
+    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).to(dev)  # the Trainer side: fp32 weights
     hf = get_peft_model(hf, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                        target_modules=list(cfg.lora.target_modules), bias="none",
                                        task_type="CAUSAL_LM"))
@@ -185,7 +213,7 @@ def main(argv=None) -> int:
     print(f"model {cfg.model.name} ({lm.path}, fedtune weights {args.fedtune_dtype}) · LoRA r={cfg.lora.r} on {cfg.lora.target_modules} · "
           f"batch {args.batch_size} (micro {args.micro_batch_size}) · cutoff {args.cutoff_len} · {args.steps} steps x "
           f"{args.reps} blocks per side · data {source} · torch threads {torch.get_num_threads()}")
-    results = {"peak_bf16_flops": None, "modes": {}}
+    results = {"peak_bf16_flops": None, "modes": {}, "trainer_bf16_skipped": bf16_note or None}
     for mode in args.modes.split(","):
         data = tokenize_rows(rows, fmt, args.cutoff_len, train_on_inputs=(mode == "inputs"), too_long="drop")[:n_rows]
         if len(data) < n_rows:
@@ -195,18 +223,24 @@ def main(argv=None) -> int:
         ordered = [data[i] for i in order]
         batches = [ordered[i:i + args.batch_size] for i in range(0, n_rows, args.batch_size)]
         hf_rows = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t), "labels": t.labels} for t in ordered]
-        sides = {"fedtune": [], "trainer": []}
+        sides = {"fedtune": [], "trainer": [], **({"trainer_bf16": []} if with_bf16 else {})}
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.reps):
                 st = fedtune_block(peft_model, list(slot.params.values()), data, cfg.train, lm.tokenizer.pad_token_id,
-                                   lm.autocast, seed)
+                                   lm.autocast, seed, dev)
                 sides["fedtune"].append(timed(st, batches, shape))
                 st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
-                                   cfg.train.lr, Path(tmp) / f"t{rep}")
+                                   cfg.train.lr, Path(tmp) / f"t{rep}", use_cpu=dev.type == "cpu")
                 sides["trainer"].append(timed(st, batches, shape))
-                f, t = sides["fedtune"][-1], sides["trainer"][-1]
-                print(f"  [{mode}] block {rep + 1}: fedtune {f[1] / f[0]:8.1f} tokens/s · Trainer fp32 "
-                      f"{t[1] / t[0]:8.1f} tokens/s · ratio {(f[1] / f[0]) / (t[1] / t[0]):.2f}x", flush=True)
+                if with_bf16:
+                    st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
+                                       cfg.train.lr, Path(tmp) / f"b{rep}", bf16=True, use_cpu=dev.type == "cpu")
+                    sides["trainer_bf16"].append(timed(st, batches, shape))
+                f = sides["fedtune"][-1]
+                line = " · ".join(f"{name} {v[-1][1] / v[-1][0]:8.1f} tokens/s" for name, v in sides.items())
+                print(f"  [{mode}] block {rep + 1}: {line} · fedtune / strongest Trainer "
+                      f"{(f[1] / f[0]) / max(v[-1][1] / v[-1][0] for n, v in sides.items() if n != 'fedtune'):.2f}x",
+                      flush=True)
         results["modes"][mode] = {
             side: {"tokens_per_s": statistics.median(x[1] / x[0] for x in v),
                    "model_flops_per_s": statistics.median(x[2] / x[0] for x in v),
@@ -215,22 +249,34 @@ def main(argv=None) -> int:
         r = results["modes"][mode]
         r["ratio_median"] = r["fedtune"]["tokens_per_s"] / r["trainer"]["tokens_per_s"]
         r["ratio_per_block"] = [(f[1] / f[0]) / (t[1] / t[0]) for f, t in zip(sides["fedtune"], sides["trainer"])]
+        if with_bf16:
+            r["ratio_bf16_median"] = r["fedtune"]["tokens_per_s"] / r["trainer_bf16"]["tokens_per_s"]
+            r["ratio_bf16_per_block"] = [(f[1] / f[0]) / (t[1] / t[0])
+                                         for f, t in zip(sides["fedtune"], sides["trainer_bf16"])]
         r["mean_tokens_per_row"] = sum(len(t) for t in ordered) / len(ordered)
         r["labelled_share"] = (sum(sum(1 for x in t.labels[1:] if x != -100) for t in ordered)
                                / sum(len(t) for t in ordered))
-    peak = max(peak0, matmul_peak(torch.bfloat16))
-    results["peak_bf16_flops"] = peak
-    results["peak_fp32_flops"] = matmul_peak(torch.float32)
-    print(f"\nbf16 matmul peak (torch.mm, this run): {peak / 1e9:.1f} GFLOP/s · fp32: "
-          f"{results['peak_fp32_flops'] / 1e9:.1f} GFLOP/s")
-    print(f"{'mode':8} {'fedtune tok/s':>14} {'Trainer fp32 tok/s':>19} {'ratio':>7} {'fedtune MFU':>12} "
-          f"{'Trainer MFU':>12}  (medians of {args.reps} blocks)")
+    bf16_peak = max(peak0, matmul_peak(torch.bfloat16, device=dev))
+    fp32_peak = max(fp32_peak0, matmul_peak(torch.float32, device=dev))
+    peak = max(bf16_peak, fp32_peak)  # the machine's faster matmul: the headline MFU's denominator
+    results.update(peak_bf16_flops=bf16_peak, peak_fp32_flops=fp32_peak, peak_flops=peak,
+                   peak_dtype="bfloat16" if bf16_peak >= fp32_peak else "float32")
+    print(f"\nmatmul peak (torch.mm, this run): bf16 {bf16_peak / 1e9:.1f} GFLOP/s · fp32 {fp32_peak / 1e9:.1f} GFLOP/s;"
+          f" MFU below is against {results['peak_dtype']}")
+    cols = [n for n in ("trainer", "trainer_bf16") if n in next(iter(results["modes"].values()))]
+    label = {"trainer": "Trainer fp32", "trainer_bf16": "Trainer bf16"}
+    print(f"{'mode':8} {'fedtune tok/s':>14} " + " ".join(f"{label[c] + ' tok/s':>19} {'ratio':>7}" for c in cols)
+          + f" {'fedtune MFU':>12} " + " ".join(f"{label[c] + ' MFU':>17}" for c in cols)
+          + f"  (medians of {args.reps} blocks)")
     for mode, r in results["modes"].items():
-        fm, tm = r["fedtune"]["model_flops_per_s"] / peak, r["trainer"]["model_flops_per_s"] / peak
-        r["fedtune"]["mfu"], r["trainer"]["mfu"] = fm, tm
-        print(f"{mode:8} {r['fedtune']['tokens_per_s']:14.1f} {r['trainer']['tokens_per_s']:19.1f} "
-              f"{r['ratio_median']:6.2f}x {100 * fm:11.1f}% {100 * tm:11.1f}%   "
-              f"({r['mean_tokens_per_row']:.0f} tokens/row, {100 * r['labelled_share']:.0f}% labelled)")
+        for side in ("fedtune", *cols):
+            r[side]["mfu"] = r[side]["model_flops_per_s"] / peak
+            r[side]["mfu_vs_bf16_peak"] = r[side]["model_flops_per_s"] / bf16_peak
+        ratios = {"trainer": r["ratio_median"], "trainer_bf16": r.get("ratio_bf16_median")}
+        print(f"{mode:8} {r['fedtune']['tokens_per_s']:14.1f} "
+              + " ".join(f"{r[c]['tokens_per_s']:19.1f} {ratios[c]:6.2f}x" for c in cols)
+              + f" {100 * r['fedtune']['mfu']:11.1f}% " + " ".join(f"{100 * r[c]['mfu']:16.1f}%" for c in cols)
+              + f"   ({r['mean_tokens_per_row']:.0f} tokens/row, {100 * r['labelled_share']:.0f}% labelled)")
     print(f"load average at end: {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
