@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(ALGORITHMS))
     ap.add_argument("--out", default="runs/algorithms")
     ap.add_argument("--json", default="")
+    ap.add_argument("--append-to", default="", help="an earlier report (its --json) of the same config and overrides: "
+                    "its base model and rows are kept, the rows run now are added (each row marked with its run)")
     args = ap.parse_args()
 
     from fedtune import config as C
@@ -68,8 +70,18 @@ def main() -> int:
     rows = []
     load = os.getloadavg()[0]
     base = {}
+    earlier = json.loads(Path(args.append_to).read_text()) if args.append_to else None
+    if earlier is not None:
+        if earlier["overrides"] != args.overrides or Path(earlier["config"]).name != Path(args.config).name:
+            ap.error(f"--append-to {args.append_to}: its config/overrides {earlier['config']} {earlier['overrides']} "
+                     f"differ from this run's {args.config} {args.overrides}")
+        base = earlier["base"]
+        for r in earlier["rows"]:
+            r.setdefault("run", 1)
+        rows = [r for r in earlier["rows"] if r["algorithm"].split(" ")[0] not in names]
+    this_run = 1 + max((r["run"] for r in rows), default=0) if earlier is not None else 1
     for i, name in enumerate(names):
-        once = [] if i == 0 else ["eval.compare_base=false"]  # the base model is evaluated once
+        once = [] if i == 0 and not base else ["eval.compare_base=false"]  # the base model is evaluated once
         cfg = C.load(args.config, args.overrides + ["run.progress=false"] + once + ALGORITHMS[name])
         run_dir = out / name
         run_dir.mkdir(parents=True, exist_ok=False)
@@ -86,17 +98,25 @@ def main() -> int:
                "loss": final.get("loss"), "exact_match": final.get("exact_match"),
                "rouge_l": final.get("rouge_l"),
                "bytes_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in recs) / len(recs),
-               "seconds_per_round": sum(r["round_seconds"] for r in recs) / len(recs), "wall_seconds": round(wall, 1)}
+               "seconds_per_round": sum(r["round_seconds"] for r in recs) / len(recs), "wall_seconds": round(wall, 1), "run": this_run}
         rows.append(row)
         base = base or summary.get("base", {})
         print(json.dumps(row), file=sys.stderr, flush=True)
     report = {"config": args.config, "overrides": args.overrides, "load_average_at_start": load,
+              "runs": _runs(earlier) + [{"load_average_at_start": load, "rows": names}],
               "base": {k: base.get(k) for k in ("loss", "exact_match", "rouge_l")}, "rows": rows}
     print(_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _runs(earlier: dict | None) -> list[dict]:
+    if earlier is None:
+        return []
+    return earlier.get("runs") or [{"load_average_at_start": earlier.get("load_average_at_start"),
+                                    "rows": [r["algorithm"] for r in earlier["rows"]]}]
 
 
 def _table(report: dict) -> str:
@@ -109,8 +129,10 @@ def _table(report: dict) -> str:
     if b.get("loss") is not None:
         lines.append(f"| base model (no tuning) | {b['loss']:.4f} | {pct(b.get('exact_match'))} | "
                      f"{pct(b.get('rouge_l'))} | - | - |")
+    several = len({r.get("run", 1) for r in report["rows"]}) > 1
     for r in report["rows"]:
-        lines.append(f"| {r['algorithm']} | {r['loss']:.4f} | {pct(r['exact_match'])} | {pct(r['rouge_l'])} | "
+        name = r["algorithm"] + (f" (run {r.get('run', 1)})" if several else "")
+        lines.append(f"| {name} | {r['loss']:.4f} | {pct(r['exact_match'])} | {pct(r['rouge_l'])} | "
                      f"{r['bytes_per_round'] / 1e6:.2f} MB | {r['seconds_per_round']:.1f} |")
     return "\n".join(lines)
 
