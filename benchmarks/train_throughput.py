@@ -15,9 +15,10 @@ each, so that machine noise hits both; the first optimizer step of every block i
 warm-up and is not timed. Tokens/s counts non-pad tokens through forward and backward.
 
 The bf16 Trainer (`TrainingArguments(bf16=True)`: torch's bf16 autocast over the fp32 model) runs
-only where bf16 matmuls are native (CUDA, CPUs with AMX or AVX512-BF16): on a CPU without them
-torch emulates bf16 at a small fraction of its fp32 speed (measured and printed here), no user
-would pick it, and the fp32 Trainer is the strongest baseline; `--trainer-bf16 always` forces it.
+by default everywhere: even on an AVX2-only CPU, where a bf16 `torch.mm` is emulated at a small
+fraction of fp32 speed, the autocast Trainer measured faster than the fp32 one (oneDNN's bf16
+linear layers there; docs/benchmarks.md). `--trainer-bf16 never` leaves it out; `auto` runs it
+only where bf16 matmuls are native (CUDA, AMX, AVX512-BF16).
 
 MFU: model FLOPs per second over the peak of a matmul measured in this same run (torch.mm on
 large square matrices, before and after the training blocks; the max), in bf16 and in fp32; the
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fedtune-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="model.dtype of fedtune's frozen base weights (fedtune's default: float32)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides train")
-    ap.add_argument("--trainer-bf16", default="auto", choices=["auto", "always", "never"],
+    ap.add_argument("--trainer-bf16", default="always", choices=["auto", "always", "never"],
                     help="the Trainer with bf16=True: auto = where bf16 matmuls are native (AMX, AVX512-BF16, CUDA)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
