@@ -6,8 +6,6 @@ client's own pre-tokenized rows, and returns a copy of the trained adapter.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -66,9 +64,8 @@ class FedITClientApp:
         for p in frozen:
             p.requires_grad_(False)
         bar = self.progress_factory(client_id, local_steps(len(rows), self.train_cfg)) if self.progress_factory else None
-        frozen_delta = applied(self.slot.model, stack, self.slot.adapter, self.device) if stack else contextlib.nullcontext()
         try:
-            with frozen_delta:
+            with applied(self.slot.model, stack, self.slot.adapter, self.device):
                 stats = train_local(self.slot.model, params, rows, self.train_cfg,
                                     seed=derive_seed(self.seed, rnd, self.client_index[client_id]), pad_id=self.pad_id,
                                     device=self.device, amp=self.amp, progress=bar, correction=correction)

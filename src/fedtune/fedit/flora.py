@@ -23,7 +23,11 @@ from fedtune.errors import UpdateRejected
 @contextlib.contextmanager
 def applied(peft_model, stack: Arrays, adapter: str, device):
     """Within the block, every adapted module adds scale * B_stack A_stack x to its output
-    (scale = the module's LoRA scaling of `adapter`: alpha / r at every rank)."""
+    (scale = the module's LoRA scaling of `adapter`: alpha / r at every rank). An empty stack
+    (every algorithm but FLoRA) installs nothing."""
+    if not stack:
+        yield
+        return
     modules = dict(peft_model.named_modules())
     hooks = []
     try:

@@ -8,7 +8,6 @@ file and evaluates the rounds FLARE's server produced.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +204,6 @@ class FedITSession:
     def evaluate_adapter(self, arrays: Arrays, generate: bool | None = None, categories: set | None = None) -> dict:
         """Held-out loss (and exact match when generating) of an adapter, on every held-out row
         or on those of `categories`."""
-        e = self.cfg.eval
         keep = [i for i, r in enumerate(self.test) if categories is None or r.category in categories]
         test = [self.test[i] for i in keep]
         tok_keep = [i for i, c in enumerate(self.test_cats) if categories is None or c in categories]
@@ -215,7 +213,7 @@ class FedITSession:
         toks = [self.test_tok[i] for i in tok_keep] if self.test_cats else self.test_tok
         adapter, stack = split_stack(arrays)  # FLoRA: the stacked factors act through hooks
         self.slot.set(adapter)
-        with applied(self.peft_model, stack, self.slot.adapter, self.lm.device) if stack else contextlib.nullcontext():
+        with applied(self.peft_model, stack, self.slot.adapter, self.lm.device):
             return self._scores(test, toks, cats, generate)
 
     def _scores(self, test, toks, cats, generate) -> dict:
