@@ -24,6 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 GENERATION = ["fedbpt.mode='generation'", "fedbpt.minibatch=4", "fedbpt.select_on_dev=true"]
@@ -119,6 +121,13 @@ def main() -> int:
         lines.append(f"| {r['row']} | {r['seed']} | {100 * r['majority']:.1f}% | {z:.1f}% | {b:.1f}% ({r['best_round']}) | "
                      f"{f:.1f}% | {f - b:+.1f} | {c['bytes_down_per_client_round_max']:,} / "
                      f"{c['bytes_up_per_client_round_max']:,} | {r['seconds']:.0f} |")
+    for name in names:  # several seeds of one row: their mean and spread (sample std)
+        rs = [r for r in rows if r["row"] == name]
+        if len(rs) > 1:
+            z, b, f = (np.array([100 * r[k]["score"] for r in rs]) for k in ("zero_prompt", "best", "final"))
+            lines.append(f"| {name}, mean ± std | {len(rs)} seeds | - | {z.mean():.1f} ± {z.std(ddof=1):.1f}% | "
+                         f"{b.mean():.1f} ± {b.std(ddof=1):.1f}% | {f.mean():.1f} ± {f.std(ddof=1):.1f}% | "
+                         f"{(f - b).mean():+.1f} | - | {np.mean([r['seconds'] for r in rs]):.0f} |")
     print(f"metric: {m}\n" + "\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "table": lines}, indent=1))

@@ -126,8 +126,8 @@ def _sim(strat, app, rounds, state=None):
     return Simulator(strat, app, sorted(SHARDS), SimulatorSettings(rounds=rounds, progress=False)).run(state)
 
 
-def _app():
-    return FedBPTClientApp(DeepRowBox(), PROJ, SHARDS, [0, 1], LocalSettings(popsize=5, perturb=False), seed=1)
+def _app(box=None):
+    return FedBPTClientApp(box or DeepRowBox(), PROJ, SHARDS, [0, 1], LocalSettings(popsize=5, perturb=False), seed=1)
 
 
 def test_layer_by_layer_generations_are_per_layer_cma_es_on_the_pooled_rows_bit_for_bit():
@@ -208,3 +208,86 @@ def test_a_deep_run_saves_a_prompt_that_classify_reads(tiny_llama, tmp_path):
     assert [o["probs"]["the"] for o in out] == pytest.approx(p[:, 1].tolist(), abs=1e-4)
     with pytest.raises(ConfigError, match="fedbpt.deep = true .* runs in fedbpt.mode = 'generation'"):
         C.load(None, [*bpt_task(tmp_path), "fedbpt.deep=true"])
+    with pytest.raises(ConfigError, match="fedbpt.deep_accept = true needs fedbpt.deep = true"):
+        C.load(None, [*bpt_task(tmp_path), "fedbpt.mode='generation'", "fedbpt.deep_accept=true"])
+
+
+class SlopeBox(DeepRowBox):
+    """Logit 0 for label 0 and s - 1 for label 1, s the sum of every prompt value: half the rows
+    are each label, so the loss falls until s = 1 and rises after, and proposals can overshoot."""
+
+    def logits(self, prompts, rows, label_ids, deep=None):
+        self.forward_calls += 1
+        s = prompts.reshape(len(prompts), -1).sum(1) + deep.reshape(len(prompts), -1).sum(1) - 1.0
+        return np.stack([np.zeros((len(prompts), len(rows))), np.repeat(s[:, None], len(rows), 1)], axis=2)
+
+
+def _pooled(zz):
+    """Pooled mean ce of each deep prompt in zz (P, L, d) over every client's rows."""
+    box, (first, deep) = SlopeBox(), PROJ(zz)
+    total = sum(O.ce_rows(box.logits(first, SHARDS[c].enc, [0, 1], deep), SHARDS[c].labels).sum(axis=1)
+                for c in sorted(SHARDS))
+    return total / sum(len(s) for s in SHARDS.values())
+
+
+def _accepting():
+    return DeepGenerationStrategy(n_layers=LAYERS, rounds_per_layer=2, accept=True, intrinsic_dim=D, sigma0=0.6,
+                                  seed=9, popsize=5, perturb=False)
+
+
+def test_with_acceptance_a_layers_mean_enters_the_prompt_only_when_it_lowers_the_pooled_loss():
+    import cma
+
+    strat = _accepting()
+    state = _sim(strat, _app(SlopeBox()), 9)
+    # oracle, from the rule as documented: per-layer CMA-ES on candidates over the accepted prompt; the
+    # proposal (accepted prompt, last-told layer at its new mean) replaces it when its pooled loss is lower
+    acc, ess, probe, taken = np.zeros((LAYERS, D), np.float32), {}, (0, np.zeros(D, np.float32)), []
+    for rnd in range(1, 10):
+        layer = ((rnd - 1) // 2) % LAYERS
+        es = ess.setdefault(layer, cma.CMAEvolutionStrategy(np.zeros(D), 0.6, es_options(
+            9 + 0x44 * layer, popsize=5, CMA_diagonal=True, CMA_mirrors=0, verbose=-9,
+            AdaptSigma=cma.sigma_adaptation.CMAAdaptSigmaCSA)))
+        x = candidates(np.asarray(es.mean, np.float32), np.asarray(es.stds, np.float32), strat.round_seed(rnd), 5)
+        zz = np.repeat(acc[None].astype(np.float64), 5, axis=0)
+        zz[:, layer] = x
+        prop = acc.astype(np.float64)
+        prop[probe[0]] = probe[1]
+        f = _pooled(np.concatenate([zz, acc[None].astype(np.float64), prop[None]]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            es.inject(list(x), force=True)
+            es.tell(es.ask(), list(f[:5]))
+        taken.append(bool(f[6] < f[5]))
+        if taken[-1]:
+            acc[probe[0]] = probe[1]
+        probe = (layer, np.asarray(es.mean, np.float32))
+    assert np.array_equal(state.global_arrays["layers"], acc)
+    assert [r["aggregate"]["proposal_accepted"] for r in state.history] == taken
+    assert any(taken[1:]) and not all(taken[1:])  # both branches taken (round 1's proposal is the zero prompt)
+    # the accepted prompt's pooled loss never rises (no minibatch: the test is on every row)
+    losses = [r["aggregate"]["fitness_accepted"] for r in state.history]
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert losses[-1] == pytest.approx(float(_pooled(acc[None].astype(np.float64))[0]), rel=1e-9)
+    # still a few kilobytes down: after a switch, mean + std + the proposal (an accepted one by reference)
+    assert max(c["bytes_down"] for r in state.history for c in r["clients"]) < 8 * 1024
+    again = _accepting()
+    again.load_state(*strat.state())  # resume by replay reproduces the accepted prompt and the proposal
+    assert np.array_equal(again.z, strat.z) and again.probe[0] == strat.probe[0]
+    assert np.array_equal(again.probe[1], strat.probe[1])
+    with pytest.raises(Exception, match="checkpoint was written with fedbpt mode 'generation-deep-accept'"):
+        _strategy().load_state(*strat.state())
+
+
+def test_with_acceptance_a_client_that_lost_its_copy_is_resynced():
+    strat, app = _accepting(), _app(SlopeBox())
+    state = _sim(strat, app, 4)
+    app.deep_cache.pop("c1")
+    app.deep_probe.pop("c1")
+    state = _sim(strat, app, 7, state)
+    assert "c1" in {d["id"] for d in state.history[4]["dropped"]}
+    assert not state.history[5]["dropped"] and not state.history[6]["dropped"]
+    # every client's copy is the server's accepted prompt again (the digest check passed in rounds 6-7)
+    assert state.history[6]["aggregate"]["rows"] == sum(len(s) for s in SHARDS.values())
+    b6 = {c["id"]: c["bytes_down"] for c in state.history[5]["clients"]}
+    assert b6["c1"] > b6["c0"]  # c1 got the accepted rows again, c0 only what changed

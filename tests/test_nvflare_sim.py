@@ -329,9 +329,9 @@ def _bpt_task(tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("extra", [["fedbpt.search=true", "task.word_candidates={0 = ['was', 'the'], 1 = ['the', 'was']}"],
                                    ["privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"],
-                                   # one generation per round, deep prompts layer by layer (each site keeps its copy)
+                                   # one generation per round, deep prompts layer by layer with acceptance (each site keeps its copy)
                                    ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3", "fedbpt.deep=true",
-                                    "fedbpt.deep_rounds_per_layer=1"]],
+                                    "fedbpt.deep_rounds_per_layer=1", "fedbpt.deep_accept=true"]],
                          ids=["plain+search", "central-dp", "generation-deep"])  # DP: noise too small to see, a clip that never binds
 def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path, extra):
     from fedtune.engines import nvflare

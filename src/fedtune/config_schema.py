@@ -221,6 +221,7 @@ class FedBPTSection:
     search_calibration: list = opt(["none", "batch", "content_free"], "fedbpt.search: calibrations to try")
     search_chat: bool = opt(True, "fedbpt.search: also try each template in the model's chat format (causal LMs whose tokenizer has a chat template)")
     deep: bool = opt(False, "generation mode: deep prompts (BBTv2): besides the input prompt, an offset A_l z_l at the prompt positions entering every layer, one separable CMA-ES per layer, optimized layer by layer; each A_l's std follows that layer's hidden-state std, which the black box publishes")
+    deep_accept: bool = opt(False, "fedbpt.deep: an acceptance test per layer: each round the clients also score, on the same rows as the candidates, the accepted deep prompt and the proposal (the accepted prompt with the last-told layer set to its CMA-ES mean); the proposal replaces the accepted prompt only when its loss is lower. Two more forwards per round; what is evaluated and saved is the accepted prompt")
     deep_rounds_per_layer: int = opt(2, "fedbpt.deep: rounds (generations) each layer is optimized before the next one takes over (layer 0, 1, ..., L-1, then again)")
     calibrate_fitness: bool = opt(False, "apply fedbpt.calibration inside the clients' fitness too (batch: over each client's rows or minibatch)")
     minibatch: int = opt(0, "rows of a client scored per generation, the same for every candidate, drawn afresh each generation (0 = all of the client's rows)")

@@ -21,7 +21,7 @@ from fedtune.core.strategy import FitIns, FitRes
 from fedtune.fedbpt import objective as O
 from fedtune.fedbpt.es import es_options
 from fedtune.fedbpt.calibration import calibrate
-from fedtune.fedbpt.deep_strategy import apply_update
+from fedtune.fedbpt.deep_strategy import apply_update, probe_of
 from fedtune.fedbpt.encoded import Encoded, concat, numpy_blas_single_threaded, take
 from fedtune.fedbpt.generation import MINIBATCH_STREAM, candidates
 from fedtune.fedbpt.prompt import Projection
@@ -82,6 +82,7 @@ class FedBPTClientApp:
         self.client_index = {cid: i for i, cid in enumerate(sorted(shards))}
         self.content_free = content_free  # content-free rows in the task's template (calibration)
         self.deep_cache: dict[str, np.ndarray] = {}  # deep prompts: each client's copy of the whole prompt
+        self.deep_probe: dict[str, tuple[int, np.ndarray]] = {}  # deep_accept: the proposal each client scored last
         if settings.calibration == "content_free" and content_free is None:
             raise ValueError("content_free calibration needs the content-free rows")
 
@@ -183,10 +184,16 @@ class FedBPTClientApp:
         z = candidates(ins.arrays["mean"], ins.arrays["std"], int(ins.config["gen_seed"]), popsize)
         if "deep/layer" in ins.arrays:  # deep prompts: this layer's candidates, the other layers as last sent
             full = apply_update(self.deep_cache.pop(client_id, None), ins.arrays, int(ins.config["deep_layers"]),
-                                z.shape[1])
+                                z.shape[1], self.deep_probe.pop(client_id, None))
             self.deep_cache[client_id] = full  # kept only once it matched the server's digest
             zz = np.repeat(full[None].astype(np.float64), popsize, axis=0)
             zz[:, int(ins.arrays["deep/layer"][0])] = z
+            if "deep/accepted" in ins.arrays:  # acceptance: then the accepted prompt and the proposal
+                layer, value = probe_of(ins.arrays)
+                proposal = full.astype(np.float64)
+                proposal[layer] = value
+                zz = np.concatenate([zz, full[None].astype(np.float64), proposal[None]])
+                self.deep_probe[client_id] = (layer, value)
             z = zz
         rows = self._minibatch(client_id, rnd, len(shard))
         sub = shard if rows is None else Shard(take(shard.enc, rows), shard.labels[rows])

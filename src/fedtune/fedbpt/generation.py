@@ -94,16 +94,21 @@ class GenerationStrategy(SelectingStrategy):
         cfg = {"round": rnd, "gen_seed": self.round_seed(rnd), "popsize": self.popsize}
         return {cid: FitIns(global_arrays, dict(cfg)) for cid in self.select(rnd, client_ids)}
 
+    def reply_size(self, ins: FitIns) -> int:
+        """How many loss sums a reply to `ins` holds: one per candidate."""
+        return self.popsize
+
     def check_reply(self, ins: FitIns, res: FitRes) -> None:
-        """loss_sum (and loss_sum_perturbed) float64[popsize], finite; rows int64[1], between 1
+        """loss_sum (and loss_sum_perturbed) float64[reply_size], finite; rows int64[1], between 1
         and the client's example count."""
         want = ["loss_sum", "rows"] + (["loss_sum_perturbed"] if self.perturb else [])
+        n = self.reply_size(ins)
         if sorted(res.arrays) != sorted(want):
             raise UpdateRejected(f"reply keys {sorted(res.arrays)}, expected {sorted(want)}")
         for k in (k for k in want if k != "rows"):
             v = res.arrays[k]
-            if v.dtype != np.float64 or v.shape != (self.popsize,) or not np.all(np.isfinite(v)):
-                raise UpdateRejected(f"'{k}': {v.dtype}{list(v.shape)}, expected finite float64[{self.popsize}]")
+            if v.dtype != np.float64 or v.shape != (n,) or not np.all(np.isfinite(v)):
+                raise UpdateRejected(f"'{k}': {v.dtype}{list(v.shape)}, expected finite float64[{n}]")
         rows = res.arrays["rows"]
         if rows.dtype != np.int64 or rows.shape != (1,) or not 1 <= int(rows[0]) <= res.num_examples:
             raise UpdateRejected(f"'rows' = {rows.tolist()}: expected int64[1] between 1 and the client's "

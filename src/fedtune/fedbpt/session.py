@@ -105,6 +105,7 @@ def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | Generation
     fb, s = cfg.fedbpt, cfg.server
     if fb.mode == "generation" and fb.deep:
         return DeepGenerationStrategy(n_layers=model_layers(cfg.model), rounds_per_layer=fb.deep_rounds_per_layer,
+                                      accept=fb.deep_accept,
                                       intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                                       popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
                                       clients_per_round=s.clients_per_round)
