@@ -37,6 +37,7 @@ ROWS = {  # name -> overrides on top of the config (and of --set); each adds one
                                            "fedbpt.calibrate_fitness=true"],
     "generation+search": [*GENERATION, "fedbpt.search=true"],
     "generation+search+deep": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true"],
+    "generation+search+deep+accept": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true", "fedbpt.deep_accept=true"],
 }
 
 
@@ -84,7 +85,7 @@ def run_row(config: str, name: str, overrides: list[str], seed: int, work: Path,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2.toml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2_bbt.toml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--only", default="", help="comma-separated row names (default: every row)")
     ap.add_argument("--seeds", default="1234")
@@ -113,7 +114,7 @@ def main() -> int:
             rows.append(run_row(args.config, name, args.overrides, seed, Path(args.work), args.popsize, searched))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     m = rows[0]["metric"]
-    lines = [f"| row | seed | majority | zero prompt | best-by-dev (round) | final | final - best | bytes down / up "
+    lines = ["| row | seed | majority | zero prompt | best-by-dev (round) | final | final - best | bytes down / up "
              f"per client per round (max) | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         z, b, f = (100 * r[k]["score"] for k in ("zero_prompt", "best", "final"))

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2.toml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2_bbt.toml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--search-from", default="")
     ap.add_argument("--rank", type=int, default=8)

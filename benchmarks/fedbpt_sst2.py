@@ -1,7 +1,7 @@
 """FedBPT on SST-2 with the embedded model: reference vs improved (same data, seeds and
 budget), the zero-prompt baseline, and batched vs one-at-a-time population evaluation.
 
-    .venv/bin/python benchmarks/fedbpt_sst2.py            # settings of configs/fedbpt_sst2.toml
+    .venv/bin/python benchmarks/fedbpt_sst2.py            # settings of configs/fedbpt_sst2_bbt.toml
     .venv/bin/python benchmarks/fedbpt_sst2.py --rounds 3 --audit-rows 0   # a quick look
 
 Writes runs under --work (default runs/bench_fedbpt/), and docs/fedbpt_sst2.json and
@@ -34,7 +34,7 @@ from fedbpt_speed import time_population  # noqa: E402  (benchmarks/ is on sys.p
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2.toml"))
+    p.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2_bbt.toml"))
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--audit-rows", type=int, default=100, help="per-round test audit on this many rows (0 = off)")

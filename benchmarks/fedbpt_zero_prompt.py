@@ -39,7 +39,7 @@ def main() -> int:
     from fedtune.fedbpt.session import FedBPTModel
     from fedtune.fedbpt.tasks import load_examples, task_from_config
 
-    cfg = C.load(str(ROOT / "configs" / "fedbpt_sst2.toml"), [])
+    cfg = C.load(str(ROOT / "configs" / "fedbpt_sst2_bbt.toml"), [])
     model = FedBPTModel(cfg, task_from_config(cfg.task))
     box, tok = model.box, model.box.tokenizer
     rows = load_examples(model.spec, str(DEV))
