@@ -130,18 +130,23 @@ def _app(box=None):
     return FedBPTClientApp(box or DeepRowBox(), PROJ, SHARDS, [0, 1], LocalSettings(popsize=5, perturb=False), seed=1)
 
 
-def test_layer_by_layer_generations_are_per_layer_cma_es_on_the_pooled_rows_bit_for_bit():
+def _layer_es(layer):
+    """The oracle's `cma` for one layer, built by hand with the seed rule of the docstring."""
     import cma
 
+    return cma.CMAEvolutionStrategy(np.zeros(D), 0.6, es_options(
+        9 + 0x44 * layer, popsize=5, CMA_diagonal=True, CMA_mirrors=0, verbose=-9,
+        AdaptSigma=cma.sigma_adaptation.CMAAdaptSigmaCSA))
+
+
+def test_layer_by_layer_generations_are_per_layer_cma_es_on_the_pooled_rows_bit_for_bit():
     strat = _strategy()
     state = _sim(strat, _app(), 8)
     box, z = DeepRowBox(), np.zeros((LAYERS, D), np.float32)
     ess = {}
     for rnd in range(1, 9):
         layer = ((rnd - 1) // 2) % LAYERS  # 0, 0, 1, 1, 2, 2, 0, 0
-        es = ess.setdefault(layer, cma.CMAEvolutionStrategy(np.zeros(D), 0.6, es_options(
-            9 + 0x44 * layer, popsize=5, CMA_diagonal=True, CMA_mirrors=0, verbose=-9,
-            AdaptSigma=cma.sigma_adaptation.CMAAdaptSigmaCSA)))
+        es = ess[layer] if layer in ess else ess.setdefault(layer, _layer_es(layer))
         x = candidates(np.asarray(es.mean, np.float32), np.asarray(es.stds, np.float32), strat.round_seed(rnd), 5)
         zz = np.repeat(z[None].astype(np.float64), 5, axis=0)
         zz[:, layer] = x
@@ -236,8 +241,6 @@ def _accepting():
 
 
 def test_with_acceptance_a_layers_mean_enters_the_prompt_only_when_it_lowers_the_pooled_loss():
-    import cma
-
     strat = _accepting()
     state = _sim(strat, _app(SlopeBox()), 9)
     # oracle, from the rule as documented: per-layer CMA-ES on candidates over the accepted prompt; the
@@ -245,9 +248,7 @@ def test_with_acceptance_a_layers_mean_enters_the_prompt_only_when_it_lowers_the
     acc, ess, probe, taken = np.zeros((LAYERS, D), np.float32), {}, (0, np.zeros(D, np.float32)), []
     for rnd in range(1, 10):
         layer = ((rnd - 1) // 2) % LAYERS
-        es = ess.setdefault(layer, cma.CMAEvolutionStrategy(np.zeros(D), 0.6, es_options(
-            9 + 0x44 * layer, popsize=5, CMA_diagonal=True, CMA_mirrors=0, verbose=-9,
-            AdaptSigma=cma.sigma_adaptation.CMAAdaptSigmaCSA)))
+        es = ess[layer] if layer in ess else ess.setdefault(layer, _layer_es(layer))
         x = candidates(np.asarray(es.mean, np.float32), np.asarray(es.stds, np.float32), strat.round_seed(rnd), 5)
         zz = np.repeat(acc[None].astype(np.float64), 5, axis=0)
         zz[:, layer] = x
