@@ -106,16 +106,22 @@ def main() -> int:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         ap.error(f"unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    # every row reads one copy of the config, taken now: a file edited or renamed during a long run
+    # must not change the rows still to come (paths inside it are relative to the working directory)
+    config = args.config
+    if config:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        config = str(shutil.copyfile(config, Path(args.work) / "base_config.toml"))
     rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
     searched = {seeds[0]: Path(args.search_from)} if args.search_from else {}
     for name in names:
         for seed in seeds:
-            rows.append(run_row(args.config, name, args.overrides, seed, Path(args.work), args.popsize, searched))
+            rows.append(run_row(config, name, args.overrides, seed, Path(args.work), args.popsize, searched))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     m = rows[0]["metric"]
     lines = ["| row | seed | majority | zero prompt | best-by-dev (round) | final | final - best | bytes down / up "
-             f"per client per round (max) | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "per client per round (max) | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         z, b, f = (100 * r[k]["score"] for k in ("zero_prompt", "best", "final"))
         c = r["communication"]
