@@ -26,25 +26,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "fedtune" / "configs" / "demo.toml"
 
-# name -> the overrides that make it (on top of the config); robust rules need 5+ clients per round
+# name -> (the algorithm as `fedtune compare` switches it on, extra settings of this table).
+# The robust rules need 2f + 3 clients per round (Bulyan 4f + 3): a row the config cannot run
+# (too few clients per round) is listed as skipped with the config's own error, not dropped.
 ALGORITHMS = {
-    "fedavg": [],
-    "fedavgm": ["server.aggregation='fedavgm'", "server.server_lr=1.0", "server.momentum=0.5"],
-    "fedadagrad": ["server.aggregation='fedadagrad'", "server.server_lr=0.01"],
-    "fedadam": ["server.aggregation='fedadam'", "server.server_lr=0.01"],
-    "fedyogi": ["server.aggregation='fedyogi'", "server.server_lr=0.01"],
-    "fedprox": ["train.prox_mu=0.01"],
-    "scaffold": ["server.aggregation='scaffold'"],
-    "flexlora_svd": ["server.lora_aggregation='svd'"],
-    "flora": ["server.lora_aggregation='stack'"],
-    "ffa_lora": ["lora.freeze_a=true"],
-    "hetlora": ["lora.client_ranks=[2, 4, 8]"],
-    "flexlora_het": ["lora.client_ranks=[2, 4, 8]", "server.lora_aggregation='svd'"],
-    "fedsa_lora": ["lora.personal_b=true"],  # personalized: each client's model on its own categories
-    "median": ["server.aggregation='median'"],
-    "trimmed_mean": ["server.aggregation='trimmed_mean'", "server.trim_fraction=0.2"],
-    "krum": ["server.aggregation='krum'", "server.min_clients=5"],
-    "multi_krum": ["server.aggregation='multi_krum'", "server.min_clients=5"],
+    "fedavg": ("fedavg", []),
+    "fedavgm": ("fedavgm", ["server.server_lr=1.0", "server.momentum=0.5"]),
+    "fedadagrad": ("fedadagrad", ["server.server_lr=0.01"]),
+    "fedadam": ("fedadam", ["server.server_lr=0.01"]),
+    "fedyogi": ("fedyogi", ["server.server_lr=0.01"]),
+    "fedprox": ("fedprox", ["train.prox_mu=0.01"]),
+    "scaffold": ("scaffold", []),
+    "flexlora_svd": ("flexlora_svd", []),
+    "flora": ("flora", []),
+    "ffa_lora": ("ffa_lora", []),
+    "hetlora": ("hetlora", []),  # ranks r/4, r/2, r (as `fedtune compare`)
+    "flexlora_het": ("flexlora_het", []),
+    "fedsa_lora": ("", ["lora.personal_b=true"]),  # personalized: each client's model on its own categories
+    "median": ("median", []),
+    "trimmed_mean": ("trimmed_mean", ["server.trim_fraction=0.2"]),
+    "krum": ("krum", ["server.byzantine=1", "server.min_clients=5"]),
+    "multi_krum": ("multi_krum", ["server.byzantine=1", "server.min_clients=5"]),
+    "bulyan": ("bulyan", ["server.byzantine=1", "server.min_clients=7"]),
 }
 
 
@@ -59,8 +62,9 @@ def main() -> int:
                     "its base model and rows are kept, the rows run now are added (each row marked with its run)")
     args = ap.parse_args()
 
+    from fedtune import compare, runner
     from fedtune import config as C
-    from fedtune import runner
+    from fedtune.errors import ConfigError
 
     names = [n for n in args.only.split(",") if n] or list(ALGORITHMS)
     unknown = [n for n in names if n not in ALGORITHMS]
@@ -80,9 +84,15 @@ def main() -> int:
             r.setdefault("run", 1)
         rows = [r for r in earlier["rows"] if r["algorithm"].split(" ")[0] not in names]
     this_run = 1 + max((r["run"] for r in rows), default=0) if earlier is not None else 1
-    for i, name in enumerate(names):
-        once = [] if i == 0 and not base else ["eval.compare_base=false"]  # the base model is evaluated once
-        cfg = C.load(args.config, args.overrides + ["run.progress=false"] + once + ALGORITHMS[name])
+    for name in names:
+        once = [] if not base else ["eval.compare_base=false"]  # the base model is evaluated once
+        alg, extra = ALGORITHMS[name]
+        try:
+            cfg = compare.with_algorithm(C.load(args.config, args.overrides + ["run.progress=false"] + once + extra), alg)
+        except ConfigError as e:  # e.g. too few clients per round for Bulyan: say so in the table
+            rows.append({"algorithm": name, "skipped": str(e), "run": this_run})
+            print(f"{name}: skipped: {e}", file=sys.stderr, flush=True)
+            continue
         run_dir = out / name
         run_dir.mkdir(parents=True, exist_ok=False)
         C.save(cfg, run_dir / "config.toml")
@@ -132,6 +142,9 @@ def _table(report: dict) -> str:
     several = len({r.get("run", 1) for r in report["rows"]}) > 1
     for r in report["rows"]:
         name = r["algorithm"] + (f" (run {r.get('run', 1)})" if several else "")
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | | | | |")
+            continue
         lines.append(f"| {name} | {r['loss']:.4f} | {pct(r['exact_match'])} | {pct(r['rouge_l'])} | "
                      f"{r['bytes_per_round'] / 1e6:.2f} MB | {r['seconds_per_round']:.1f} |")
     return "\n".join(lines)
