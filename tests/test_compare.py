@@ -124,3 +124,70 @@ def test_compare_runs_the_federated_variant_once_per_listed_algorithm(tiny_llama
     assert len(sent) == min(3, len(het[0]["clients"]))  # ranks r/4, r/2, r: three message sizes
     with pytest.raises(Exception, match="compare.algorithms: .krum.: .* needs at least 5 clients per round"):
         run_compare(C.load(None, _tiny(tiny_llama, "compare.algorithms=['krum']")), tmp_path / "bad")
+
+
+class _Cut(Exception):
+    """Stands for a crash: raised after a round was evaluated, before its checkpoint."""
+
+
+def test_compare_resume_reads_finished_variants_and_continues_a_cut_one(tiny_llama, tmp_path, monkeypatch):
+    import fedtune.compare as cmp
+
+    cfg = C.load(None, _tiny(tiny_llama, "run.rounds=2", "train.max_steps=2", "eval.generate=false",
+                             "compare.variants=['base', 'centralized', 'federated']"))
+    ref = run_compare(cfg, tmp_path / "ref")  # the same comparison, never interrupted
+    real = cmp.Simulator
+
+    def crash_in_federated_round_2(strategy, app, ids, settings, *, on_round_end, **kw):
+        def end(rnd, arrays, record):
+            on_round_end(rnd, arrays, record)
+            if ids != ["pooled"] and rnd == 2:
+                raise _Cut()
+        return real(strategy, app, ids, settings, on_round_end=end, **kw)
+
+    monkeypatch.setattr(cmp, "Simulator", crash_in_federated_round_2)
+    out = tmp_path / "cmp"
+    with pytest.raises(_Cut):
+        run_compare(cfg, out)
+    assert (out / "centralized" / "summary.json").is_file() and (out / "base.json").is_file()
+    assert not (out / "federated" / "summary.json").exists()
+    started = []
+
+    def record_starts(strategy, app, ids, settings, **kw):
+        sim = real(strategy, app, ids, settings, **kw)
+        run = sim.run
+        sim.run = lambda state=None: (started.append((ids, state.round if state else 0)), run(state))[1]
+        return sim
+
+    monkeypatch.setattr(cmp, "Simulator", record_starts)
+    monkeypatch.setattr(cmp.FedIT, "evaluate_adapter", _counting(cmp.FedIT.evaluate_adapter, evals := []))
+    doc = run_compare(cfg, out, resume=True)
+    # centralized and base were read back; only the federated variant ran, from round 1's checkpoint
+    assert started == [(sorted(doc["clients"]), 1)]
+    assert len(evals) == 1  # the federated run's round 2 (base.json held the base model's scores)
+    recs = [json.loads(x) for x in (out / "federated" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2]
+    assert json.loads((out / "federated" / "summary.json").read_text())["resumed_after_round"] == 1
+    assert list(doc["variants"]) == ["base", "centralized", "federated"]
+    assert doc["table"] == ref["table"]  # the numbers of the run that never stopped
+
+
+def _counting(fn, calls: list):
+    def wrapped(*a, **kw):
+        calls.append(1)
+        return fn(*a, **kw)
+    return wrapped
+
+
+def test_compare_resume_refuses_a_changed_setting(tiny_llama, tmp_path):
+    from fedtune.compare import _same_config
+    from fedtune.config_resume import COMPARE_RESUMABLE, for_resume
+    from fedtune.errors import ConfigError, FedtuneError
+
+    cfg = C.load(None, _tiny(tiny_llama))
+    C.save(C.load(None, _tiny(tiny_llama, "train.lr=0.5")), tmp_path / "config.toml")
+    with pytest.raises(FedtuneError, match=r"config.toml: this variant was run with other settings \(train.lr\)"):
+        _same_config(cfg, tmp_path)
+    assert for_resume(cfg, ["compare.algorithms=['fedavgm']"], "x", COMPARE_RESUMABLE).compare.algorithms == ["fedavgm"]
+    with pytest.raises(ConfigError, match="--resume: train.lr cannot change"):
+        for_resume(cfg, ["train.lr=0.5"], "x", COMPARE_RESUMABLE)

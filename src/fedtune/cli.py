@@ -192,28 +192,40 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     from fedtune import config as C
-    from fedtune.compare import print_table, run_compare
+    from fedtune.compare import run_compare
+    from fedtune.compare_report import print_table
+    from fedtune.config_resume import COMPARE_RESUMABLE, for_resume
 
     console = _console()
-    if args.config is None:  # no CONFIG: the embedded demo, as `fedtune run`
-        args.config = str(DEMO_CONFIG)
-        console.print(f"no CONFIG given: comparing on the embedded demo ({DEMO_CONFIG.name})")
-    cfg = _load_config(args)
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "config.toml").is_file():
+            raise FedtuneError(f"--resume {out}: no config.toml there; is it a fedtune compare folder?")
+        if args.config or args.out:
+            raise FedtuneError("--resume takes its config and folder from the compare folder; do not pass CONFIG "
+                               "or --out")
+        cfg = for_resume(C.load(out / "config.toml"), args.overrides, str(out / "config.toml"), COMPARE_RESUMABLE)
+    else:
+        if args.config is None:  # no CONFIG: the embedded demo, as `fedtune run`
+            args.config = str(DEMO_CONFIG)
+            console.print(f"no CONFIG given: comparing on the embedded demo ({DEMO_CONFIG.name})")
+        cfg = _load_config(args)
     if cfg.run.algorithm != "fedit":
         raise FedtuneError(f"fedtune compare runs FedIT variants; run.algorithm = '{cfg.run.algorithm}'")
     if args.no_progress:
         cfg.run.progress = False
     if args.out:
         out = Path(args.out)
-        if (out / "compare.json").exists():
-            raise FedtuneError(f"{out} already holds a comparison; choose another --out")
+        if (out / "compare.json").exists() or (out / "config.toml").exists():
+            raise FedtuneError(f"{out} already holds a comparison; continue it with --resume {out}, "
+                               "or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
-    else:
+    elif not args.resume:
         cfg.run.name = f"{cfg.run.name}-compare"
         out = _new_run_dir(cfg, None)
     C.save(cfg, out / "config.toml")
     console.print(f"compare folder: {out}")
-    doc = run_compare(cfg, out, console)
+    doc = run_compare(cfg, out, console, resume=bool(args.resume))
     print_table(doc, console)
     console.print(f"table in {out / 'compare.md'} and {out / 'compare.json'}; each variant's run folder beside them")
     return 0
@@ -305,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(compare.md, compare.json). With no CONFIG, uses the embedded demo.")
     _add_config_args(p, "the embedded demo")
     p.add_argument("--out", metavar="DIR", help="compare folder (default: <run.out_dir>/<run.name>-compare)")
+    p.add_argument("--resume", metavar="DIR", help="continue a comparison that stopped: variants that finished are "
+                   "read back, one cut short goes on from its last checkpoint (--set may change only "
+                   "compare.variants, compare.algorithms, compare.local_clients, judge.*, run.progress)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 

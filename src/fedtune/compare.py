@@ -25,18 +25,17 @@ import time
 from pathlib import Path
 
 from fedtune import config as C
+from fedtune.compare_report import build_table, compare_markdown
 from fedtune.config import Config
+from fedtune.core import checkpoint as CK
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.engines.simulator import Simulator, SimulatorSettings
+from fedtune.errors import FedtuneError
 from fedtune.fedit.session import FedITSession as FedIT
 from fedtune.fedit.session import build_strategy
 from fedtune.fedit.strategy import FedAvgStrategy
 from fedtune.fedit.train import local_steps
-from fedtune.reporting import fmt, md_table
 from fedtune.reporting import write_outputs
-
-METRICS = (("loss", "held-out loss (lower is better)"), ("rouge_l", "ROUGE-L"), ("exact_match", "exact match"))
-
 
 def federated_plan(cfg: Config, fed: FedIT) -> list[dict[str, int]]:
     """Per round: {selected client: local optimizer steps}, as the federated run will do it."""
@@ -58,13 +57,33 @@ class ScheduledClient:
         return self.apps[self.steps_by_round[int(ins.config["round"]) - 1]].fit(client_id, ins)
 
 
-def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Path, console) -> dict:
-    """One trained variant as its own run folder; `sizes` = {client id: training rows}."""
-    cfg = fed.cfg
+def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Path, console,
+           cfg: Config | None = None, resume: bool = False) -> dict:
+    """One trained variant as its own run folder; `sizes` = {client id: training rows}; `cfg`
+    the variant's config (default: the comparison's). With `resume`, a finished variant is
+    read back from its folder, and one cut short goes on from its last checkpoint."""
+    cfg = cfg or fed.cfg
+    last = cfg.run.rounds
+    state = None
+    if resume and (out / "config.toml").is_file():
+        _same_config(cfg, out)
+        if (out / "summary.json").is_file() and CK.exists(out):
+            meta, arrays, _, _ = CK.read(out)
+            if meta["round"] == last:
+                if console:
+                    console.print(f"  {name}: finished in an earlier run, read from {out}")
+                summary = json.loads((out / "summary.json").read_text())
+                summary["arrays"] = arrays
+                return summary
+        if CK.exists(out):
+            state = CK.load(out, strategy)
+            if console:
+                console.print(f"  {name}: resuming after round {state.round}")
+        else:  # stopped before round 1 was checkpointed
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "config.toml")
     t0 = time.perf_counter()
-    last = cfg.run.rounds
 
     def on_round_end(rnd, arrays, record):
         if console:
@@ -80,7 +99,8 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
                                       progress=cfg.run.progress),
                     evaluate=lambda rnd, arrays: fed.evaluate_adapter(arrays, generate=cfg.eval.generate and rnd == last),
                     on_round_end=on_round_end, run_dir=out)
-    state = sim.run()
+    resumed_after = state.round if state else 0
+    state = sim.run(state)
     fed.save(state.global_arrays, out / "adapter")
     clients = [c for rec in state.history for c in rec["clients"]]
     summary = {"algorithm": "fedit", "variant": name, "rounds": state.round, "final": state.history[-1].get("eval", {}),
@@ -90,9 +110,39 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
                           "tokens": sum(c["tokens"] for c in clients),
                           "train_seconds": round(sum(c["train_seconds"] for c in clients), 1)},
                "seconds": round(time.perf_counter() - t0, 1)}
+    if resumed_after:
+        summary["resumed_after_round"] = resumed_after  # "seconds" counts the resumed part only
     write_outputs(out, summary)
     summary["arrays"] = state.global_arrays  # kept in memory for the judge, not written
     return summary
+
+
+def _same_config(cfg: Config, folder: Path) -> None:
+    """A variant folder found on resume must hold the run this comparison would start."""
+    saved = C.load(folder / "config.toml").to_dict()
+    now = cfg.to_dict()
+    now["run"]["progress"] = saved["run"]["progress"]
+    diff = [f"{sec}.{k}" for sec in now for k in now[sec] if now[sec][k] != saved.get(sec, {}).get(k)]
+    if diff:
+        raise FedtuneError(f"{folder / 'config.toml'}: this variant was run with other settings "
+                           f"({', '.join(diff)}); resume a comparison with the config it started with")
+
+
+def _base(fed: FedIT, path: Path, console, resume: bool) -> dict:
+    """The untuned model's scores (kept in base.json, read back on resume)."""
+    if resume and path.is_file():
+        if console:
+            console.print(f"  base: read from {path}")
+        res = json.loads(path.read_text())
+    else:
+        if console:
+            console.print("  base: evaluating the untuned model")
+        t = time.perf_counter()
+        ev = fed.evaluate_adapter(fed.initial, generate=fed.cfg.eval.generate)
+        res = {"variant": "base", "final": ev, "budget": {"optimizer_steps": 0, "examples": 0},
+               "seconds": round(time.perf_counter() - t, 1)}
+        path.write_text(json.dumps(res, indent=2))
+    return {**res, "arrays": fed.initial}
 
 
 ALGORITHM_SETTINGS = {  # compare.algorithms entries beyond the server.aggregation values
@@ -126,9 +176,12 @@ def with_algorithm(cfg: Config, name: str) -> Config:
     return C.from_dict(raw, f"compare.algorithms: '{name}'")
 
 
-def run_compare(cfg: Config, out: Path, console=None) -> dict:
-    """Run every configured variant at an equal budget; write compare.md / compare.json."""
+def run_compare(cfg: Config, out: Path, console=None, resume: bool = False) -> dict:
+    """Run every configured variant at an equal budget; write compare.md / compare.json. With
+    `resume`, variants finished in an earlier run of this comparison (same folder, same
+    config) are read back, and one cut short goes on from its last checkpoint."""
     t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     for alg in cfg.compare.algorithms:  # every algorithm's config is valid before anything trains
         with_algorithm(cfg, alg)
     fed = FedIT(cfg)
@@ -139,7 +192,8 @@ def run_compare(cfg: Config, out: Path, console=None) -> dict:
               "batch_size": cfg.train.batch_size, "examples": sum(steps_by_round) * cfg.train.batch_size}
     variants = cfg.compare.variants
     local_ids = ids[: cfg.compare.local_clients] if cfg.compare.local_clients else ids
-    n_train = (("local" in variants) * len(local_ids) + ("centralized" in variants) + ("federated" in variants))
+    n_train = (("local" in variants) * len(local_ids) + ("centralized" in variants) +
+               ("federated" in variants) * max(1, len(cfg.compare.algorithms)))
     if console:
         console.print(f"[bold]fedtune compare[/] · {len(ids)} clients · {len(fed.test)} held-out rows · "
                       f"budget per trained variant: {budget['optimizer_steps']} optimizer steps of "
@@ -147,30 +201,31 @@ def run_compare(cfg: Config, out: Path, console=None) -> dict:
     results: dict[str, dict] = {}
 
     if "base" in variants:
-        if console:
-            console.print("  base: evaluating the untuned model")
-        t = time.perf_counter()
-        ev = fed.evaluate_adapter(fed.initial, generate=cfg.eval.generate)
-        results["base"] = {"variant": "base", "final": ev, "budget": {"optimizer_steps": 0, "examples": 0},
-                           "seconds": round(time.perf_counter() - t, 1), "arrays": fed.initial}
-    if "local" in variants:
-        for cid in local_ids:
-            single = FedAvgStrategy(fed.initial, seed=cfg.run.seed)
-            app = ScheduledClient(fed, {cid: fed.client_data[cid]}, steps_by_round)
-            results[f"local {cid}"] = _train(fed, f"local {cid}", single, app, {cid: len(fed.client_data[cid])},
-                                             out / f"local_{cid}", console)
+        results["base"] = _base(fed, out / "base.json", console, resume)
+    # centralized and federated first (the question's two ends), each client alone after them
     if "centralized" in variants:
         pooled = {"pooled": [t for cid in ids for t in fed.client_data[cid]]}
         app = ScheduledClient(fed, pooled, steps_by_round)
         results["centralized"] = _train(fed, "centralized", FedAvgStrategy(fed.initial, seed=cfg.run.seed), app,
-                                        {"pooled": len(pooled["pooled"])}, out / "centralized", console)
+                                        {"pooled": len(pooled["pooled"])}, out / "centralized", console,
+                                        resume=resume)
     if "federated" in variants:
         sizes = {cid: len(t) for cid, t in fed.client_data.items()}
         for alg in cfg.compare.algorithms or [""]:  # "" = the config's own [server] and [lora]
             name, folder = (f"federated {alg}", out / f"federated_{alg}") if alg else ("federated", out / "federated")
             acfg = with_algorithm(cfg, alg)
             results[name] = _train(fed, name, build_strategy(acfg, fed.initial),
-                                   fed.client_app(cfg=acfg, state_dir=folder / "client_state"), sizes, folder, console)
+                                   fed.client_app(cfg=acfg, state_dir=folder / "client_state"), sizes, folder,
+                                   console, cfg=acfg, resume=resume)
+    if "local" in variants:
+        for cid in local_ids:
+            single = FedAvgStrategy(fed.initial, seed=cfg.run.seed)
+            app = ScheduledClient(fed, {cid: fed.client_data[cid]}, steps_by_round)
+            results[f"local {cid}"] = _train(fed, f"local {cid}", single, app, {cid: len(fed.client_data[cid])},
+                                             out / f"local_{cid}", console, resume=resume)
+    # the table's order: base, each client alone, centralized, federated
+    rank = {"base": 0, "local": 1, "centralized": 2, "federated": 3}
+    results = dict(sorted(results.items(), key=lambda kv: rank[kv[0].split(" ")[0]]))
 
     judged = judge_variants(cfg, fed, results, console) if cfg.judge.endpoint else None
     table = build_table(results, [r.category for r in fed.test])
@@ -181,149 +236,6 @@ def run_compare(cfg: Config, out: Path, console=None) -> dict:
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
     (out / "compare.md").write_text(compare_markdown(cfg, doc, out), encoding="utf-8")
     return doc
-
-
-# ----------------------------------------------------------------------------- the table
-
-
-def build_table(results: dict[str, dict], categories: list[str]) -> dict:
-    """{metric: {variant: {category or 'all': value}}}, plus the mean over local-only clients."""
-    cats = sorted(set(categories))
-    table: dict[str, dict] = {}
-    for key, _ in METRICS:
-        rows = {}
-        for name, res in results.items():
-            ev = res.get("final", {})
-            if key not in ev:
-                continue
-            row = {c: ev.get(f"{key}_by_category", {}).get(c) for c in cats}
-            row["all"] = ev[key]
-            rows[name] = row
-        local = [n for n in rows if n.startswith("local ")]
-        if len(local) > 1:
-            mean_row = {}
-            for c in cats + ["all"]:
-                vals = [rows[n][c] for n in local if rows[n][c] is not None]
-                mean_row[c] = sum(vals) / len(vals) if vals else None
-            # keep the order: base, each local, local mean, centralized, federated
-            ordered = {}
-            for n, r in rows.items():
-                ordered[n] = r
-                if n == local[-1]:
-                    ordered["local (mean)"] = mean_row
-            rows = ordered
-        if rows:
-            table[key] = rows
-    return table
-
-
-def print_table(doc: dict, console) -> None:
-    from rich.table import Table
-
-    for key, title in METRICS:
-        rows = doc["table"].get(key)
-        if not rows:
-            continue
-        cats = [c for c in next(iter(rows.values())) if c != "all"]
-        t = Table(title=f"{title} on {doc['held_out_rows']} held-out rows")
-        t.add_column("variant", no_wrap=True)
-        for c in cats:
-            t.add_column(c, justify="right", overflow="fold")
-        t.add_column("all", justify="right", style="bold")
-        for name, row in rows.items():
-            t.add_row(name, *[fmt(row[c], key) for c in cats], fmt(row["all"], key))
-        # a pipe or a file has no width of its own: print the whole table rather than fold it
-        wide = 24 + 10 * (len(cats) + 1) + max(len(c) for c in cats + ["all"])
-        if console.is_terminal or console.width >= wide:
-            console.print(t)
-        else:
-            from rich.console import Console
-
-            Console(width=wide, highlight=False, file=console.file).print(t)
-    b = doc["budget"]
-    console.print(f"budget per trained variant: {b['optimizer_steps']} optimizer steps x {b['batch_size']} examples "
-                  f"= {b['examples']} examples, over {b['rounds']} rounds")
-    if doc.get("judge"):
-        console.print(f"judge: {json.dumps(doc['judge'].get('scores'))}")
-
-
-def compare_markdown(cfg: Config, doc: dict, out: Path) -> str:
-    b = doc["budget"]
-    lines = ["# fedtune compare", "",
-             f"Model `{cfg.model.name}` · data `{cfg.data.path}` · {len(doc['clients'])} clients "
-             f"({cfg.partition.method}) · {doc['held_out_rows']} held-out rows (never trained on) · "
-             f"{doc['seconds']:.0f} s in all.", "",
-             f"Equal budget: every trained variant takes {b['optimizer_steps']} optimizer steps of {b['batch_size']} "
-             f"examples ({b['examples']} examples) over {b['rounds']} rounds (per round: {b['steps_by_round']}).", ""]
-    for key, title in METRICS:
-        rows = doc["table"].get(key)
-        if not rows:
-            continue
-        cats = [c for c in next(iter(rows.values())) if c != "all"]
-        lines += [f"## {title}", "", md_table(["variant"] + cats + ["**all**"],
-                                                [[n] + [fmt(r[c], key) for c in cats] + [f"**{fmt(r['all'], key)}**"]
-                                                 for n, r in rows.items()]), ""]
-    lines += ["## Budget actually used", "",
-              md_table(["variant", "optimizer steps", "examples", "tokens", "train s"],
-                       [[n, fmt(v["budget"].get("optimizer_steps")), fmt(v["budget"].get("examples")),
-                         fmt(v["budget"].get("tokens")), fmt(v["budget"].get("train_seconds"))]
-                        for n, v in doc["variants"].items()]), ""]
-    if doc.get("judge"):
-        j = doc["judge"]
-        lines += [f"## LLM judge ({j['model']}, {j['questions']} questions)", "",
-                  md_table(["variant", "mean score (1-10)", "scored", "unparsed"],
-                           [[n, fmt(s["judge_score"]), str(s["judge_scored"]), str(s["judge_errors"])]
-                            for n, s in j["scores"].items()]), ""]
-        if j.get("pairwise"):
-            lines += ["Pairwise, federated against each variant (both orders; a verdict that flips is a tie):", "",
-                      md_table(["federated vs", "win", "tie", "loss", "judged", "errors"],
-                               [[n, fmt(p["win"], "win"), fmt(p["tie"], "tie"), fmt(p["loss"], "win"),
-                                 str(p["judged"]), str(p["errors"])] for n, p in j["pairwise"].items()]), ""]
-    lines += ["Each trained variant's run folder (report.md with plots, metrics.jsonl, adapter/): " +
-              ", ".join(f"[{n}]({_folder(n)}/report.md)" for n in doc["variants"] if n != "base"), ""]
-    plot = plot_variants(doc, out)
-    if plot:
-        lines += ["## Held-out loss per round, every variant", "", f"![held-out loss per round]({plot})", ""]
-    return "\n".join(lines)
-
-
-def _folder(name: str) -> str:
-    return name.replace("local ", "local_")
-
-
-def plot_variants(doc: dict, out: Path) -> str | None:
-    from fedtune.reporting import _plt, read_metrics
-
-    curves = {}
-    for name in doc["variants"]:
-        if name == "base":
-            continue
-        recs = read_metrics(out / _folder(name))
-        pts = [(r["round"], r["eval"]["loss"]) for r in recs if "loss" in r.get("eval", {})]
-        if pts:
-            curves[name] = pts
-    if not curves:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, pts in curves.items():
-        local = name.startswith("local ")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.9 if local else 2.2, alpha=0.5 if local else 1,
-                color="grey" if local else None, label=None if local else name, marker=None if local else "o")
-    base = doc["variants"].get("base", {}).get("final", {}).get("loss")
-    if base is not None:
-        ax.axhline(base, color="black", ls="--", lw=1, label="base (untuned)")
-    if any(n.startswith("local ") for n in curves):
-        ax.plot([], [], color="grey", label="local-only (each client)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    (out / "plots").mkdir(exist_ok=True)
-    fig.savefig(out / "plots" / "compare_loss.png", dpi=110)
-    plt.close(fig)
-    return "plots/compare_loss.png"
 
 
 # ----------------------------------------------------------------------------- the judge

@@ -14,21 +14,27 @@ RESUMABLE = ("run.rounds", "run.progress", "run.eval_every", "run.save_every_rou
              "nvflare.workspace")
 
 
-def _resumable(key: str) -> bool:
-    return any(key == r or (r.endswith(".*") and key.startswith(r[:-1])) for r in RESUMABLE)
+# Keys a resumed comparison (`fedtune compare --resume DIR`) may change: variants that finished
+# are read back as they are, so only what they do not depend on: which variants and algorithms
+# the comparison holds, the judge and the progress bars.
+COMPARE_RESUMABLE = ("run.progress", "judge.*", "compare.variants", "compare.algorithms", "compare.local_clients")
 
 
-def for_resume(saved: Config, overrides: list[str], source: str) -> Config:
+def _resumable(key: str, allowed: tuple[str, ...]) -> bool:
+    return any(key == r or (r.endswith(".*") and key.startswith(r[:-1])) for r in allowed)
+
+
+def for_resume(saved: Config, overrides: list[str], source: str, allowed: tuple[str, ...] = RESUMABLE) -> Config:
     """The saved config of a run with `--set` overrides for its resumption; ConfigError naming
-    every key that may not change on resume."""
+    every key that may not change on resume (`allowed`: the keys that may)."""
     raw = saved.to_dict()
     for item in overrides:
         apply_override(raw, item)
     merged = from_dict(raw, f"{source} with --set")
     before, after = saved.to_dict(), merged.to_dict()
     changed = [f"{sec}.{k}" for sec in after for k in after[sec] if after[sec][k] != before[sec][k]]
-    refused = [k for k in changed if not _resumable(k)]
+    refused = [k for k in changed if not _resumable(k, allowed)]
     if refused:
         raise ConfigError(f"--resume: {', '.join(refused)} cannot change in a resumed run (it would mix two runs); "
-                          f"keys that may change: {', '.join(RESUMABLE)}. Start a new run instead")
+                          f"keys that may change: {', '.join(allowed)}. Start a new run instead")
     return merged
