@@ -191,3 +191,24 @@ def test_compare_resume_refuses_a_changed_setting(tiny_llama, tmp_path):
     assert for_resume(cfg, ["compare.algorithms=['fedavgm']"], "x", COMPARE_RESUMABLE).compare.algorithms == ["fedavgm"]
     with pytest.raises(ConfigError, match="--resume: train.lr cannot change"):
         for_resume(cfg, ["train.lr=0.5"], "x", COMPARE_RESUMABLE)
+
+
+def test_compare_cli_resume_reads_a_finished_comparison_back(tiny_llama, tmp_path):
+    out = tmp_path / "cmp"
+    args = []
+    for o in _tiny(tiny_llama, "run.rounds=1", "train.max_steps=1", "eval.generate=false",
+                   "compare.variants=['base', 'federated']"):
+        args += ["--set", o]
+    cli = [sys.executable, "-m", "fedtune.cli", "compare"]
+    first = subprocess.run(cli + ["--out", str(out), *args], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    table = json.loads((out / "compare.json").read_text())["table"]
+    again = subprocess.run(cli + ["--out", str(out), *args], capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and f"continue it with --resume {out}" in again.stderr
+    bad = subprocess.run(cli + ["--resume", str(out), "--set", "train.lr=0.5"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "train.lr cannot change" in bad.stderr
+    resumed = subprocess.run(cli + ["--resume", str(out)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "base: read from" in resumed.stdout and "federated: finished in an earlier run" in resumed.stdout
+    assert json.loads((out / "compare.json").read_text())["table"] == table  # nothing retrained, the same table
