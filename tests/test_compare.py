@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fedtune import config as C
@@ -108,12 +109,13 @@ def test_compare_runs_the_federated_variant_once_per_listed_algorithm(tiny_llama
     cfg = C.load(None, _tiny(tiny_llama, "run.rounds=1", "train.max_steps=1", "eval.generate=false",
                              "compare.variants=['federated']",
                              "compare.algorithms=['fedavg', 'scaffold', 'fedprox', 'flexlora_svd', 'ffa_lora', "
-                             "'hetlora', 'flexlora_het']"))
+                             "'hetlora', 'flexlora_het', {name='fedavgm_lr3', algorithm='fedavgm', "
+                             "set={server={server_lr=3.0, momentum=0.0}}}]"))
     out = tmp_path / "cmp"
     out.mkdir()
     doc = run_compare(cfg, out)
     names = ["federated fedavg", "federated scaffold", "federated fedprox", "federated flexlora_svd",
-             "federated ffa_lora", "federated hetlora", "federated flexlora_het"]
+             "federated ffa_lora", "federated hetlora", "federated flexlora_het", "federated fedavgm_lr3"]
     assert sorted(doc["variants"]) == sorted(names)
     assert all(doc["variants"][n]["budget"]["optimizer_steps"] == 3 for n in names)  # the same budget each
     assert list((out / "federated_scaffold" / "client_state").rglob("*.safetensors"))
@@ -122,6 +124,19 @@ def test_compare_runs_the_federated_variant_once_per_listed_algorithm(tiny_llama
     het = [json.loads(x) for x in (out / "federated_hetlora" / "metrics.jsonl").read_text().splitlines()]
     sent = sorted({c["bytes_down"] for c in het[0]["clients"]})
     assert len(sent) == min(3, len(het[0]["clients"]))  # ranks r/4, r/2, r: three message sizes
+    # the entry table: FedAvgM with momentum 0 and server lr 3 is x + 3 (mean - x): from B = 0, 3x FedAvg's B
+    from safetensors.numpy import load_file
+
+    saved = C.load(out / "federated_fedavgm_lr3" / "config.toml")
+    assert (saved.server.aggregation, saved.server.server_lr, saved.server.momentum) == ("fedavgm", 3.0, 0.0)
+    avg = load_file(out / "federated_fedavg" / "adapter" / "adapter_model.safetensors")
+    lr3 = load_file(out / "federated_fedavgm_lr3" / "adapter" / "adapter_model.safetensors")
+    b_keys = [k for k in avg if "lora_B" in k]
+    assert b_keys and all(np.abs(avg[k]).max() > 0 for k in b_keys)
+    for k in b_keys:
+        np.testing.assert_allclose(lr3[k], 3.0 * avg[k], rtol=1e-5, atol=1e-7)
+    md = (out / "compare.md").read_text()
+    assert "[federated fedavgm_lr3](federated_fedavgm_lr3/report.md)" in md
     with pytest.raises(Exception, match="compare.algorithms: .krum.: .* needs at least 5 clients per round"):
         run_compare(C.load(None, _tiny(tiny_llama, "compare.algorithms=['krum']")), tmp_path / "bad")
 
@@ -212,3 +227,19 @@ def test_compare_cli_resume_reads_a_finished_comparison_back(tiny_llama, tmp_pat
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "base: read from" in resumed.stdout and "federated: finished in an earlier run" in resumed.stdout
     assert json.loads((out / "compare.json").read_text())["table"] == table  # nothing retrained, the same table
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("{algorithm='fedavgm', set={train={max_steps=3}}}", r"compare.algorithms\[1\] \('fedavgm'\): set.train.max_steps may "
+                                                         "not differ between the variants"),
+    ("{algorithm='fedavgm', set={server={fraction=0.5}}}", "set.server.fraction may not differ"),
+    ("{algorithm='fedavgm', sett={}}", r"unknown key\(s\) \['sett'\]"),
+    ("{algorithm='fedavm'}", "unknown algorithm 'fedavm' \\(did you mean 'fedavgm'\\?\\)"),
+    ("{name='a/b', algorithm='fedavgm'}", "letters, digits and _ . \\+ - only"),
+    ("'fedavg'", r"compare.algorithms\[1\]: a second variant named 'fedavg'"),
+])
+def test_compare_algorithm_entries_are_checked_by_key(entry, message):
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        C.load(None, [f"compare.algorithms=['fedavg', {entry}]"])

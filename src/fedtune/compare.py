@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from fedtune import config as C
+from fedtune import config_compare
 from fedtune.compare_report import build_table, compare_markdown
 from fedtune.config import Config
 from fedtune.core import checkpoint as CK
@@ -156,12 +157,14 @@ ALGORITHM_SETTINGS = {  # compare.algorithms entries beyond the server.aggregati
 HETERO = ("hetlora", "flexlora_het")
 
 
-def with_algorithm(cfg: Config, name: str) -> Config:
+def with_algorithm(cfg: Config, item) -> Config:
     """The config with one algorithm switched on: a server.aggregation value, or fedprox
     (train.prox_mu, 0.01 unless the config sets one), flexlora_svd, flora, ffa_lora, hetlora and
-    flexlora_het (lora.client_ranks = [r/4, r/2, r] unless the config sets them)."""
-    if not name:
+    flexlora_het (lora.client_ranks = [r/4, r/2, r] unless the config sets them); or an entry
+    table {name, algorithm, set = {section = {key = value}}}: that algorithm, then its settings."""
+    if not item:
         return cfg
+    label, name, sets = config_compare.entry(item)
     raw = cfg.to_dict()
     if name in HETERO and not raw["lora"]["client_ranks"]:
         r = raw["lora"]["r"]
@@ -173,7 +176,10 @@ def with_algorithm(cfg: Config, name: str) -> Config:
                     raw[section][k] = v
     else:
         raw["server"]["aggregation"] = name
-    return C.from_dict(raw, f"compare.algorithms: '{name}'")
+    for section, values in sets.items():
+        for k, v in values.items():
+            raw[section][k] = v
+    return C.from_dict(raw, f"compare.algorithms: '{label}'")
 
 
 def run_compare(cfg: Config, out: Path, console=None, resume: bool = False) -> dict:
@@ -212,7 +218,8 @@ def run_compare(cfg: Config, out: Path, console=None, resume: bool = False) -> d
     if "federated" in variants:
         sizes = {cid: len(t) for cid, t in fed.client_data.items()}
         for alg in cfg.compare.algorithms or [""]:  # "" = the config's own [server] and [lora]
-            name, folder = (f"federated {alg}", out / f"federated_{alg}") if alg else ("federated", out / "federated")
+            label = config_compare.entry(alg)[0] if alg else ""
+            name, folder = (f"federated {label}", out / f"federated_{label}") if alg else ("federated", out / "federated")
             acfg = with_algorithm(cfg, alg)
             results[name] = _train(fed, name, build_strategy(acfg, fed.initial),
                                    fed.client_app(cfg=acfg, state_dir=folder / "client_state"), sizes, folder,

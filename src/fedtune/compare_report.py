@@ -113,7 +113,8 @@ def compare_markdown(cfg: Config, doc: dict, out: Path) -> str:
 
 
 def _folder(name: str) -> str:
-    return name.replace("local ", "local_")
+    """A variant's folder: 'local client_000' -> local_client_000, 'federated fedavgm' -> federated_fedavgm."""
+    return name.replace(" ", "_", 1)
 
 
 def plot_variants(doc: dict, out: Path) -> str | None:

@@ -39,6 +39,7 @@ from fedtune.config_schema import (  # noqa: F401  (the sections are part of thi
     Config,
     SECTION_DOCS,
 )
+from fedtune import config_compare
 from fedtune.core import algorithm as registry
 from fedtune.core import atomic
 from fedtune.errors import ConfigError
@@ -272,14 +273,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(cfg.partition.shards_per_client >= 1, "partition.shards_per_client must be >= 1")
     need(cfg.partition.alpha > 0, "partition.alpha must be > 0")
     need(cfg.partition.test_per_category >= 0, "partition.test_per_category must be >= 0")
-    known_variants = ["base", "local", "centralized", "federated"]
-    for v in cfg.compare.variants:
-        need(v in known_variants, f"compare.variants: unknown variant {v!r}{_suggest(str(v), known_variants)}")
-    need(cfg.compare.local_clients >= 0, "compare.local_clients must be >= 0")
-    from_aggregation = list(typing.get_args(typing.get_type_hints(ServerSection)["aggregation"]))
-    known_algorithms = from_aggregation + ["fedprox", "flexlora_svd", "flora", "ffa_lora", "hetlora", "flexlora_het"]
-    for a in cfg.compare.algorithms:
-        need(a in known_algorithms, f"compare.algorithms: unknown algorithm {a!r}{_suggest(str(a), known_algorithms)}")
+    config_compare.check(cfg, need)
     if cfg.judge.endpoint:
         need(cfg.judge.endpoint.startswith(("http://", "https://")),
              f"judge.endpoint must be an http(s) URL, got {cfg.judge.endpoint!r}")

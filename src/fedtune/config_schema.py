@@ -157,7 +157,7 @@ class EvalSection:
 @dataclass
 class CompareSection:
     variants: list = opt(["base", "local", "centralized", "federated"], "fedtune compare: which variants to run (base = no tuning, local = each client alone, centralized = all client data pooled, federated)")
-    algorithms: list = opt([], "fedtune compare: run the federated variant once per algorithm listed (server.aggregation values, or fedprox, flexlora_svd, flora, ffa_lora, hetlora, flexlora_het: ranks [r/4, r/2, r] unless lora.client_ranks is set); [] = the config's own")
+    algorithms: list = opt([], "fedtune compare: run the federated variant once per algorithm listed (server.aggregation values, or fedprox, flexlora_svd, flora, ffa_lora, hetlora, flexlora_het: ranks [r/4, r/2, r] unless lora.client_ranks is set), or per entry table { name = \"fedavgm_lr3\", algorithm = \"fedavgm\", set = { server = { server_lr = 3.0 } } } (set: server.* but its client selection, train.prox_mu, lora.freeze_a, lora.client_ranks); [] = the config's own")
     local_clients: int = opt(0, "fedtune compare: run the local-only baseline for the first N clients only (0 = every client)")
 
 
