@@ -185,6 +185,14 @@ def test_compare_resume_reads_finished_variants_and_continues_a_cut_one(tiny_lla
     assert json.loads((out / "federated" / "summary.json").read_text())["resumed_after_round"] == 1
     assert list(doc["variants"]) == ["base", "centralized", "federated"]
     assert doc["table"] == ref["table"]  # the numbers of the run that never stopped
+    # a folder kept for its results alone (no checkpoint, no adapter) is still read back, not retrained
+    import shutil
+
+    for folder in ("centralized", "federated"):
+        shutil.rmtree(out / folder / "checkpoint")
+        shutil.rmtree(out / folder / "adapter")
+    started.clear()
+    assert run_compare(cfg, out, resume=True)["table"] == ref["table"] and started == []
 
 
 def _counting(fn, calls: list):

@@ -68,13 +68,14 @@ def _train(fed: FedIT, name: str, strategy, app, sizes: dict[str, int], out: Pat
     state = None
     if resume and (out / "config.toml").is_file():
         _same_config(cfg, out)
-        if (out / "summary.json").is_file() and CK.exists(out):
-            meta, arrays, _, _ = CK.read(out)
-            if meta["round"] == last:
+        if (out / "summary.json").is_file():
+            summary = json.loads((out / "summary.json").read_text())
+            if summary.get("rounds") == last:  # finished: its scores are read back, not retrained
                 if console:
                     console.print(f"  {name}: finished in an earlier run, read from {out}")
-                summary = json.loads((out / "summary.json").read_text())
-                summary["arrays"] = arrays
+                # the final arrays, for the judge, from the last checkpoint; a folder kept for its
+                # results alone (summary.json, metrics.jsonl, config.toml) has none
+                summary["arrays"] = CK.read(out)[1] if CK.exists(out) else None
                 return summary
         if CK.exists(out):
             state = CK.load(out, strategy)
@@ -264,6 +265,10 @@ def judge_variants(cfg: Config, fed: FedIT, results: dict[str, dict], console) -
         rows = fed.test[: cfg.judge.max_questions] if cfg.judge.max_questions else list(fed.test)
         questions = [f"{r.instruction}\n\n{r.input}" if r.input.strip() else r.instruction for r in rows]
     answers = {}
+    missing = [name for name, res in results.items() if res["arrays"] is None]
+    if missing:
+        raise FedtuneError(f"judge: the variant(s) {', '.join(missing)} were read back without their checkpoint "
+                           "(only summary.json was kept), so their answers cannot be generated; rerun them")
     for name, res in results.items():
         fed.slot.set(res["arrays"])
         answers[name] = generate_answers(fed.peft_model, fed.lm.tokenizer, fed.formatter, rows,
