@@ -211,6 +211,8 @@ def test_compare_resume_refuses_a_changed_setting(tiny_llama, tmp_path):
     C.save(C.load(None, _tiny(tiny_llama, "train.lr=0.5")), tmp_path / "config.toml")
     with pytest.raises(FedtuneError, match=r"config.toml: this variant was run with other settings \(train.lr\)"):
         _same_config(cfg, tmp_path)
+    C.save(C.load(None, _tiny(tiny_llama, "compare.algorithms=['fedavgm']", "judge.max_questions=3")), tmp_path / "config.toml")
+    _same_config(cfg, tmp_path)  # which variants a comparison holds, and its judge, do not change a variant
     assert for_resume(cfg, ["compare.algorithms=['fedavgm']"], "x", COMPARE_RESUMABLE).compare.algorithms == ["fedavgm"]
     with pytest.raises(ConfigError, match="--resume: train.lr cannot change"):
         for_resume(cfg, ["train.lr=0.5"], "x", COMPARE_RESUMABLE)

@@ -123,8 +123,10 @@ def _same_config(cfg: Config, folder: Path) -> None:
     """A variant folder found on resume must hold the run this comparison would start."""
     saved = C.load(folder / "config.toml").to_dict()
     now = cfg.to_dict()
+    # what a resumed comparison may change (config_resume.COMPARE_RESUMABLE) does not change a variant
     now["run"]["progress"] = saved["run"]["progress"]
-    diff = [f"{sec}.{k}" for sec in now for k in now[sec] if now[sec][k] != saved.get(sec, {}).get(k)]
+    diff = [f"{sec}.{k}" for sec in now if sec not in ("compare", "judge") for k in now[sec]
+            if now[sec][k] != saved.get(sec, {}).get(k)]
     if diff:
         raise FedtuneError(f"{folder / 'config.toml'}: this variant was run with other settings "
                            f"({', '.join(diff)}); resume a comparison with the config it started with")
