@@ -202,8 +202,7 @@ def cmd_compare(args) -> int:
         if not (out / "config.toml").is_file():
             raise FedtuneError(f"--resume {out}: no config.toml there; is it a fedtune compare folder?")
         if args.config or args.out:
-            raise FedtuneError("--resume takes its config and folder from the compare folder; do not pass CONFIG "
-                               "or --out")
+            raise FedtuneError("--resume takes its config from the compare folder; do not pass CONFIG or --out")
         cfg = for_resume(C.load(out / "config.toml"), args.overrides, str(out / "config.toml"), COMPARE_RESUMABLE)
     else:
         if args.config is None:  # no CONFIG: the embedded demo, as `fedtune run`
@@ -317,9 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(compare.md, compare.json). With no CONFIG, uses the embedded demo.")
     _add_config_args(p, "the embedded demo")
     p.add_argument("--out", metavar="DIR", help="compare folder (default: <run.out_dir>/<run.name>-compare)")
-    p.add_argument("--resume", metavar="DIR", help="continue a comparison that stopped: variants that finished are "
-                   "read back, one cut short goes on from its last checkpoint (--set may change only "
-                   "compare.variants, compare.algorithms, compare.local_clients, judge.*, run.progress)")
+    p.add_argument("--resume", metavar="DIR", help="continue a stopped comparison (docs/evaluation.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
