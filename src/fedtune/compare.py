@@ -28,6 +28,7 @@ from fedtune import config as C
 from fedtune import config_compare
 from fedtune.compare_report import build_table, compare_markdown
 from fedtune.config import Config
+from fedtune.config_resume import changed_keys
 from fedtune.core import checkpoint as CK
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.engines.simulator import Simulator, SimulatorSettings
@@ -125,8 +126,7 @@ def _same_config(cfg: Config, folder: Path) -> None:
     now = cfg.to_dict()
     # what a resumed comparison may change (config_resume.COMPARE_RESUMABLE) does not change a variant
     now["run"]["progress"] = saved["run"]["progress"]
-    diff = [f"{sec}.{k}" for sec in now if sec not in ("compare", "judge") for k in now[sec]
-            if now[sec][k] != saved.get(sec, {}).get(k)]
+    diff = changed_keys(saved, now, skip=("compare", "judge"))
     if diff:
         raise FedtuneError(f"{folder / 'config.toml'}: this variant was run with other settings "
                            f"({', '.join(diff)}); resume a comparison with the config it started with")

@@ -31,10 +31,15 @@ def for_resume(saved: Config, overrides: list[str], source: str, allowed: tuple[
     for item in overrides:
         apply_override(raw, item)
     merged = from_dict(raw, f"{source} with --set")
-    before, after = saved.to_dict(), merged.to_dict()
-    changed = [f"{sec}.{k}" for sec in after for k in after[sec] if after[sec][k] != before[sec][k]]
+    changed = changed_keys(saved.to_dict(), merged.to_dict())
     refused = [k for k in changed if not _resumable(k, allowed)]
     if refused:
         raise ConfigError(f"--resume: {', '.join(refused)} cannot change in a resumed run (it would mix two runs); "
                           f"keys that may change: {', '.join(allowed)}. Start a new run instead")
     return merged
+
+
+def changed_keys(before: dict, after: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """`section.key` of every value that differs between two raw configs (sections in `skip` aside)."""
+    return [f"{sec}.{k}" for sec in after if sec not in skip for k in after[sec]
+            if after[sec][k] != before.get(sec, {}).get(k)]
