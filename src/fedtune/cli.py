@@ -10,49 +10,13 @@ import warnings
 from pathlib import Path
 
 from fedtune import __version__
+from fedtune.cli_common import DEMO_CONFIG
+from fedtune.cli_common import add_config_args as _add_config_args
+from fedtune.cli_common import console as _console
+from fedtune.cli_common import load_config as _load_config
+from fedtune.cli_common import new_run_dir as _new_run_dir
+from fedtune.cli_compare import cmd_compare
 from fedtune.errors import FedtuneError
-
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False)
-
-
-def _add_config_args(p: argparse.ArgumentParser, default: str = "the built-in defaults") -> None:
-    p.add_argument("config", nargs="?", metavar="CONFIG", help=f"TOML config file (default: {default})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 --set run.rounds=3 (repeatable)")
-
-
-def _load_config(args):
-    from fedtune import config as C
-
-    return C.load(args.config, args.overrides)
-
-
-def _new_run_dir(cfg, out: str | None) -> Path:
-    if out:
-        d = Path(out)
-        if (d / "metrics.jsonl").exists() or (d / "checkpoint").exists():
-            raise FedtuneError(f"{d} already holds a run; continue it with --resume {d}, or choose another --out")
-        return _make_dir(d, "--out")
-    base = Path(cfg.run.out_dir) / cfg.run.name
-    d, i = base, 1
-    while d.is_dir() and any(d.iterdir()):
-        i += 1
-        d = base.with_name(f"{base.name}-{i}")
-    return _make_dir(d, "run.out_dir / run.name")
-
-
-def _make_dir(d: Path, what: str) -> Path:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission, a name too long
-        raise FedtuneError(f"{what}: cannot create the run folder {d}: {e.strerror or e}") from None
-    return d
 
 
 # ----------------------------------------------------------------------------- commands
@@ -187,46 +151,6 @@ def cmd_generate(args) -> int:
                                device=lm.device, amp=lm.autocast)
     for p, a in zip(prompts, answers):
         print(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from fedtune import config as C
-    from fedtune.compare import run_compare
-    from fedtune.compare_report import print_table
-    from fedtune.config_resume import COMPARE_RESUMABLE, for_resume
-
-    console = _console()
-    if args.resume:
-        out = Path(args.resume)
-        if not (out / "config.toml").is_file():
-            raise FedtuneError(f"--resume {out}: no config.toml there; is it a fedtune compare folder?")
-        if args.config or args.out:
-            raise FedtuneError("--resume takes its config from the compare folder; do not pass CONFIG or --out")
-        cfg = for_resume(C.load(out / "config.toml"), args.overrides, str(out / "config.toml"), COMPARE_RESUMABLE)
-    else:
-        if args.config is None:  # no CONFIG: the embedded demo, as `fedtune run`
-            args.config = str(DEMO_CONFIG)
-            console.print(f"no CONFIG given: comparing on the embedded demo ({DEMO_CONFIG.name})")
-        cfg = _load_config(args)
-    if cfg.run.algorithm != "fedit":
-        raise FedtuneError(f"fedtune compare runs FedIT variants; run.algorithm = '{cfg.run.algorithm}'")
-    if args.no_progress:
-        cfg.run.progress = False
-    if args.out:
-        out = Path(args.out)
-        if (out / "compare.json").exists() or (out / "config.toml").exists():
-            raise FedtuneError(f"{out} already holds a comparison; continue it with --resume {out}, "
-                               "or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-    elif not args.resume:
-        cfg.run.name = f"{cfg.run.name}-compare"
-        out = _new_run_dir(cfg, None)
-    C.save(cfg, out / "config.toml")
-    console.print(f"compare folder: {out}")
-    doc = run_compare(cfg, out, console, resume=bool(args.resume))
-    print_table(doc, console)
-    console.print(f"table in {out / 'compare.md'} and {out / 'compare.json'}; each variant's run folder beside them")
     return 0
 
 
