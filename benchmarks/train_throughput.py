@@ -91,15 +91,20 @@ def row_flops(n_tokens: int, n_labels: int, shape: dict) -> float:
 # ----------------------------------------------------------------------------- the two loops
 
 
-def fedtune_block(peft_model, params, data, train_cfg, pad_id, amp, seed, device) -> list[float]:
+def fedtune_block(peft_model, params, data, train_cfg, pad_id, amp, seed, device, side="fedtune") -> list[float]:
     """train_local over the rows; returns the time at the end of every optimizer step."""
     from fedtune.fedit.train import train_local
 
     stamps: list[float] = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
     train_local(peft_model, params, data, train_cfg, seed=seed, pad_id=pad_id, device=device, amp=amp,
                 progress=lambda step, loss: (sync(), stamps.append(time.perf_counter())))
+    FIRST_STEP_SECONDS.setdefault(side, []).append(stamps[0] - t0)  # the warm-up step (compiled: the one-time compile)
     return stamps
+
+
+FIRST_STEP_SECONDS: dict[str, list[float]] = {}
 
 
 def trainer_block(model, tokenizer, ordered, batch_size, micro, steps, lr, out_dir, bf16=False,
@@ -159,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(DOLLY), help="Dolly jsonl (default ../shared/data/dolly15k); else demo:skills")
     ap.add_argument("--fedtune-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="model.dtype of fedtune's frozen base weights (fedtune's default: float32)")
+    ap.add_argument("--fedtune-compile", default="both", choices=["off", "layers", "both"],
+                    help="train.compile of fedtune's side; both = two fedtune sides, as shipped (off) and compiled "
+                         "(the one-time compile falls in block 1's warm-up step and is reported separately)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides train")
     ap.add_argument("--trainer-bf16", default="always", choices=["auto", "always", "never"],
                     help="the Trainer with bf16=True: auto = where bf16 matmuls are native (AMX, AVX512-BF16, CUDA)")
@@ -176,7 +184,11 @@ def main(argv=None) -> int:
 
     cfg = C.load(None, [f"train.batch_size={args.batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
                         f"train.max_steps={args.steps}", f"model.dtype='{args.fedtune_dtype}'",
+                        f"train.compile='{'layers' if args.fedtune_compile == 'layers' else 'off'}'",
                         f"model.device='{args.device}'"])
+    import dataclasses
+
+    compiled_cfg = dataclasses.replace(cfg.train, compile="layers")
     torch.manual_seed(0)
     from fedtune.models import cpu_has_fast_bf16
 
@@ -226,12 +238,17 @@ def main(argv=None) -> int:
         ordered = [data[i] for i in order]
         batches = [ordered[i:i + args.batch_size] for i in range(0, n_rows, args.batch_size)]
         hf_rows = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t), "labels": t.labels} for t in ordered]
-        sides = {"fedtune": [], "trainer": [], **({"trainer_bf16": []} if with_bf16 else {})}
+        sides = {"fedtune": [], **({"fedtune_compiled": []} if args.fedtune_compile == "both" else {}),
+                 "trainer": [], **({"trainer_bf16": []} if with_bf16 else {})}
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.reps):
                 st = fedtune_block(peft_model, list(slot.params.values()), data, cfg.train, lm.tokenizer.pad_token_id,
                                    lm.autocast, seed, dev)
                 sides["fedtune"].append(timed(st, batches, shape))
+                if "fedtune_compiled" in sides:
+                    st = fedtune_block(peft_model, list(slot.params.values()), data, compiled_cfg,
+                                       lm.tokenizer.pad_token_id, lm.autocast, seed, dev, "fedtune_compiled")
+                    sides["fedtune_compiled"].append(timed(st, batches, shape))
                 st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
                                    cfg.train.lr, Path(tmp) / f"t{rep}", use_cpu=dev.type == "cpu")
                 sides["trainer"].append(timed(st, batches, shape))
@@ -239,10 +256,10 @@ def main(argv=None) -> int:
                     st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
                                        cfg.train.lr, Path(tmp) / f"b{rep}", bf16=True, use_cpu=dev.type == "cpu")
                     sides["trainer_bf16"].append(timed(st, batches, shape))
-                f = sides["fedtune"][-1]
+                f = max(v[-1][1] / v[-1][0] for n, v in sides.items() if n.startswith("fedtune"))
                 line = " · ".join(f"{name} {v[-1][1] / v[-1][0]:8.1f} tokens/s" for name, v in sides.items())
-                print(f"  [{mode}] block {rep + 1}: {line} · fedtune / strongest Trainer "
-                      f"{(f[1] / f[0]) / max(v[-1][1] / v[-1][0] for n, v in sides.items() if n != 'fedtune'):.2f}x",
+                print(f"  [{mode}] block {rep + 1}: {line} · fastest fedtune / strongest Trainer "
+                      f"{f / max(v[-1][1] / v[-1][0] for n, v in sides.items() if n.startswith('trainer')):.2f}x",
                       flush=True)
         results["modes"][mode] = {
             side: {"tokens_per_s": statistics.median(x[1] / x[0] for x in v),
@@ -256,30 +273,45 @@ def main(argv=None) -> int:
             r["ratio_bf16_median"] = r["fedtune"]["tokens_per_s"] / r["trainer_bf16"]["tokens_per_s"]
             r["ratio_bf16_per_block"] = [(f[1] / f[0]) / (t[1] / t[0])
                                          for f, t in zip(sides["fedtune"], sides["trainer_bf16"])]
+        if "fedtune_compiled" in sides:  # the same ratios for the compiled side
+            for base, key in (("trainer", "ratio_compiled"), ("trainer_bf16", "ratio_compiled_bf16")):
+                if base in sides:
+                    r[key + "_median"] = r["fedtune_compiled"]["tokens_per_s"] / r[base]["tokens_per_s"]
+                    r[key + "_per_block"] = [(f[1] / f[0]) / (t[1] / t[0])
+                                             for f, t in zip(sides["fedtune_compiled"], sides[base])]
         r["mean_tokens_per_row"] = sum(len(t) for t in ordered) / len(ordered)
         r["labelled_share"] = (sum(sum(1 for x in t.labels[1:] if x != -100) for t in ordered)
                                / sum(len(t) for t in ordered))
     bf16_peak = max(peak0, matmul_peak(torch.bfloat16, device=dev))
     fp32_peak = max(fp32_peak0, matmul_peak(torch.float32, device=dev))
     peak = max(bf16_peak, fp32_peak)  # the machine's faster matmul: the headline MFU's denominator
+    results["fedtune_first_step_seconds"] = {k: [round(x, 2) for x in v] for k, v in FIRST_STEP_SECONDS.items()}
+    results["fedtune_compile"] = args.fedtune_compile
+    for side, v in FIRST_STEP_SECONDS.items():
+        print(f"{side}: warm-up step per block (not timed; block 1's holds the one-time compile when compiled): "
+              + ", ".join(f"{x:.1f} s" for x in v))
     results.update(peak_bf16_flops=bf16_peak, peak_fp32_flops=fp32_peak, peak_flops=peak,
                    peak_dtype="bfloat16" if bf16_peak >= fp32_peak else "float32")
     print(f"\nmatmul peak (torch.mm, this run): bf16 {bf16_peak / 1e9:.1f} GFLOP/s · fp32 {fp32_peak / 1e9:.1f} GFLOP/s;"
           f" MFU below is against {results['peak_dtype']}")
-    cols = [n for n in ("trainer", "trainer_bf16") if n in next(iter(results["modes"].values()))]
-    label = {"trainer": "Trainer fp32", "trainer_bf16": "Trainer bf16"}
-    print(f"{'mode':8} {'fedtune tok/s':>14} " + " ".join(f"{label[c] + ' tok/s':>19} {'ratio':>7}" for c in cols)
-          + f" {'fedtune MFU':>12} " + " ".join(f"{label[c] + ' MFU':>17}" for c in cols)
+    first = next(iter(results["modes"].values()))
+    cols = [n for n in ("trainer", "trainer_bf16") if n in first]
+    ours = [n for n in ("fedtune", "fedtune_compiled") if n in first]
+    label = {"trainer": "Trainer fp32", "trainer_bf16": "Trainer bf16", "fedtune": "fedtune",
+             "fedtune_compiled": "fedtune compiled"}
+    ratio_key = {("fedtune", "trainer"): "ratio_median", ("fedtune", "trainer_bf16"): "ratio_bf16_median",
+                 ("fedtune_compiled", "trainer"): "ratio_compiled_median",
+                 ("fedtune_compiled", "trainer_bf16"): "ratio_compiled_bf16_median"}
+    print(f"{'mode':8} {'side':17} {'tokens/s':>9} {'MFU':>6} " + " ".join(f"{'vs ' + label[c]:>17}" for c in cols)
           + f"  (medians of {args.reps} blocks)")
     for mode, r in results["modes"].items():
-        for side in ("fedtune", *cols):
+        for side in (*ours, *cols):
             r[side]["mfu"] = r[side]["model_flops_per_s"] / peak
             r[side]["mfu_vs_bf16_peak"] = r[side]["model_flops_per_s"] / bf16_peak
-        ratios = {"trainer": r["ratio_median"], "trainer_bf16": r.get("ratio_bf16_median")}
-        print(f"{mode:8} {r['fedtune']['tokens_per_s']:14.1f} "
-              + " ".join(f"{r[c]['tokens_per_s']:19.1f} {ratios[c]:6.2f}x" for c in cols)
-              + f" {100 * r['fedtune']['mfu']:11.1f}% " + " ".join(f"{100 * r[c]['mfu']:16.1f}%" for c in cols)
-              + f"   ({r['mean_tokens_per_row']:.0f} tokens/row, {100 * r['labelled_share']:.0f}% labelled)")
+        for side in (*ours, *cols):
+            vs = " ".join(f"{r[ratio_key[side, c]]:16.2f}x" if (side, c) in ratio_key else " " * 17 for c in cols)
+            print(f"{mode:8} {label[side]:17} {r[side]['tokens_per_s']:9.1f} {100 * r[side]['mfu']:5.1f}% {vs}")
+        print(f"{'':8} ({r['mean_tokens_per_row']:.0f} tokens/row, {100 * r['labelled_share']:.0f}% labelled)")
     print(f"load average at end: {os.getloadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

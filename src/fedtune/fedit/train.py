@@ -3,7 +3,10 @@
 Speed on CPU comes from four things: bf16 autocast (AMX), grouping an optimizer batch into
 micro-batches of similar length, padding each micro-batch only to its own longest row, and
 computing the LM head and cross-entropy only at positions that carry a label (with the
-prompt masked that is a small share of the sequence).
+prompt masked that is a small share of the sequence); from plain ("eager") attention on CPU,
+whose backward beats SDPA's at these lengths (`train.attention`); and optionally
+(`train.compile`) from torch.compile of the decoder layers, which fuses the element-wise
+work between matmuls (fedtune/fedit/train_speed.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
 from fedtune.fedit import dpsgd
+from fedtune.fedit.train_speed import check_supported, compiled_layers, training_attention
 
 
 @dataclass
@@ -83,7 +87,7 @@ def causal_lm_loss(model, ids, mask, labels, reduction: str = "mean") -> torch.T
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H); no KV cache in training
     target = labels[:, 1:]  # position t predicts token t+1
     keep = target != -100
     h = hidden[:, :-1][keep]  # (N, H), N = labelled positions
@@ -160,9 +164,14 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
     mu = float(getattr(cfg, "prox_mu", 0.0))
     anchor = [p.detach().clone() for p in params] if mu > 0 else None
 
+    compile_setting = getattr(cfg, "compile", "off")
+    check_supported(compile_setting, device, dpsgd=sigma > 0)
+
     model.train()
     loss_sum, loss_tokens, tokens, seen, compute, lr_sum, dp_clipped = 0.0, 0, 0, 0, 0.0, 0.0, 0
-    with (dpsgd.PerExampleGrads(model) if sigma > 0 else contextlib.nullcontext()):
+    with (dpsgd.PerExampleGrads(model) if sigma > 0 else contextlib.nullcontext()), \
+            training_attention(model, getattr(cfg, "attention", "auto"), device), \
+            compiled_layers(model, compile_setting):
         for step in range(steps):
             lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
             for g in opt.param_groups:
