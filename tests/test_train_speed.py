@@ -73,18 +73,22 @@ def test_compile_is_refused_with_dpsgd_and_unknown_settings():
         check_supported("layers", torch.device("cpu"), dpsgd=True)
 
 
-def test_training_attention_is_eager_on_cpu_same_adapter_and_restored(tiny_llama):
+def test_training_attention_is_eager_on_cpu_same_adapter_and_restored(tiny_llama, monkeypatch):
     """train.attention: eager and SDPA train the same adapter (independent kernels, one oracle
-    for the other), the kernel is switched only inside the round, and `auto` means eager on CPU."""
+    for the other), the kernel is switched only inside the round, and `auto` means eager on CPU
+    for micro-batches whose attention scores fit EAGER_MAX_BYTES, SDPA for wider ones."""
     from fedtune import config as C
+    from fedtune.fedit import train_speed
     from fedtune.fedit.train import train_local
-    from fedtune.fedit.train_speed import attention_for
 
-    assert attention_for("auto", torch.device("cpu")) == "eager"
-    assert attention_for("auto", torch.device("cuda")) is None
+    assert train_speed.attention_for("auto", torch.device("cpu"), 1000) == "eager"
+    assert train_speed.attention_for("auto", torch.device("cpu"), 10**12) is None  # too wide: the model's own
+    assert train_speed.attention_for("auto", torch.device("cuda"), 1000) is None
+    # tiny Llama: 4 heads x 2 layers; one row per micro-batch: widths <= 24 fit, wider ones do not
+    monkeypatch.setattr(train_speed, "EAGER_MAX_BYTES", 1 * 8 * 24 * 24 * train_speed.BYTES_PER_SCORE)
     seen, after = {}, {}
-    for setting in ("sdpa", "eager"):
-        cfg = C.load(None, ["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=3", "train.lr=1e-2",
+    for setting in ("sdpa", "eager", "auto"):
+        cfg = C.load(None, ["train.batch_size=8", "train.micro_batch_size=1", "train.max_steps=3", "train.lr=1e-2",
                             f"train.attention='{setting}'"])
         torch.manual_seed(0)
         model = _peft(tiny_llama)
@@ -94,15 +98,17 @@ def test_training_attention_is_eager_on_cpu_same_adapter_and_restored(tiny_llama
         attn = lm.model.layers[0].self_attn
         original = attn.forward
 
-        def spy(*a, _orig=original, _setting=setting, **kw):
-            seen[_setting] = lm.config._attn_implementation
-            return _orig(*a, **kw)
+        def spy(hidden_states, *a, _orig=original, _setting=setting, **kw):
+            seen.setdefault(_setting, set()).add((hidden_states.shape[1] <= 24, lm.config._attn_implementation))
+            return _orig(hidden_states, *a, **kw)
 
         attn.forward = spy
         train_local(model, list(slot.params.values()), _rows(), cfg.train, seed=3, pad_id=0,
                     device=torch.device("cpu"), amp=nullcontext)
         assert lm.config._attn_implementation == "sdpa"  # the model's own again after the round
         after[setting] = slot.get()
-    assert seen == {"sdpa": "sdpa", "eager": "eager"}
-    for k in after["sdpa"]:
-        np.testing.assert_allclose(after["eager"][k], after["sdpa"][k], rtol=1e-4, atol=1e-6)
+    assert {impl for _, impl in seen["sdpa"]} == {"sdpa"} and {impl for _, impl in seen["eager"]} == {"eager"}
+    assert seen["auto"] == {(True, "eager"), (False, "sdpa")}  # the rows' widths: both sides of the budget
+    for setting in ("eager", "auto"):
+        for k in after["sdpa"]:
+            np.testing.assert_allclose(after[setting][k], after["sdpa"][k], rtol=1e-4, atol=1e-6)

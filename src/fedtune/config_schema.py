@@ -134,7 +134,7 @@ class TrainSection:
     micro_batch_size: int = opt(8, "examples per forward/backward; batch_size / micro_batch_size = gradient accumulation")
     group_by_length: bool = opt(True, "split each optimizer batch into micro-batches of similar length (each at most micro_batch_size rows) when the padding saved outweighs the fixed cost of another forward/backward; the same gradient up to float rounding (and LoRA dropout draws)")
     micro_batch_overhead_tokens: int = opt(256, "with group_by_length: the fixed cost of one micro-batch's forward/backward, in tokens")
-    attention: Literal["auto", "eager", "sdpa"] = opt("auto", "attention kernel during local training only (evaluation keeps the model's own): auto = eager on CPU (its backward beat SDPA's 1.19x per step at 160-token rows), the model's own on GPU")
+    attention: Literal["auto", "eager", "sdpa"] = opt("auto", "attention kernel during local training only (evaluation keeps the model's own): auto = eager on CPU (its backward beat SDPA's 1.19x per step at 160-token rows) while a micro-batch's attention scores, kept for the backward pass, fit 4 GiB over all layers (SmolLM2-135M, 8 rows: up to 575 tokens wide), the model's own otherwise and on GPU")
     compile: Literal["off", "layers"] = opt("off", "torch.compile for local training: \"layers\" compiles one decoder layer and reuses the graph for every layer (dynamic shapes; about 30 s once per process on a 2-core CPU, needs a C++ compiler on CPU; not with DP-SGD); evaluation and generation stay eager")
     lr: float = opt(3e-4, "AdamW peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")

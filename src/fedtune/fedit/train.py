@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
 from fedtune.fedit import dpsgd
-from fedtune.fedit.train_speed import check_supported, compiled_layers, training_attention
+from fedtune.fedit.train_speed import TrainingAttention, check_supported, compiled_layers
 
 
 @dataclass
@@ -170,7 +170,7 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
     model.train()
     loss_sum, loss_tokens, tokens, seen, compute, lr_sum, dp_clipped = 0.0, 0, 0, 0, 0.0, 0.0, 0
     with (dpsgd.PerExampleGrads(model) if sigma > 0 else contextlib.nullcontext()), \
-            training_attention(model, getattr(cfg, "attention", "auto"), device), \
+            TrainingAttention(model, getattr(cfg, "attention", "auto"), device) as attention, \
             compiled_layers(model, compile_setting):
         for step in range(steps):
             lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
@@ -182,6 +182,7 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
             t0 = time.perf_counter()
             for micro in micro_batches(batch, cfg):
                 ids, mask, labels = collate(micro, pad_id, device)
+                attention.use(*ids.shape)
                 with amp():
                     if sigma > 0:  # DP-SGD: each example's own mean loss, so each per-example gradient is its own
                         token_loss = causal_lm_loss(model, ids, mask, labels, reduction="none")

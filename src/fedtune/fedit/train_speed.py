@@ -6,7 +6,8 @@ backward pass at instruction-tuning lengths: profiled on SmolLM2-135M (8 rows x 
 bf16 autocast) it took 17.6 ms per layer, 23% of a training step, as long as every matmul of
 the step together; the plain ("eager") attention, a batched matmul and a softmax, made the
 same step 1.19x faster. `train.attention = "auto"` uses eager attention for training on CPU
-and the model's own implementation elsewhere (on GPU SDPA / flash attention win).
+while a micro-batch's attention scores stay small (eager keeps them for the backward pass; SDPA
+does not), and the model's own implementation otherwise and on GPU (SDPA / flash attention).
 
 Compile (`train.compile = "layers"`).
 
@@ -35,27 +36,49 @@ SETTINGS = ("off", "layers")
 _ATTR = "_fedtune_compiled_forward"
 
 
-def attention_for(setting: str, device: torch.device) -> str | None:
-    """The attention implementation local training runs with (None: the model's own)."""
+# Eager attention keeps its (rows x heads x width x width) scores for the backward pass (fp32
+# probabilities and their bf16 copy: about 6 bytes a score, per layer), where SDPA keeps none:
+# `auto` uses it only while that stays under EAGER_MAX_BYTES over all layers (SmolLM2-135M, 8 rows:
+# up to 575 tokens wide; a 32-layer, 32-head model, 8 rows: 295).
+EAGER_MAX_BYTES = 4 << 30
+BYTES_PER_SCORE = 6
+
+
+def attention_for(setting: str, device: torch.device, scores: int = 0) -> str | None:
+    """The attention implementation of a training forward that holds `scores` attention scores
+    over all layers (None: the model's own)."""
     if setting == "auto":
-        return "eager" if device.type == "cpu" else None
+        return "eager" if device.type == "cpu" and scores * BYTES_PER_SCORE <= EAGER_MAX_BYTES else None
     return setting
 
 
-@contextlib.contextmanager
-def training_attention(model, setting: str, device: torch.device):
-    """Within the block the model runs `train.attention`'s implementation; on exit its own again."""
-    want = attention_for(setting, device)
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = getattr(lm.config, "_attn_implementation", None)
-    if want is None or want == before:
-        yield
-        return
-    lm.set_attn_implementation(want)
-    try:
-        yield
-    finally:
-        lm.set_attn_implementation(before)
+class TrainingAttention:
+    """Context manager: `use(rows, width)` before each training forward switches the model to
+    `train.attention`'s implementation for that micro-batch's shape; on exit the model runs its
+    own implementation again (evaluation and generation are untouched)."""
+
+    def __init__(self, model, setting: str, device: torch.device):
+        self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.setting, self.device = setting, device
+        self.own = getattr(self.lm.config, "_attn_implementation", None)
+        cfg = self.lm.config
+        self.heads_x_layers = getattr(cfg, "num_attention_heads", 1) * getattr(cfg, "num_hidden_layers", 1)
+        self.now = self.own
+
+    def use(self, rows: int, width: int) -> None:
+        want = attention_for(self.setting, self.device, rows * self.heads_x_layers * width * width) or self.own
+        if want != self.now:
+            self.lm.set_attn_implementation(want)
+            self.now = want
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.now != self.own:
+            self.lm.set_attn_implementation(self.own)
+            self.now = self.own
+        return False
 
 
 def check_supported(setting: str, device: torch.device, *, dpsgd: bool = False) -> None:
