@@ -88,3 +88,38 @@ def test_client_update_correction_and_variate_on_a_tiny_llama(tiny_llama, tmp_pa
     y3, _ = split_variates(res3.arrays)
     shift = np.mean([np.mean(y2[k] - y3[k]) for k in x])
     assert shift < -0.01  # AdamW steps against the +5 added to every gradient
+
+
+def test_correction_is_a_parameter_step_outside_adamw(tiny_llama):
+    """SCAFFOLD's y <- y - lr (g + c - c_i): the correction moves the parameters by exactly
+    -lr (c - c_i) per step, whatever AdamW does with g. Oracle: one step with a correction equals
+    one step without it, minus lr x correction (the first step's gradient does not depend on it)."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+
+    from fedtune import config as C
+    from fedtune.data.instructions import PromptFormatter, Row, tokenize_rows
+    from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter
+    from fedtune.fedit.train import train_local
+    from fedtune.models import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.requires_grad_(False)
+    slot = AdapterSlot(attach_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"]))
+    tok = load_tokenizer(tiny_llama)
+    rows = tokenize_rows([Row("say hi", "", "hi there good", "x")] * 4, PromptFormatter("plain", tok), 64, False, "error")
+    train = C.load(None, ["train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4", "train.lr=0.01",
+                          "train.scheduler='constant'"]).train
+    x = init_adapter(slot.shapes(), seed=1)
+    rng = np.random.default_rng(0)
+    corr = {k: rng.normal(0, 3.0, v.shape).astype(np.float32) for k, v in x.items()}
+    after = {}
+    for name, c in (("plain", None), ("corrected", corr)):
+        slot.set(x)
+        train_local(slot.model, list(slot.params.values()), rows, train, seed=0, pad_id=tok.pad_token_id,
+                    device=torch.device("cpu"), amp=nullcontext,
+                    correction=None if c is None else [torch.from_numpy(c[k]) for k in slot.params])
+        after[name] = slot.get()
+    for k in x:
+        np.testing.assert_allclose(after["corrected"][k], after["plain"][k] - 0.01 * corr[k], rtol=1e-5, atol=1e-6)

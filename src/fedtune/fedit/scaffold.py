@@ -3,7 +3,9 @@ client drift.
 
 The server keeps c and sends it with the global adapter, under the keys `scaffold.c/<name>`;
 each client keeps its own c_i between the rounds it takes part in (a ClientStateStore: on
-disk, one file per client), adds c - c_i to every local gradient, and after its K local steps
+disk, one file per client), moves its parameters by -lr (c - c_i) after every local optimizer
+step (the correction term of y <- y - lr (g + c - c_i), kept out of AdamW's rescaling; see
+fedit.train.train_local), and after its K local steps
 sets c_i+ = c_i - c + (x - y_i) / (K lr) (option II; K lr = the sum of its step sizes) and
 replies with y_i and delta c_i = c_i+ - c_i under the same keys. The server then sets
 x+ = x + server_lr * (mean of y_i - x) (example-weighted, as fedtune's FedAvg) and

@@ -126,7 +126,12 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
 
     `cfg` is the [train] config section; `seed` fixes the data order; `amp` is a callable
     returning the autocast context; `progress` (optional) is called with (step, loss);
-    `correction` (SCAFFOLD: c - c_i, one tensor per parameter) is added to every step's gradient.
+    `correction` (SCAFFOLD: c - c_i, one tensor per parameter) moves the parameters by -lr (c - c_i)
+    after every optimizer step: SCAFFOLD's local step y <- y - lr (g + c - c_i) with the
+    correction kept out of the optimizer, so that AdamW does not rescale it (added to the gradient
+    it came out of Adam's normalization at the size of a whole step, and the control variates,
+    (x - y_i) / (K lr), measured in those units, made rounds oscillate). With plain SGD the two
+    are the same step; OpenFedLLM applies its correction the same way.
     """
     t_start = time.perf_counter()
     steps = local_steps(len(data), cfg)
@@ -200,12 +205,6 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
                 (scaler.scale(prox) if scaler else prox).backward()
             if scaler:
                 scaler.unscale_(opt)
-            if correction is not None:
-                for p, c in zip(params, correction):
-                    if p.grad is None:
-                        p.grad = c.to(p.dtype).clone()
-                    else:
-                        p.grad.add_(c.to(p.grad.dtype))
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if scaler:
@@ -213,6 +212,10 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
                 scaler.update()
             else:
                 opt.step()
+            if correction is not None:  # SCAFFOLD: y <- y - lr (c - c_i), outside the optimizer (see below)
+                with torch.no_grad():
+                    for p, c in zip(params, correction):
+                        p.add_(c.to(p.dtype), alpha=-lr)
             opt.zero_grad(set_to_none=True)
             compute += time.perf_counter() - t0
             loss_tokens += n_label
