@@ -45,14 +45,14 @@ def make_tokenizer(path: Path):
     return fast
 
 
-def make_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with hidden size 32, saved as a normal HF folder."""
+def make_tiny_llama(path: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama with hidden size 32 (or `hidden`), saved as a normal HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer(path)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                       tie_word_embeddings=True)

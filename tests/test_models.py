@@ -51,12 +51,17 @@ def test_model_dtype_auto_takes_bf16_only_where_it_is_native(monkeypatch):
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_qlora_trains_a_plain_adapter_on_quantized_base_weights(tiny_llama, tmp_path, quant):
+def test_qlora_trains_a_plain_adapter_on_quantized_base_weights(tmp_path, quant):
     """model.quantization: the base model's linear layers are bitsandbytes' 4-bit / 8-bit ones, the
     LoRA adapter has the same keys and shapes as on full-precision weights, restores exactly, and
-    a FedIT round trains it."""
+    a FedIT round trains it. The tiny Llama is 64 wide: bitsandbytes' 4-bit CPU kernel on
+    AVX512-BF16 CPUs needs input widths that are multiples of its block size, 64."""
     pytest.importorskip("bitsandbytes", reason="model.quantization needs bitsandbytes (pip install 'fedtune[qlora]')")
     import json
+
+    from conftest import make_tiny_llama
+
+    tiny_llama = make_tiny_llama(tmp_path / "tiny64", hidden=64)
 
     import numpy as np
 
@@ -85,6 +90,26 @@ def test_qlora_trains_a_plain_adapter_on_quantized_base_weights(tiny_llama, tmp_
     (tmp_path / "run").mkdir()
     summary = runner.run(cfg, tmp_path / "run")
     assert summary["rounds"] == 1 and np.isfinite(summary["final"]["loss"])
+
+
+def test_4bit_layer_too_narrow_for_the_cpu_kernel_is_a_clear_error():
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedtune.errors import ModelError
+    from fedtune.models import check_4bit_cpu_shapes
+
+    def layer(width, fast):
+        m = torch.nn.Module()
+        m.weight = SimpleNamespace(quant_state=SimpleNamespace(shape=(32, width), blocksize=64))
+        m.support_avx512bf16_for_cpu = fast
+        return m
+
+    ok = torch.nn.Sequential(layer(128, True), layer(32, False))  # a narrow layer off the fast path is fine
+    check_4bit_cpu_shapes(ok, "m")
+    with pytest.raises(ModelError, match=r"block size 64; 1 has 32"):
+        check_4bit_cpu_shapes(torch.nn.Sequential(layer(128, True), layer(32, True)), "m")
 
 
 def test_quantization_without_bitsandbytes_is_a_clear_error(monkeypatch):

@@ -214,6 +214,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_4bit_cpu_shapes(model, name: str) -> None:
+    """bitsandbytes' 4-bit CPU kernel for AVX512-BF16 / AMX CPUs (used at evaluation, in place of
+    dequantizing) repacks each weight in blocks of its quantization block size along the input
+    width, and fails deep inside with a reshape error when a layer's input width is not a multiple
+    of it. Name the layer before any round runs instead."""
+    for lname, mod in model.named_modules():
+        state = getattr(getattr(mod, "weight", None), "quant_state", None)
+        if state is None or not getattr(mod, "support_avx512bf16_for_cpu", False):
+            continue
+        width = int(state.shape[1])
+        if width % int(state.blocksize):
+            raise ModelError(f"model.quantization = 'nf4' with model.name = '{name}': bitsandbytes' 4-bit CPU kernel "
+                             f"on this CPU (AVX512-BF16) needs every quantized layer's input width to be a multiple "
+                             f"of its block size {state.blocksize}; {lname} has {width}. Use model.quantization = "
+                             "'int8' or 'none' for this model")
+
+
 def bnb_config(quant: str, device: torch.device):
     """bitsandbytes' quantization config for model.quantization; a clear error when the library
     is missing or its build cannot run on this device."""
@@ -280,6 +297,8 @@ def load_causal_lm(cfg_model) -> LoadedModel:
     except OSError as e:
         raise ModelError(f"cannot load model '{cfg_model.name}' (resolved to {path}): {e}") from None
     check_logit_handling(model.config, cfg_model.name)
+    if quant == "nf4":
+        check_4bit_cpu_shapes(model, cfg_model.name)
     if quant == "none":  # a quantized model is placed by from_pretrained (device_map) and cannot be moved
         model.to(device)
     model.requires_grad_(False)
