@@ -24,6 +24,11 @@ from fedtune.errors import ConfigError, UpdateRejected
 ADAPTER = "default"
 
 
+def base_lm(model):
+    """The Hugging Face model inside a PEFT wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def attach_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]):
     """Wrap a frozen causal LM with a trainable LoRA adapter (PEFT)."""
     from peft import LoraConfig, get_peft_model

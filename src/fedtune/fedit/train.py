@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
 from fedtune.fedit import dpsgd
+from fedtune.fedit.lora import base_lm
 from fedtune.fedit.train_speed import TrainingAttention, check_supported, compiled_layers
 
 
@@ -85,7 +86,7 @@ def causal_lm_loss(model, ids, mask, labels, reduction: str = "mean") -> torch.T
     states, then apply the LM head to the labelled positions only: for prompt-masked
     instruction data this skips most of the (hidden x vocab) head and the softmax.
     """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_lm(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H); no KV cache in training
     target = labels[:, 1:]  # position t predicts token t+1
@@ -212,7 +213,7 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
                 scaler.update()
             else:
                 opt.step()
-            if correction is not None:  # SCAFFOLD: y <- y - lr (c - c_i), outside the optimizer (see below)
+            if correction is not None:  # SCAFFOLD: y <- y - lr (c - c_i), outside the optimizer (see the docstring)
                 with torch.no_grad():
                     for p, c in zip(params, correction):
                         p.add_(c.to(p.dtype), alpha=-lr)

@@ -32,6 +32,8 @@ import shutil
 
 import torch
 
+from fedtune.fedit.lora import base_lm
+
 SETTINGS = ("off", "layers")
 _ATTR = "_fedtune_compiled_forward"
 
@@ -58,7 +60,7 @@ class TrainingAttention:
     own implementation again (evaluation and generation are untouched)."""
 
     def __init__(self, model, setting: str, device: torch.device):
-        self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.lm = base_lm(model)
         self.setting, self.device = setting, device
         self.own = getattr(self.lm.config, "_attn_implementation", None)
         cfg = self.lm.config
@@ -98,7 +100,7 @@ def check_supported(setting: str, device: torch.device, *, dpsgd: bool = False) 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The repeated blocks of a (PEFT-wrapped) Hugging Face causal LM's decoder."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_lm(model)
     layers = getattr(lm.get_decoder(), "layers", None)
     if layers is None or len(layers) == 0:
         raise ValueError(f"train.compile = 'layers': {type(lm).__name__}'s decoder has no `layers` list to compile; "
