@@ -5,8 +5,10 @@ The Trainer side is Shepherd's way (FederatedGPT-Shepherd, fed_utils/client.py):
 LoRA model in fp32 (on a CPU there is no fp16), `transformers.Trainer` with
 `DataCollatorForSeq2Seq(pad_to_multiple_of=8)`, the model's own loss (the LM head over
 every position). fedtune's side is `fedtune.fedit.train.train_local` as a client runs
-it: bf16 autocast, each micro-batch padded to its own longest row, the LM head only at
-labelled positions.
+it: bf16 autocast where bf16 matmuls are native, length-grouped micro-batches each padded to
+its own longest row (the `fedtune_packed` side instead packs the rows of each micro-batch end
+to end with a block-diagonal mask: `train.packing = "on"`), the LM head only at labelled
+positions.
 
 Both sides get the same model weights, the same LoRA config, the same tokenized rows in
 the same batches (the Trainer reads them in fedtune's seeded order), the same batch size
@@ -167,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fedtune-compile", default="both", choices=["off", "layers", "both"],
                     help="train.compile of fedtune's side; both = two fedtune sides, as shipped (off) and compiled "
                          "(the one-time compile falls in block 1's warm-up step and is reported separately)")
+    ap.add_argument("--fedtune-packing", default="both", choices=["off", "on", "both"],
+                    help="train.packing of fedtune's side; both = as shipped (off: length-grouped micro-batches, each "
+                         "padded to its longest row) and a side with the rows of each micro-batch packed")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides train")
     ap.add_argument("--trainer-bf16", default="always", choices=["auto", "always", "never"],
                     help="the Trainer with bf16=True: auto = where bf16 matmuls are native (AMX, AVX512-BF16, CUDA)")
@@ -185,10 +190,12 @@ def main(argv=None) -> int:
     cfg = C.load(None, [f"train.batch_size={args.batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
                         f"train.max_steps={args.steps}", f"model.dtype='{args.fedtune_dtype}'",
                         f"train.compile='{'layers' if args.fedtune_compile == 'layers' else 'off'}'",
+                        f"train.packing='{'on' if args.fedtune_packing == 'on' else 'off'}'",
                         f"model.device='{args.device}'"])
     import dataclasses
 
     compiled_cfg = dataclasses.replace(cfg.train, compile="layers")
+    packed_cfg = dataclasses.replace(cfg.train, packing="on")
     torch.manual_seed(0)
     from fedtune.models import cpu_has_fast_bf16
 
@@ -239,6 +246,7 @@ def main(argv=None) -> int:
         batches = [ordered[i:i + args.batch_size] for i in range(0, n_rows, args.batch_size)]
         hf_rows = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t), "labels": t.labels} for t in ordered]
         sides = {"fedtune": [], **({"fedtune_compiled": []} if args.fedtune_compile == "both" else {}),
+                 **({"fedtune_packed": []} if args.fedtune_packing == "both" else {}),
                  "trainer": [], **({"trainer_bf16": []} if with_bf16 else {})}
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.reps):
@@ -249,6 +257,10 @@ def main(argv=None) -> int:
                     st = fedtune_block(peft_model, list(slot.params.values()), data, compiled_cfg,
                                        lm.tokenizer.pad_token_id, lm.autocast, seed, dev, "fedtune_compiled")
                     sides["fedtune_compiled"].append(timed(st, batches, shape))
+                if "fedtune_packed" in sides:
+                    st = fedtune_block(peft_model, list(slot.params.values()), data, packed_cfg,
+                                       lm.tokenizer.pad_token_id, lm.autocast, seed, dev, "fedtune_packed")
+                    sides["fedtune_packed"].append(timed(st, batches, shape))
                 st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
                                    cfg.train.lr, Path(tmp) / f"t{rep}", use_cpu=dev.type == "cpu")
                 sides["trainer"].append(timed(st, batches, shape))
@@ -279,6 +291,11 @@ def main(argv=None) -> int:
                     r[key + "_median"] = r["fedtune_compiled"]["tokens_per_s"] / r[base]["tokens_per_s"]
                     r[key + "_per_block"] = [(f[1] / f[0]) / (t[1] / t[0])
                                              for f, t in zip(sides["fedtune_compiled"], sides[base])]
+        r["ratios"] = {f"{side}/{base}": {"median": r[side]["tokens_per_s"] / r[base]["tokens_per_s"],
+                                          "per_block": [(f[1] / f[0]) / (t[1] / t[0])
+                                                        for f, t in zip(sides[side], sides[base])]}
+                       for side in sides if side.startswith("fedtune") for base in sides
+                       if base.startswith("trainer")}
         r["mean_tokens_per_row"] = sum(len(t) for t in ordered) / len(ordered)
         r["labelled_share"] = (sum(sum(1 for x in t.labels[1:] if x != -100) for t in ordered)
                                / sum(len(t) for t in ordered))
@@ -296,12 +313,9 @@ def main(argv=None) -> int:
           f" MFU below is against {results['peak_dtype']}")
     first = next(iter(results["modes"].values()))
     cols = [n for n in ("trainer", "trainer_bf16") if n in first]
-    ours = [n for n in ("fedtune", "fedtune_compiled") if n in first]
+    ours = [n for n in ("fedtune", "fedtune_packed", "fedtune_compiled") if n in first]
     label = {"trainer": "Trainer fp32", "trainer_bf16": "Trainer bf16", "fedtune": "fedtune",
-             "fedtune_compiled": "fedtune compiled"}
-    ratio_key = {("fedtune", "trainer"): "ratio_median", ("fedtune", "trainer_bf16"): "ratio_bf16_median",
-                 ("fedtune_compiled", "trainer"): "ratio_compiled_median",
-                 ("fedtune_compiled", "trainer_bf16"): "ratio_compiled_bf16_median"}
+             "fedtune_compiled": "fedtune compiled", "fedtune_packed": "fedtune packed"}
     print(f"{'mode':8} {'side':17} {'tokens/s':>9} {'MFU':>6} " + " ".join(f"{'vs ' + label[c]:>17}" for c in cols)
           + f"  (medians of {args.reps} blocks)")
     for mode, r in results["modes"].items():
@@ -309,7 +323,8 @@ def main(argv=None) -> int:
             r[side]["mfu"] = r[side]["model_flops_per_s"] / peak
             r[side]["mfu_vs_bf16_peak"] = r[side]["model_flops_per_s"] / bf16_peak
         for side in (*ours, *cols):
-            vs = " ".join(f"{r[ratio_key[side, c]]:16.2f}x" if (side, c) in ratio_key else " " * 17 for c in cols)
+            vs = " ".join(f"{r['ratios'][f'{side}/{c}']['median']:16.2f}x" if f"{side}/{c}" in r["ratios"]
+                          else " " * 17 for c in cols)
             print(f"{mode:8} {label[side]:17} {r[side]['tokens_per_s']:9.1f} {100 * r[side]['mfu']:5.1f}% {vs}")
         print(f"{'':8} ({r['mean_tokens_per_row']:.0f} tokens/row, {100 * r['labelled_share']:.0f}% labelled)")
     print(f"load average at end: {os.getloadavg()}")

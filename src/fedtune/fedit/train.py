@@ -1,7 +1,8 @@
 """Local LoRA training: one function that reads top to bottom.
 
 Speed on CPU comes from four things: bf16 autocast (AMX), grouping an optimizer batch into
-micro-batches of similar length, padding each micro-batch only to its own longest row, and
+micro-batches of similar length, padding each micro-batch only to its own longest row (or,
+optionally, packing its rows end to end: `train.packing`, fedtune/fedit/packing.py), and
 computing the LM head and cross-entropy only at positions that carry a label (with the
 prompt masked that is a small share of the sequence); from plain ("eager") attention on CPU,
 whose backward beats SDPA's at these lengths (`train.attention`); and optionally
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
-from fedtune.fedit import dpsgd
+from fedtune.fedit import dpsgd, packing
 from fedtune.fedit.lora import base_lm
 from fedtune.fedit.train_speed import TrainingAttention, check_supported, compiled_layers
 
@@ -66,29 +67,32 @@ def collate(batch: list[Tokenized], pad_id: int, device: torch.device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def micro_batches(batch: list[Tokenized], cfg) -> list[list[Tokenized]]:
+def micro_batches(batch: list[Tokenized], cfg, packed: bool = False) -> list[list[Tokenized]]:
     """The micro-batches of one optimizer batch: consecutive slices of micro_batch_size rows,
     or with `group_by_length` rows of similar (padded) width grouped so as to minimize padded
-    tokens plus a fixed cost per micro-batch. The loss is normalized over the whole optimizer
-    batch, so the gradient does not depend on the grouping."""
+    tokens plus a fixed cost per micro-batch. With packing (`packed`), consecutive slices: the
+    packing removes the padding that grouping only reduces, in fewer forwards. The loss is
+    normalized over the whole optimizer batch, so the gradient does not depend on the grouping."""
     m = cfg.micro_batch_size
-    if not cfg.group_by_length:
+    if packed or not cfg.group_by_length:
         return [batch[i:i + m] for i in range(0, len(batch), m)]
     widths = np.array([padded_width(len(t)) for t in batch])
     plan = plan_forwards(widths, 1, m, cfg.micro_batch_overhead_tokens)
     return [[batch[i] for i in sorted(rows.tolist())] for rows, _ in plan]  # batch order within a group: one group = the batch
 
 
-def causal_lm_loss(model, ids, mask, labels, reduction: str = "mean") -> torch.Tensor:
+def causal_lm_loss(model, ids, mask, labels, reduction: str = "mean", position_ids=None) -> torch.Tensor:
     """Next-token cross-entropy computed only where a label exists.
 
     `model` is a (PEFT-wrapped) Hugging Face causal LM. We run its decoder for hidden
     states, then apply the LM head to the labelled positions only: for prompt-masked
     instruction data this skips most of the (hidden x vocab) head and the softmax.
+    Packed rows (fedtune/fedit/packing.py) come with `position_ids` and no `mask`.
     """
     lm = base_lm(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H); no KV cache in training
+    kw = {} if position_ids is None else {"position_ids": position_ids}
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **kw).last_hidden_state  # (B, T, H); no KV cache
     target = labels[:, 1:]  # position t predicts token t+1
     keep = target != -100
     h = hidden[:, :-1][keep]  # (N, H), N = labelled positions
@@ -175,9 +179,12 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
 
     model.train()
     loss_sum, loss_tokens, tokens, seen, compute, lr_sum, dp_clipped = 0.0, 0, 0, 0, 0.0, 0.0, 0
-    with (dpsgd.PerExampleGrads(model) if sigma > 0 else contextlib.nullcontext()), \
-            TrainingAttention(model, getattr(cfg, "attention", "auto"), device) as attention, \
-            compiled_layers(model, compile_setting):
+    with contextlib.ExitStack() as stack:
+        if sigma > 0:
+            stack.enter_context(dpsgd.PerExampleGrads(model))
+        attention = stack.enter_context(TrainingAttention(model, getattr(cfg, "attention", "auto"), device))
+        packed = packing.check(model, getattr(cfg, "packing", "off"), device, attention, dpsgd=sigma > 0)
+        stack.enter_context(compiled_layers(model, compile_setting))  # after the probe: it runs eagerly
         for step in range(steps):
             lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
             for g in opt.param_groups:
@@ -186,19 +193,24 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
             batch = next_batch(cfg.batch_size)
             n_label = sum(sum(1 for x in t.labels[1:] if x != -100) for t in batch)
             t0 = time.perf_counter()
-            for micro in micro_batches(batch, cfg):
-                ids, mask, labels = collate(micro, pad_id, device)
+            for micro in micro_batches(batch, cfg, packed):
+                if packed:
+                    p = packing.collate_packed(micro, pad_id, device, padded_width)
+                    ids, mask, labels, position_ids, n_tokens = p.ids, None, p.labels, p.position_ids, p.tokens
+                else:
+                    ids, mask, labels = collate(micro, pad_id, device)
+                    position_ids, n_tokens = None, int(mask.sum())
                 attention.use(*ids.shape)
                 with amp():
                     if sigma > 0:  # DP-SGD: each example's own mean loss, so each per-example gradient is its own
                         token_loss = causal_lm_loss(model, ids, mask, labels, reduction="none")
                         loss, scaled = token_loss.detach().sum(), dpsgd.example_mean_sum(token_loss, labels)
                     else:
-                        loss = causal_lm_loss(model, ids, mask, labels, reduction="sum")
+                        loss = causal_lm_loss(model, ids, mask, labels, reduction="sum", position_ids=position_ids)
                         scaled = loss / max(n_label, 1)  # token-weighted mean over the whole optimizer batch
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += float(loss.detach())
-                tokens += int(mask.sum())
+                tokens += n_tokens
             if sigma > 0:  # per-example clip, sum, noise, / batch size (before any term that is not data)
                 dp_clipped += dpsgd.privatize(params, len(batch), cfg.dpsgd_clip, sigma, noise)
             if anchor is not None:

@@ -68,10 +68,18 @@ class TrainingAttention:
         self.now = self.own
 
     def use(self, rows: int, width: int) -> None:
-        want = attention_for(self.setting, self.device, rows * self.heads_x_layers * width * width) or self.own
-        if want != self.now:
-            self.lm.set_attn_implementation(want)
-            self.now = want
+        self.force(attention_for(self.setting, self.device, rows * self.heads_x_layers * width * width) or self.own)
+
+    def force(self, impl: str | None) -> None:
+        if impl != self.now:
+            self.lm.set_attn_implementation(impl)
+            self.now = impl
+
+    def possible(self) -> list[str | None]:
+        """Every implementation `use` may pick in this round."""
+        if self.setting == "auto":
+            return list(dict.fromkeys(["eager", self.own])) if self.device.type == "cpu" else [self.own]
+        return [self.setting]
 
     def __enter__(self):
         return self
