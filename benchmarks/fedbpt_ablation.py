@@ -119,7 +119,15 @@ def main() -> int:
         for seed in seeds:
             rows.append(run_row(config, name, args.overrides, seed, Path(args.work), args.popsize, searched))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    m = rows[0]["metric"]
+            lines = table(rows, names)
+            if args.json:  # after every row: a long run cut short keeps the rows it finished
+                Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "table": lines,
+                                                       "finished": len(rows) == len(names) * len(seeds)}, indent=1))
+    print(f"metric: {rows[0]['metric']}\n" + "\n".join(lines))
+    return 0
+
+
+def table(rows: list[dict], names: list[str]) -> list[str]:
     lines = ["| row | seed | majority | zero prompt | best-by-dev (round) | final | final - best | bytes down / up "
              "per client per round (max) | s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -135,10 +143,7 @@ def main() -> int:
             lines.append(f"| {name}, mean ± std | {len(rs)} seeds | - | {z.mean():.1f} ± {z.std(ddof=1):.1f}% | "
                          f"{b.mean():.1f} ± {b.std(ddof=1):.1f}% | {f.mean():.1f} ± {f.std(ddof=1):.1f}% | "
                          f"{(f - b).mean():+.1f} | - | {np.mean([r['seconds'] for r in rs]):.0f} |")
-    print(f"metric: {m}\n" + "\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows, "table": lines}, indent=1))
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,15 @@ def test_wrong_type_names_key(tmp_path):
     p.write_text('[model]\ndevice = "tpu"\n')
     with pytest.raises(ConfigError, match=r"model\.device"):
         C.load(p)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
+def test_every_shipped_config_saves_and_loads_back(tmp_path, name):
+    """What `fedtune run` writes into the run folder (tables of lists, as AG News's
+    word_candidates, included) reads back as the same config."""
+    cfg = C.load(Path(__file__).parents[1] / "configs" / name)
+    C.save(cfg, tmp_path / "config.toml")
+    assert C.load(tmp_path / "config.toml") == cfg
 
 
 def test_overrides_parse_toml_values():

@@ -212,10 +212,11 @@ def validate(cfg: Config, source: str = "config") -> None:
         if cfg.run.algorithm == "fedbpt":
             need(pv.mode == "central", "privacy.mode = 'distributed' needs secure aggregation, which FedBPT does not have: "
                  "use privacy.mode = 'central'")
-            need(cfg.fedbpt.mode == "improved", "privacy.mode = 'central' with run.algorithm = 'fedbpt' needs "
-                 f"fedbpt.mode = 'improved', not '{cfg.fedbpt.mode}' (reference: its global CMA-ES ranks the "
-                 "clients' own fitness values, which DP does not cover; generation: the per-candidate loss sums "
-                 "are not clipped and noised yet)")
+            need(cfg.fedbpt.mode != "reference", "privacy.mode = 'central' with run.algorithm = 'fedbpt' needs "
+                 "fedbpt.mode = 'improved' or 'generation', not 'reference' (its global CMA-ES ranks the clients' "
+                 "own fitness values, which DP does not cover)")
+            need(cfg.fedbpt.mode != "generation" or not cfg.fedbpt.perturb, "privacy.mode = 'central' with "
+                 "fedbpt.mode = 'generation' needs fedbpt.perturb = false (the perturbed ratio is not clipped)")
         else:
             need(cfg.run.algorithm == "fedit", f"privacy.mode = '{pv.mode}' is available for FedIT and FedBPT")
             need(cfg.server.aggregation in means and cfg.server.lora_aggregation == "separate"
@@ -355,9 +356,8 @@ def apply_override(raw: dict, item: str) -> None:
 def _toml_line(key: str, value: Any) -> str:
     """`key = value` as TOML, written by tomli-w (quoting, escapes, control characters); a
     table value is written inline so that it stays under its commented key."""
-    if isinstance(value, dict):  # TOML inline tables are one line: each key and scalar written by tomli-w
-        items = [f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in value.items()]
-        return f"{_toml_key(key)} = {{ {', '.join(items)} }}" if items else f"{_toml_key(key)} = {{}}"
+    if isinstance(value, dict):
+        return f"{_toml_key(key)} = {_toml_inline(value)}"
     return tomli_w.dumps({key: value}).rstrip("\n")
 
 
@@ -365,9 +365,14 @@ def _toml_key(key: str) -> str:
     return tomli_w.dumps({key: 0})[: -len(" = 0\n")]
 
 
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, (dict, list)):
-        raise TypeError(f"cannot write {value!r} inside an inline table")
+def _toml_inline(value: Any) -> str:
+    """A value on one line (TOML inline tables are one line): tables and arrays inline, each
+    key and scalar written by tomli-w."""
+    if isinstance(value, dict):
+        items = [f"{_toml_key(str(k))} = {_toml_inline(v)}" for k, v in value.items()]
+        return f"{{ {', '.join(items)} }}" if items else "{}"
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_toml_inline(v) for v in value)}]"
     return tomli_w.dumps({"v": value})[len("v = "):].rstrip("\n")
 
 
