@@ -262,3 +262,75 @@ def test_privacy_modes_are_checked_by_the_config():
         C.load(None, fedbpt + ["privacy.mode='distributed'"])
     with pytest.raises(ConfigError, match="privacy.target_quantile"):
         C.load(None, ["privacy.mode='central'", "privacy.noise_multiplier=1.0", "privacy.target_quantile=1.5"])
+
+
+def _gen_replies(plan, n, rows_of, perturb, seed=0):
+    """Per-candidate loss sums (n per client) and row counts, client i with rows_of(i) rows."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, cid in enumerate(sorted(plan)):
+        rows = rows_of(i)
+        arrays = {"loss_sum": rows * (2.0 + (i + 1) * rng.standard_normal(n)), "rows": np.array([rows], np.int64)}
+        if perturb:
+            arrays["loss_sum_perturbed"] = rows * (3.0 + rng.random(n))
+        out.append(FitRes(cid, arrays, rows))
+    return out
+
+
+@pytest.mark.parametrize("deep,perturb", [(False, False), (True, False), (False, True)],
+                         ids=["generation", "deep-accept", "generation-perturb"])
+def test_fedbpt_one_generation_central_dp_clips_centred_loss_vectors_and_weighs_clients_equally(deep, perturb):
+    from fedtune.fedbpt.deep_strategy import DeepGenerationStrategy
+    from fedtune.fedbpt.generation import GenerationStrategy
+
+    d, m, popsize, clip, z = 5, 3, 4, 0.7, 0.9
+    dp = P.DPSettings(clip=clip, noise_multiplier=z, delta=1e-5)
+    kw = dict(intrinsic_dim=d, sigma0=0.5, seed=3, popsize=popsize, perturb=perturb, clients_per_round=m,
+              dp=dp)
+    strat = DeepGenerationStrategy(n_layers=2, rounds_per_layer=1, accept=True, **kw) if deep \
+        else GenerationStrategy(**kw)
+    strat.dp.rng = np.random.default_rng(11)
+    g = strat.initial_arrays()
+    plan = strat.configure_fit(1, g, [f"c{i}" for i in range(5)])
+    n = strat.reply_size(next(iter(plan.values())))
+    assert n == popsize + (2 if deep else 0)
+    res = _gen_replies(plan, n, lambda i: 3 + 4 * i, perturb)
+    for r in res:
+        strat.check_reply(plan[r.client_id], r)
+    _, metrics = strat.aggregate_fit(1, g, res)
+    # the oracle: each client's mean losses, centred, clipped to the clip; summed; noise z*C; / m
+    want = np.zeros(n)
+    for r in res:
+        v = r.arrays["loss_sum"] / r.arrays["rows"][0]
+        if perturb:  # the client's own clean / perturbed ratio
+            v = v / (r.arrays["loss_sum_perturbed"] / r.arrays["rows"][0])
+        v = v - v.mean()
+        want += v * min(1.0, clip / np.linalg.norm(v))
+    want = (want + np.random.default_rng(11).normal(0.0, z * clip, n)) / m
+    np.testing.assert_allclose(strat.log[-1], want, rtol=1e-12, atol=1e-12)
+    assert metrics["dp"]["epsilon"] == pytest.approx(P.epsilon(5, m, z, 1, 1e-5))
+    assert "rows" not in metrics  # the clients' row counts are not noised: not published
+    # a client's weight is not its row count: the same mean losses from 10x the rows change nothing
+    again = DeepGenerationStrategy(n_layers=2, rounds_per_layer=1, accept=True, **kw) if deep \
+        else GenerationStrategy(**kw)
+    again.dp.rng = np.random.default_rng(11)
+    plan2 = again.configure_fit(1, again.initial_arrays(), [f"c{i}" for i in range(5)])
+    big = [FitRes(r.client_id, {k: v * 10 for k, v in r.arrays.items()}, r.num_examples * 10) for r in res]
+    assert sorted(plan2) == sorted(plan)
+    again.aggregate_fit(1, again.initial_arrays(), big)
+    np.testing.assert_allclose(again.log[-1], strat.log[-1], rtol=1e-12, atol=1e-12)
+    # a resumed strategy keeps the ledger: the next round's epsilon composes on the first
+    arrays, meta = strat.state()
+    resumed = DeepGenerationStrategy(n_layers=2, rounds_per_layer=1, accept=True, **kw) if deep \
+        else GenerationStrategy(**kw)
+    resumed.load_state(arrays, meta)
+    resumed.configure_fit(2, resumed.initial_arrays(), [f"c{i}" for i in range(5)])
+    assert resumed.dp.accounting.round_z == strat.dp.accounting.round_z == [z]
+
+
+def test_fedbpt_dp_modes_in_the_config():
+    fedbpt = ["run.algorithm='fedbpt'", "privacy.mode='central'", "privacy.noise_multiplier=1.0"]
+    assert C.load(None, fedbpt + ["fedbpt.mode='generation'", "fedbpt.deep=true"]).privacy.mode == "central"
+    assert C.load(None, fedbpt + ["fedbpt.mode='generation'"]).fedbpt.perturb  # perturb's ratio: per client
+    with pytest.raises(ConfigError, match="not 'reference'"):
+        C.load(None, fedbpt + ["fedbpt.mode='reference'"])

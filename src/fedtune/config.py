@@ -215,8 +215,6 @@ def validate(cfg: Config, source: str = "config") -> None:
             need(cfg.fedbpt.mode != "reference", "privacy.mode = 'central' with run.algorithm = 'fedbpt' needs "
                  "fedbpt.mode = 'improved' or 'generation', not 'reference' (its global CMA-ES ranks the clients' "
                  "own fitness values, which DP does not cover)")
-            need(cfg.fedbpt.mode != "generation" or not cfg.fedbpt.perturb, "privacy.mode = 'central' with "
-                 "fedbpt.mode = 'generation' needs fedbpt.perturb = false (the perturbed ratio is not clipped)")
         else:
             need(cfg.run.algorithm == "fedit", f"privacy.mode = '{pv.mode}' is available for FedIT and FedBPT")
             need(cfg.server.aggregation in means and cfg.server.lora_aggregation == "separate"

@@ -30,7 +30,7 @@ import numpy as np
 from fedtune.core.arrays import Arrays
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.errors import FedtuneError
-from fedtune.fedbpt.generation import GenerationStrategy, candidates, es_settings, fitness_of
+from fedtune.fedbpt.generation import GenerationStrategy, candidates, es_settings
 
 DEEP_STREAM = 0x44  # per-layer ES seeds
 
@@ -152,7 +152,8 @@ class DeepGenerationStrategy(GenerationStrategy):
             self.changed[layer] = rnd
             return {}
         f_accepted, f_proposal = float(f[self.popsize]), float(f[self.popsize + 1])
-        taken = f_proposal < f_accepted
+        # a proposal equal to the accepted row (the first round's) is not a change, whatever noise says
+        taken = f_proposal < f_accepted and not np.array_equal(self.probe[1], self.z[self.probe[0]])
         if taken:
             p = self.probe[0]
             self.z[p] = self.probe[1]
@@ -161,7 +162,7 @@ class DeepGenerationStrategy(GenerationStrategy):
         return {"fitness_accepted": min(f_accepted, f_proposal), "proposal_accepted": taken}
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
-        f, rows = fitness_of(results, self.perturb)
+        f, record = self.fitness(rnd, results)
         layer = self.active(rnd)
         extra = self._tell_layer(rnd, f)
         f = f[:self.popsize]
@@ -169,7 +170,7 @@ class DeepGenerationStrategy(GenerationStrategy):
         for cid in self.sent:  # a client that failed may hold a stale copy: send it everything next time
             self.synced[cid] = rnd if cid in replied else 1
         out = self._global_for(rnd + 1)
-        return out, {"fitness_best": float(f.min()), "fitness_mean": float(f.mean()), "rows": rows, "layer": layer,
+        return out, {"fitness_best": float(f.min()), "fitness_mean": float(f.mean()), **record, "layer": layer,
                      "sigma": float(self.ess[layer].sigma), "mean_norm": float(np.linalg.norm(self.z)), **extra}
 
     def state(self) -> tuple[Arrays, dict]:
@@ -177,7 +178,7 @@ class DeepGenerationStrategy(GenerationStrategy):
         if self.log:
             arrays["log/fitness"] = np.stack(self.log)
         return arrays, {"mode": self.mode, "rounds": len(self.log), "layers": self.n_layers,
-                        "rounds_per_layer": self.rounds_per_layer}
+                        "rounds_per_layer": self.rounds_per_layer, **self.dp.state()}
 
     def load_state(self, arrays: Arrays, meta: dict) -> None:
         if meta.get("mode") != self.mode or meta.get("layers") != self.n_layers \
@@ -186,6 +187,7 @@ class DeepGenerationStrategy(GenerationStrategy):
                                f"layers, {meta.get('rounds_per_layer')} rounds per layer; this run is {self.mode!r}, "
                                f"{self.n_layers}, {self.rounds_per_layer}")
         self._reset()
+        self.dp.load_state(meta)
         width = self.popsize + (2 if self.accept else 0)
         for rnd, f in enumerate(arrays.get("log/fitness", np.zeros((0, width))), start=1):
             self._tell_layer(rnd, f)

@@ -14,6 +14,15 @@ The covariance is diagonal (separable CMA-ES, `cma`'s `CMA_diagonal`, with cumul
 adaptation): the clients must sample from it, and a full d x d matrix would not fit in a few
 kilobytes. The server's ES is
 rebuilt on resume by replaying each round's fitness values (never pickled).
+
+Central DP (`privacy.mode = "central"`, client-level, the accountant of `fedtune.core.privacy`):
+each client's contribution is its vector of per-candidate mean losses (sums / rows), centred
+(CMA-ES ranks the candidates and the acceptance test compares two of them, so only differences
+count, and the clip is not spent on the loss level), clipped to L2 norm C; the server adds the
+clipped vectors, Gaussian noise of std z*C on every entry, and divides by the clients per round:
+every client weighs the same, whatever its row count (`dp_fitness`, with the same fold as the
+other algorithms' central DP). With `fedbpt.perturb` a client's vector is its own ratios of
+clean to perturbed mean loss (without DP: the ratio of the sums over all clients). The noisy fitness is what CMA-ES is told and what a resume replays.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import warnings
 import numpy as np
 
 from fedtune.core.arrays import Arrays
+from fedtune.core.dp_fold import DPMeanFold
+from fedtune.core.privacy import DPLedger, DPSettings
 from fedtune.core.seeds import derive_seed
 from fedtune.core.strategy import FitIns, FitRes, SelectingStrategy
 from fedtune.errors import FedtuneError, UpdateRejected
@@ -67,13 +78,54 @@ def fitness_of(results: list[FitRes], perturb: bool) -> tuple[np.ndarray, int]:
     return f, rows
 
 
+class _Noisy:
+    """The server step of the DP fold here: the noisy mean itself."""
+
+    @staticmethod
+    def server_step(global_arrays: Arrays, mean: Arrays) -> Arrays:
+        return mean
+
+
+def dp_fitness(results: list[FitRes], ledger: DPLedger, rnd: int) -> tuple[np.ndarray, dict]:
+    """Per-candidate fitness under central DP: the noisy mean over the round's m clients of each
+    client's centred, clipped per-candidate mean-loss vector; and the round's DP record."""
+    n = len(results[0].arrays["loss_sum"])
+    g = {"f": np.zeros(n, dtype=np.float64)}
+    fold = DPMeanFold(_Noisy, g, ledger.accounting, rnd, ledger.rng, ["f"])
+    for r in sorted(results, key=lambda r: r.client_id):
+        v = r.arrays["loss_sum"] / float(r.arrays["rows"][0])
+        if "loss_sum_perturbed" in r.arrays:  # fedbpt.perturb: the client's own ratio, clean / perturbed
+            v = v / np.maximum(r.arrays["loss_sum_perturbed"] / float(r.arrays["rows"][0]), 1e-12)
+        fold.add(FitRes(r.client_id, {"f": v - v.mean()}, 1))
+    out, metrics = fold.result()
+    return out["f"], metrics
+
+
 class GenerationStrategy(SelectingStrategy):
     def __init__(self, *, intrinsic_dim: int, sigma0: float, seed: int, popsize: int, perturb: bool,
-                 fraction: float = 1.0, clients_per_round: int = 0):
+                 fraction: float = 1.0, clients_per_round: int = 0, dp: DPSettings | None = None):
         super().__init__(seed, fraction, clients_per_round)
         self.d, self.sigma0, self.popsize, self.perturb = intrinsic_dim, float(sigma0), popsize, perturb
+        if dp is not None and dp.mode != "central":
+            raise ValueError("the one-generation mode with DP: central DP")
+        self.dp = DPLedger(dp)
         self.mode = "generation"
         self._reset()
+
+    def select(self, rnd: int, client_ids: list[str]) -> list[str]:
+        selected = super().select(rnd, client_ids)
+        if self.dp:  # no round past the budget
+            self.dp.start_round(rnd, len(client_ids), len(selected))
+        return selected
+
+    def fitness(self, rnd: int, results: list[FitRes]) -> tuple[np.ndarray, dict]:
+        """The round's per-candidate fitness and what the round's record says about it: the
+        rows behind it, or under DP the DP record instead (the clients' row counts are not
+        noised, so they are not published)."""
+        if not self.dp:
+            f, rows = fitness_of(results, self.perturb)
+            return f, {"rows": rows}
+        return dp_fitness(results, self.dp, rnd)
 
     def _reset(self) -> None:
         import cma
@@ -124,22 +176,23 @@ class GenerationStrategy(SelectingStrategy):
         self.log.append(np.asarray(f, dtype=np.float64))
 
     def aggregate_fit(self, rnd: int, global_arrays: Arrays, results: list[FitRes]) -> tuple[Arrays, dict]:
-        f, rows = fitness_of(results, self.perturb)
+        f, record = self.fitness(rnd, results)
         self._tell(rnd, global_arrays, f)
         out = self._global()
-        return out, {"fitness_best": float(f.min()), "fitness_mean": float(f.mean()), "rows": rows,
+        return out, {"fitness_best": float(f.min()), "fitness_mean": float(f.mean()), **record,
                      "sigma": float(self.es.sigma), "mean_norm": float(np.linalg.norm(out["mean"]))}
 
     def state(self) -> tuple[Arrays, dict]:
         arrays = {"es/mean": np.asarray(self.es.mean, dtype=np.float64)}
         if self.log:
             arrays["log/fitness"] = np.stack(self.log)
-        return arrays, {"mode": "generation", "sigma": float(self.es.sigma), "rounds": len(self.log)}
+        return arrays, {"mode": "generation", "sigma": float(self.es.sigma), "rounds": len(self.log), **self.dp.state()}
 
     def load_state(self, arrays: Arrays, meta: dict) -> None:
         if meta.get("mode") != "generation":
             raise FedtuneError(f"checkpoint was written in fedbpt.mode = '{meta.get('mode')}', this run is 'generation'")
         self._reset()
+        self.dp.load_state(meta)
         for rnd, f in enumerate(arrays.get("log/fitness", np.zeros((0, self.popsize))), start=1):
             self._tell(rnd, self._global(), f)
         if not (np.allclose(np.asarray(self.es.mean), arrays["es/mean"], rtol=1e-7, atol=1e-9)

@@ -103,23 +103,24 @@ def encode_eval(box: BlackBoxLM, spec: TaskSpec, examples: list[Example], batch_
 def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | GenerationStrategy:
     """The FedBPT server step from a config and the number of clients (no data, no model)."""
     fb, s = cfg.fedbpt, cfg.server
+    dp = DPSettings.from_config(cfg.privacy, cfg.run.rounds)
     if fb.mode == "generation" and fb.deep:
         return DeepGenerationStrategy(n_layers=model_layers(cfg.model), rounds_per_layer=fb.deep_rounds_per_layer,
                                       accept=fb.deep_accept,
                                       intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                                       popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
-                                      clients_per_round=s.clients_per_round)
+                                      clients_per_round=s.clients_per_round, dp=dp)
     if fb.mode == "generation":
         return GenerationStrategy(intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                                   popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
-                                  clients_per_round=s.clients_per_round)
+                                  clients_per_round=s.clients_per_round, dp=dp)
     fixes = Fixes(fb.distinct_seeds, fb.weight_by_size, fb.sigma_decay, fb.sigma_min, fb.prompt_norm_max,
                   fb.select_on_dev)
     return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                           rounds=cfg.run.rounds, num_clients=num_clients, popsize=fb.popsize,
                           local_iter=fb.local_iter, fixes=fixes, fraction=s.fraction,
                           clients_per_round=s.clients_per_round, bound=fb.bound, max_update_norm=s.max_update_norm,
-                          dp=DPSettings.from_config(cfg.privacy, cfg.run.rounds))
+                          dp=dp)
 
 
 def model_layers(model_cfg) -> int:
