@@ -22,7 +22,8 @@ count, and the clip is not spent on the loss level), clipped to L2 norm C; the s
 clipped vectors, Gaussian noise of std z*C on every entry, and divides by the clients per round:
 every client weighs the same, whatever its row count (`dp_fitness`, with the same fold as the
 other algorithms' central DP). With `fedbpt.perturb` a client's vector is its own ratios of
-clean to perturbed mean loss (without DP: the ratio of the sums over all clients). The noisy fitness is what CMA-ES is told and what a resume replays.
+clean to perturbed mean loss (without DP: the ratio of the sums over all clients). The noisy
+fitness is what CMA-ES is told and what a resume replays.
 """
 
 from __future__ import annotations
