@@ -287,8 +287,11 @@ def test_fedbpt_one_generation_central_dp_clips_centred_loss_vectors_and_weighs_
     dp = P.DPSettings(clip=clip, noise_multiplier=z, delta=1e-5)
     kw = dict(intrinsic_dim=d, sigma0=0.5, seed=3, popsize=popsize, perturb=perturb, clients_per_round=m,
               dp=dp)
-    strat = DeepGenerationStrategy(n_layers=2, rounds_per_layer=1, accept=True, **kw) if deep \
-        else GenerationStrategy(**kw)
+    def make():
+        return DeepGenerationStrategy(n_layers=2, rounds_per_layer=1, accept=True, **kw) if deep \
+            else GenerationStrategy(**kw)
+
+    strat = make()
     strat.dp.rng = np.random.default_rng(11)
     g = strat.initial_arrays()
     plan = strat.configure_fit(1, g, [f"c{i}" for i in range(5)])
@@ -311,8 +314,7 @@ def test_fedbpt_one_generation_central_dp_clips_centred_loss_vectors_and_weighs_
     assert metrics["dp"]["epsilon"] == pytest.approx(P.epsilon(5, m, z, 1, 1e-5))
     assert "rows" not in metrics  # the clients' row counts are not noised: not published
     # a client's weight is not its row count: the same mean losses from 10x the rows change nothing
-    again = DeepGenerationStrategy(n_layers=2, rounds_per_layer=1, accept=True, **kw) if deep \
-        else GenerationStrategy(**kw)
+    again = make()
     again.dp.rng = np.random.default_rng(11)
     plan2 = again.configure_fit(1, again.initial_arrays(), [f"c{i}" for i in range(5)])
     big = [FitRes(r.client_id, {k: v * 10 for k, v in r.arrays.items()}, r.num_examples * 10) for r in res]
@@ -321,8 +323,7 @@ def test_fedbpt_one_generation_central_dp_clips_centred_loss_vectors_and_weighs_
     np.testing.assert_allclose(again.log[-1], strat.log[-1], rtol=1e-12, atol=1e-12)
     # a resumed strategy keeps the ledger: the next round's epsilon composes on the first
     arrays, meta = strat.state()
-    resumed = DeepGenerationStrategy(n_layers=2, rounds_per_layer=1, accept=True, **kw) if deep \
-        else GenerationStrategy(**kw)
+    resumed = make()
     resumed.load_state(arrays, meta)
     resumed.configure_fit(2, resumed.initial_arrays(), [f"c{i}" for i in range(5)])
     assert resumed.dp.accounting.round_z == strat.dp.accounting.round_z == [z]
