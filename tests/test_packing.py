@@ -69,7 +69,7 @@ def test_packed_training_matches_unpacked(tiny_llama, micro, prompt_masked):
 
     data = _rows(prompt_masked=prompt_masked)  # unmasked: every row's first token carries a label
     after, stats = {}, {}
-    for setting in ("off", "on"):
+    for setting in ("off", "on", "flat"):
         cfg = C.load(None, ["train.batch_size=8", f"train.micro_batch_size={micro}", "train.max_steps=3",
                             "train.lr=1e-2", f"train.packing='{setting}'"])
         torch.manual_seed(0)
@@ -80,10 +80,11 @@ def test_packed_training_matches_unpacked(tiny_llama, micro, prompt_masked):
                                      device=torch.device("cpu"), amp=nullcontext)
         after[setting] = slot.get()
     assert any(not np.allclose(after["off"][k], start[k]) for k in start)
-    for k in after["off"]:
-        np.testing.assert_allclose(after["on"][k], after["off"][k], rtol=1e-4, atol=1e-5)
-    assert stats["on"].loss == pytest.approx(stats["off"].loss, rel=1e-5)
-    assert stats["on"].tokens == stats["off"].tokens == 3 * sum(len(t) for t in data)
+    for setting in ("on", "flat"):
+        for k in after["off"]:
+            np.testing.assert_allclose(after[setting][k], after["off"][k], rtol=1e-4, atol=1e-5, err_msg=setting)
+        assert stats[setting].loss == pytest.approx(stats["off"].loss, rel=1e-5)
+        assert stats[setting].tokens == stats["off"].tokens == 3 * sum(len(t) for t in data)
 
 
 class _LeakyMask:
@@ -117,9 +118,108 @@ def test_probe_catches_a_model_that_ignores_packed_positions(tiny_llama, monkeyp
                        device=torch.device("cpu"), amp=nullcontext).steps == 1
 
 
-def test_packing_on_with_dpsgd_is_refused_by_config():
+@pytest.mark.parametrize("setting", ["on", "flat"])
+def test_packing_with_dpsgd_is_refused_by_config(setting):
     from fedtune import config as C
     from fedtune.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.packing = 'on'"):
-        C.load(None, ["train.packing='on'", "train.dpsgd_noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match=f"train.packing = '{setting}' cannot be combined with train.dpsgd"):
+        C.load(None, [f"train.packing='{setting}'", "train.dpsgd_noise_multiplier=1.0"])
+
+
+def test_flat_packing_with_compile_is_refused(tiny_llama):
+    from fedtune import config as C
+    from fedtune.errors import ConfigError
+    from fedtune.fedit.train_speed import TrainingAttention
+
+    with pytest.raises(ConfigError, match="train.packing = 'flat' cannot be combined with train.compile"):
+        C.load(None, ["train.packing='flat'", "train.compile='layers'"])
+    model = _peft(tiny_llama)
+    with TrainingAttention(model, "auto", torch.device("cpu")) as attention, \
+            pytest.raises(ValueError, match="train.packing = 'flat' cannot be combined with train.compile"):
+        packing.check(model, "flat", torch.device("cpu"), attention, compiled=True)
+
+
+def test_collate_flat_lays_rows_end_to_end_with_their_boundaries():
+    rows = _rows((5, 3, 4), prompt_masked=False)
+    p = packing.collate_flat(rows, 0, torch.device("cpu"), lambda n: 16)
+    assert p.ids.shape == (1, 16) and p.tokens == 12
+    kw = p.decoder_kwargs
+    assert kw["cu_seq_lens_q"].tolist() == [0, 5, 8, 12, 16] and kw["max_length_q"] == 5  # the padding tail: its own
+    ids, pos, labels = p.ids[0].tolist(), p.position_ids[0].tolist(), p.labels[0].tolist()
+    assert ids[:12] == [x for r in rows for x in r.input_ids] and set(ids[12:]) == {0}
+    assert pos == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3]
+    for a, r in zip((0, 5, 8), rows):  # each row's first label masked (nothing before it in its row), the rest kept
+        n = len(r.input_ids)
+        assert labels[a] == -100 and labels[a + 1:a + n] == r.input_ids[1:]
+    assert set(labels[12:]) == {-100}
+
+
+def _oracle_attention(q, k, v, lengths, window=None, softcap=None):
+    """Each row alone: repeated key/value heads, an explicit causal (and sliding) mask, fp64."""
+    q, k, v = (x[0].double() for x in (q, k, v))
+    k, v = (x.repeat_interleave(q.shape[0] // x.shape[0], dim=0) for x in (k, v))
+    outs, at = [], 0
+    for n in lengths:
+        s = q[:, at:at + n] @ k[:, at:at + n].transpose(1, 2) / q.shape[-1] ** 0.5
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        i = torch.arange(n)
+        keep = (i[None] <= i[:, None]) & ((i[:, None] - i[None]) < (window or n + 1))
+        outs.append(s.masked_fill(~keep, float("-inf")).softmax(-1) @ v[:, at:at + n])
+        at += n
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (None, 20.0), (2, 5.0)])
+def test_flat_attention_equals_each_row_alone(window, softcap):
+    from fedtune.fedit import flat_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 7, 3]
+    T = sum(lengths)
+    q, k, v = torch.randn(1, 6, T, 8), torch.randn(1, 2, T, 8), torch.randn(1, 2, T, 8)
+    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+    module = torch.nn.Module().eval()
+    out, _ = flat_attention.flat_attention_forward(module, q, k, v, None, sliding_window=window, softcap=softcap,
+                                                   **flat_attention.segment_kwargs(cu, max(lengths)))
+    assert out.shape == (1, T, 6, 8)
+    np.testing.assert_allclose(out[0].numpy(), _oracle_attention(q, k, v, lengths, window, softcap).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no row boundaries"):
+        flat_attention.flat_attention_forward(module, q, k, v, None)
+    with pytest.raises(ValueError, match="end at 6, the sequence is 16 wide"):
+        flat_attention.flat_attention_forward(module, q, k, v, None, **flat_attention.segment_kwargs(cu[:3], 7))
+
+
+def _tiny_gemma3(path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+                           pad_token_id=0)
+    Gemma3ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_flat_packing_trains_a_sliding_window_model_like_unpacked(tmp_path):
+    """Gemma 3's interleaved sliding-window layers: the flat attention gets each layer's window."""
+    from fedtune import config as C
+    from fedtune.fedit.train import train_local
+
+    path = _tiny_gemma3(tmp_path / "gemma3")
+    data = _rows()
+    after = {}
+    for setting in ("off", "flat"):
+        cfg = C.load(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=2", "train.lr=1e-2",
+                            f"train.packing='{setting}'", "train.attention='eager'"])
+        torch.manual_seed(0)
+        model = _peft(path)
+        slot = AdapterSlot(model)
+        train_local(model, list(slot.params.values()), data, cfg.train, seed=3, pad_id=0,
+                    device=torch.device("cpu"), amp=nullcontext)
+        after[setting] = slot.get()
+    for k in after["off"]:
+        np.testing.assert_allclose(after["flat"][k], after["off"][k], rtol=1e-4, atol=1e-5)

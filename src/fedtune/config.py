@@ -231,8 +231,11 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"train.dpsgd_noise_multiplier ({t.dpsgd_noise_multiplier}) and train.dpsgd_clip ({t.dpsgd_clip}) must be "
              f"> 0 and train.dpsgd_delta ({t.dpsgd_delta}) in (0, 1)")
         need(cfg.run.algorithm == "fedit", "train.dpsgd_noise_multiplier is sample-level DP for FedIT's local training")
-    need(not (t.packing == "on" and t.dpsgd_noise_multiplier), "train.packing = 'on' cannot be combined with "
-         "train.dpsgd_noise_multiplier > 0 (per-example gradients need one example per row)")
+    need(not (t.packing != "off" and t.dpsgd_noise_multiplier), f"train.packing = '{t.packing}' cannot be combined "
+         "with train.dpsgd_noise_multiplier > 0 (per-example gradients need one example per row)")
+    need(not (t.packing == "flat" and t.compile != "off"), "train.packing = 'flat' cannot be combined with "
+         "train.compile = 'layers' (the flat attention loops over each micro-batch's rows, which a compiled layer "
+         "would recompile for); set one of them to 'off'")
     need(not (t.compile != "off" and t.dpsgd_noise_multiplier), "train.compile = 'layers' cannot be combined with "
          "train.dpsgd_noise_multiplier > 0 (DP-SGD's per-example gradient hooks sit inside the compiled layers)")
     sa = cfg.secagg

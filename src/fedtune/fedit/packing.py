@@ -27,8 +27,12 @@ forward `check` runs a 10-token probe: two short sequences packed into one row a
 one alone, under every attention implementation the round may use; a model that fails it
 is refused with an error that says why.
 
-DP-SGD needs one example per row (its per-example gradients): the config refuses
-`train.packing = "on"` with DP-SGD.
+`train.packing = "flat"` goes further: the whole micro-batch is one sequence and attention runs
+row by row (fedtune/fedit/flat_attention.py), so neither the linear layers nor the attention
+see padding or another row's tokens; the same probe checks it before the first flat forward.
+
+DP-SGD needs one example per row (its per-example gradients): the config refuses packing with
+DP-SGD.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.data.instructions import Tokenized
+from fedtune.fedit import flat_attention
 from fedtune.fedit.lora import base_lm
 
-SETTINGS = ("off", "on")
+SETTINGS = ("off", "on", "flat")
 _PROBE = "_fedtune_packing_probe"
 
 
@@ -67,6 +72,7 @@ class Packed:
     position_ids: torch.Tensor  # (bins, width): 0.. for every row, and for the padding after the last
     labels: torch.Tensor  # (bins, width): -100 at each row's first token (nothing before it in that row) and padding
     tokens: int  # real (non-pad) tokens
+    decoder_kwargs: dict | None = None  # flat packing: the row boundaries (fedtune/fedit/flat_attention.py)
 
 
 def collate_packed(micro: list[Tokenized], pad_id: int, device: torch.device, width_of) -> Packed:
@@ -92,9 +98,37 @@ def collate_packed(micro: list[Tokenized], pad_id: int, device: torch.device, wi
     return Packed(ids.to(device), pos.to(device), labels.to(device), sum(lengths))
 
 
-def probe(model, device: torch.device) -> str | None:
+def collate_flat(micro: list[Tokenized], pad_id: int, device: torch.device, width_of) -> Packed:
+    """The rows of a micro-batch end to end in one sequence as wide as their total length,
+    rounded up by `width_of`; the padding tail is a segment of its own, with no labels. Labels
+    and position ids as in `collate_packed`."""
+    lengths = [len(t) for t in micro]
+    total = sum(lengths)
+    width = width_of(total)
+    ids = torch.full((1, width), pad_id, dtype=torch.long)
+    labels = torch.full((1, width), -100, dtype=torch.long)
+    pos = torch.zeros((1, width), dtype=torch.long)
+    bounds, at = [0], 0
+    for t, n in zip(micro, lengths):
+        ids[0, at:at + n] = torch.tensor(t.input_ids)
+        labels[0, at + 1:at + n] = torch.tensor(t.labels[1:])
+        pos[0, at:at + n] = torch.arange(n)
+        at += n
+        bounds.append(at)
+    if width > total:
+        pos[0, total:] = torch.arange(width - total)
+        bounds.append(width)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return Packed(ids.to(device), pos.to(device), labels.to(device), total,
+                  flat_attention.segment_kwargs(cu, longest))
+
+
+def probe(model, device: torch.device, flat=None) -> str | None:
     """None if the model's decoder keeps packed rows apart; otherwise why not. Two sequences
-    (6 and 4 tokens) packed into one row must give the hidden states each gives alone."""
+    (6 and 4 tokens) packed into one row must give the hidden states each gives alone. With
+    `flat` (a callable that switches the model to the flat attention) each alone runs under the
+    model's current attention, then the packed pair flat."""
     lm = base_lm(model)
     decoder = lm.get_decoder()
     vocab = int(getattr(lm.config, "vocab_size", 0) or 0)
@@ -108,8 +142,13 @@ def probe(model, device: torch.device) -> str | None:
         with torch.no_grad():
             alone = torch.cat([decoder(input_ids=x[None], use_cache=False).last_hidden_state[0] for x in (a, b)])
             pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)
+            kw = {}
+            if flat:
+                flat()
+                kw = flat_attention.segment_kwargs(torch.tensor([0, len(a), len(a) + len(b)], dtype=torch.int32,
+                                                                device=device), len(a))
             packed = decoder(input_ids=torch.cat([a, b])[None], attention_mask=None, position_ids=pos[None],
-                             use_cache=False).last_hidden_state[0]
+                             use_cache=False, **kw).last_hidden_state[0]
     except (TypeError, ValueError, RuntimeError) as e:
         return f"its decoder did not run packed rows ({type(e).__name__}: {e})"
     finally:
@@ -122,22 +161,35 @@ def probe(model, device: torch.device) -> str | None:
     return None
 
 
-def check(model, setting: str, device: torch.device, attention, *, dpsgd: bool = False) -> bool:
-    """Whether this local round packs: `setting` is train.packing, `attention` the round's
-    TrainingAttention (the probe runs under every attention implementation the round may use:
-    it is their mask code that decides). The verdicts are kept on the model."""
+def check(model, setting: str, device: torch.device, attention, *, dpsgd: bool = False,
+          compiled: bool = False) -> str:
+    """How this local round packs ("off", "on" or "flat"): `setting` is train.packing,
+    `attention` the round's TrainingAttention (with "on" the probe runs under every attention
+    implementation the round may use: it is their mask code that decides; with "flat" under the
+    flat attention, which the round then uses throughout). The verdicts are kept on the model."""
     if setting not in SETTINGS:
         raise ValueError(f"train.packing = {setting!r}: expected one of {', '.join(SETTINGS)}")
     if setting == "off":
-        return False
+        return setting
     if dpsgd:
-        raise ValueError("train.packing = 'on' cannot be combined with DP-SGD (per-example gradients need one "
-                         "example per row); set train.packing = 'off'")
+        raise ValueError(f"train.packing = {setting!r} cannot be combined with DP-SGD (per-example gradients need "
+                         "one example per row); set train.packing = 'off'")
+    if setting == "flat" and compiled:
+        raise ValueError("train.packing = 'flat' cannot be combined with train.compile = 'layers' (the flat attention "
+                         "loops over each micro-batch's rows); set one of them to 'off'")
     verdicts = base_lm(model).__dict__.setdefault(_PROBE, {})
-    for impl in attention.possible():
+    impls = [flat_attention.register()] if setting == "flat" else attention.possible()
+    for impl in impls:
         if impl not in verdicts:
-            attention.force(impl)
-            verdicts[impl] = probe(model, device)
+            if setting == "flat":  # the reference: each row alone under the model's own attention
+                attention.force(attention.own)
+                verdicts[impl] = probe(model, device, flat=lambda: attention.force(impl))
+            else:
+                attention.force(impl)
+                verdicts[impl] = probe(model, device)
         if verdicts[impl] is not None:
-            raise ValueError(f"train.packing = 'on': with {impl} attention, {verdicts[impl]}; set train.packing = 'off'")
-    return True
+            raise ValueError(f"train.packing = {setting!r}: with {impl} attention, {verdicts[impl]}; "
+                             "set train.packing = 'off'")
+    if setting == "flat":
+        attention.force(impls[0])
+    return setting

@@ -4,7 +4,8 @@ Speed on CPU comes from four things: bf16 autocast (AMX), grouping an optimizer 
 micro-batches of similar length, padding each micro-batch only to its own longest row (or,
 optionally, packing its rows end to end: `train.packing`, fedtune/fedit/packing.py), and
 computing the LM head and cross-entropy only at positions that carry a label (with the
-prompt masked that is a small share of the sequence); from plain ("eager") attention on CPU,
+prompt masked that is a small share of the sequence), head and loss in one autograd function
+(fedtune/fedit/head_loss.py); from plain ("eager") attention on CPU,
 whose backward beats SDPA's at these lengths (`train.attention`); and optionally
 (`train.compile`) from torch.compile of the decoder layers, which fuses the element-wise
 work between matmuls (fedtune/fedit/train_speed.py).
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
 from fedtune.fedit import dpsgd, packing
+from fedtune.fedit.head_loss import head_cross_entropy
 from fedtune.fedit.lora import base_lm
 from fedtune.fedit.train_speed import TrainingAttention, check_supported, compiled_layers
 
@@ -81,26 +82,29 @@ def micro_batches(batch: list[Tokenized], cfg, packed: bool = False) -> list[lis
     return [[batch[i] for i in sorted(rows.tolist())] for rows, _ in plan]  # batch order within a group: one group = the batch
 
 
-def causal_lm_loss(model, ids, mask, labels, reduction: str = "mean", position_ids=None) -> torch.Tensor:
+def causal_lm_loss(model, ids, mask, labels, reduction: str = "mean", position_ids=None,
+                   decoder_kwargs: dict | None = None) -> torch.Tensor:
     """Next-token cross-entropy computed only where a label exists.
 
     `model` is a (PEFT-wrapped) Hugging Face causal LM. We run its decoder for hidden
     states, then apply the LM head to the labelled positions only: for prompt-masked
     instruction data this skips most of the (hidden x vocab) head and the softmax.
-    Packed rows (fedtune/fedit/packing.py) come with `position_ids` and no `mask`.
+    Packed rows (fedtune/fedit/packing.py) come with `position_ids` and no `mask`, flat-packed
+    rows also with their boundaries (`decoder_kwargs`).
     """
     lm = base_lm(model)
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
-    kw = {} if position_ids is None else {"position_ids": position_ids}
+    kw = dict(decoder_kwargs or {})
+    if position_ids is not None:
+        kw["position_ids"] = position_ids
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **kw).last_hidden_state  # (B, T, H); no KV cache
     target = labels[:, 1:]  # position t predicts token t+1
     keep = target != -100
     h = hidden[:, :-1][keep]  # (N, H), N = labelled positions
-    logits = head(h).float()
-    scale = getattr(lm.config, "logit_scale", None)  # e.g. Cohere; 1.0 elsewhere
-    if scale:
-        logits = logits * scale
-    return F.cross_entropy(logits, target[keep], reduction=reduction)
+    cfg = getattr(lm.config, "get_text_config", lambda: lm.config)()
+    scale = getattr(cfg, "logit_scale", None) or 1.0  # e.g. Cohere; 1.0 elsewhere
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2
+    return head_cross_entropy(head, h, target[keep], scale=scale, softcap=softcap, reduction=reduction)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
@@ -183,7 +187,9 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
         if sigma > 0:
             stack.enter_context(dpsgd.PerExampleGrads(model))
         attention = stack.enter_context(TrainingAttention(model, getattr(cfg, "attention", "auto"), device))
-        packed = packing.check(model, getattr(cfg, "packing", "off"), device, attention, dpsgd=sigma > 0)
+        packed = packing.check(model, getattr(cfg, "packing", "off"), device, attention, dpsgd=sigma > 0,
+                               compiled=compile_setting != "off")
+        collate_rows = {"on": packing.collate_packed, "flat": packing.collate_flat}.get(packed)
         stack.enter_context(compiled_layers(model, compile_setting))  # after the probe: it runs eagerly
         for step in range(steps):
             lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
@@ -193,20 +199,23 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
             batch = next_batch(cfg.batch_size)
             n_label = sum(sum(1 for x in t.labels[1:] if x != -100) for t in batch)
             t0 = time.perf_counter()
-            for micro in micro_batches(batch, cfg, packed):
-                if packed:
-                    p = packing.collate_packed(micro, pad_id, device, padded_width)
+            for micro in micro_batches(batch, cfg, packed != "off"):
+                if collate_rows:
+                    p = collate_rows(micro, pad_id, device, padded_width)
                     ids, mask, labels, position_ids, n_tokens = p.ids, None, p.labels, p.position_ids, p.tokens
+                    decoder_kwargs = p.decoder_kwargs
                 else:
                     ids, mask, labels = collate(micro, pad_id, device)
-                    position_ids, n_tokens = None, int(mask.sum())
-                attention.use(*ids.shape)
+                    position_ids, n_tokens, decoder_kwargs = None, int(mask.sum()), None
+                if packed != "flat":  # flat: the flat attention throughout (packing.check switched to it)
+                    attention.use(*ids.shape)
                 with amp():
                     if sigma > 0:  # DP-SGD: each example's own mean loss, so each per-example gradient is its own
                         token_loss = causal_lm_loss(model, ids, mask, labels, reduction="none")
                         loss, scaled = token_loss.detach().sum(), dpsgd.example_mean_sum(token_loss, labels)
                     else:
-                        loss = causal_lm_loss(model, ids, mask, labels, reduction="sum", position_ids=position_ids)
+                        loss = causal_lm_loss(model, ids, mask, labels, reduction="sum", position_ids=position_ids,
+                                              decoder_kwargs=decoder_kwargs)
                         scaled = loss / max(n_label, 1)  # token-weighted mean over the whole optimizer batch
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += float(loss.detach())
