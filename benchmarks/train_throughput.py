@@ -7,8 +7,9 @@ LoRA model in fp32 (on a CPU there is no fp16), `transformers.Trainer` with
 every position). fedtune's side is `fedtune.fedit.train.train_local` as a client runs
 it: bf16 autocast where bf16 matmuls are native, length-grouped micro-batches each padded to
 its own longest row (the `fedtune_packed` side instead packs the rows of each micro-batch end
-to end with a block-diagonal mask: `train.packing = "on"`), the LM head only at labelled
-positions.
+to end with a block-diagonal mask: `train.packing = "on"`; the `fedtune_flat` side lays each
+micro-batch out as one row with no padding and computes attention per example:
+`train.packing = "flat"`), the LM head only at labelled positions.
 
 Both sides get the same model weights, the same LoRA config, the same tokenized rows in
 the same batches (the Trainer reads them in fedtune's seeded order), the same batch size
@@ -169,9 +170,12 @@ def main(argv=None) -> int:
     ap.add_argument("--fedtune-compile", default="both", choices=["off", "layers", "both"],
                     help="train.compile of fedtune's side; both = two fedtune sides, as shipped (off) and compiled "
                          "(the one-time compile falls in block 1's warm-up step and is reported separately)")
-    ap.add_argument("--fedtune-packing", default="both", choices=["off", "on", "both"],
+    ap.add_argument("--fedtune-packing", default="all", choices=["off", "on", "flat", "both", "off+flat", "all"],
                     help="train.packing of fedtune's side; both = as shipped (off: length-grouped micro-batches, each "
-                         "padded to its longest row) and a side with the rows of each micro-batch packed")
+                         "padded to its longest row) and a side with the rows of each micro-batch packed under a "
+                         "block-diagonal mask (on); all = those two and a flat-packed side (flat: one row per "
+                         "micro-batch, attention per example, fedtune/fedit/flat_attention.py); off+flat = as "
+                         "shipped and the flat side")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides train")
     ap.add_argument("--trainer-bf16", default="always", choices=["auto", "always", "never"],
                     help="the Trainer with bf16=True: auto = where bf16 matmuls are native (AMX, AVX512-BF16, CUDA)")
@@ -190,12 +194,13 @@ def main(argv=None) -> int:
     cfg = C.load(None, [f"train.batch_size={args.batch_size}", f"train.micro_batch_size={args.micro_batch_size}",
                         f"train.max_steps={args.steps}", f"model.dtype='{args.fedtune_dtype}'",
                         f"train.compile='{'layers' if args.fedtune_compile == 'layers' else 'off'}'",
-                        f"train.packing='{'on' if args.fedtune_packing == 'on' else 'off'}'",
+                        f"train.packing='{args.fedtune_packing if args.fedtune_packing in ('on', 'flat') else 'off'}'",
                         f"model.device='{args.device}'"])
     import dataclasses
 
     compiled_cfg = dataclasses.replace(cfg.train, compile="layers")
     packed_cfg = dataclasses.replace(cfg.train, packing="on")
+    flat_cfg = dataclasses.replace(cfg.train, packing="flat")
     torch.manual_seed(0)
     from fedtune.models import cpu_has_fast_bf16
 
@@ -246,7 +251,8 @@ def main(argv=None) -> int:
         batches = [ordered[i:i + args.batch_size] for i in range(0, n_rows, args.batch_size)]
         hf_rows = [{"input_ids": t.input_ids, "attention_mask": [1] * len(t), "labels": t.labels} for t in ordered]
         sides = {"fedtune": [], **({"fedtune_compiled": []} if args.fedtune_compile == "both" else {}),
-                 **({"fedtune_packed": []} if args.fedtune_packing == "both" else {}),
+                 **({"fedtune_packed": []} if args.fedtune_packing in ("both", "all") else {}),
+                 **({"fedtune_flat": []} if args.fedtune_packing in ("all", "off+flat") else {}),
                  "trainer": [], **({"trainer_bf16": []} if with_bf16 else {})}
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.reps):
@@ -261,6 +267,10 @@ def main(argv=None) -> int:
                     st = fedtune_block(peft_model, list(slot.params.values()), data, packed_cfg,
                                        lm.tokenizer.pad_token_id, lm.autocast, seed, dev, "fedtune_packed")
                     sides["fedtune_packed"].append(timed(st, batches, shape))
+                if "fedtune_flat" in sides:
+                    st = fedtune_block(peft_model, list(slot.params.values()), data, flat_cfg,
+                                       lm.tokenizer.pad_token_id, lm.autocast, seed, dev, "fedtune_flat")
+                    sides["fedtune_flat"].append(timed(st, batches, shape))
                 st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
                                    cfg.train.lr, Path(tmp) / f"t{rep}", use_cpu=dev.type == "cpu")
                 sides["trainer"].append(timed(st, batches, shape))
@@ -313,9 +323,10 @@ def main(argv=None) -> int:
           f" MFU below is against {results['peak_dtype']}")
     first = next(iter(results["modes"].values()))
     cols = [n for n in ("trainer", "trainer_bf16") if n in first]
-    ours = [n for n in ("fedtune", "fedtune_packed", "fedtune_compiled") if n in first]
+    ours = [n for n in ("fedtune", "fedtune_packed", "fedtune_flat", "fedtune_compiled") if n in first]
     label = {"trainer": "Trainer fp32", "trainer_bf16": "Trainer bf16", "fedtune": "fedtune",
-             "fedtune_compiled": "fedtune compiled", "fedtune_packed": "fedtune packed"}
+             "fedtune_compiled": "fedtune compiled", "fedtune_packed": "fedtune packed",
+             "fedtune_flat": "fedtune flat"}
     print(f"{'mode':8} {'side':17} {'tokens/s':>9} {'MFU':>6} " + " ".join(f"{'vs ' + label[c]:>17}" for c in cols)
           + f"  (medians of {args.reps} blocks)")
     for mode, r in results["modes"].items():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedtune.errors import ConfigError
 from fedtune.fedit import packing
 from fedtune.fedit.lora import AdapterSlot, attach_lora
 
@@ -214,7 +215,7 @@ def test_flat_packing_trains_a_sliding_window_model_like_unpacked(tmp_path):
     after = {}
     for setting in ("off", "flat"):
         cfg = C.load(None, ["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=2", "train.lr=1e-2",
-                            f"train.packing='{setting}'", "train.attention='eager'"])
+                            f"train.packing='{setting}'", f"train.attention='{'eager' if setting == 'off' else 'auto'}'"])
         torch.manual_seed(0)
         model = _peft(path)
         slot = AdapterSlot(model)
@@ -223,3 +224,45 @@ def test_flat_packing_trains_a_sliding_window_model_like_unpacked(tmp_path):
         after[setting] = slot.get()
     for k in after["off"]:
         np.testing.assert_allclose(after["flat"][k], after["off"][k], rtol=1e-4, atol=1e-5)
+
+
+class _DropsKwargs(torch.nn.Module):
+    """A decoder that passes nothing but the ids and mask on (as some remote-code models do)."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def test_auto_packing_is_flat_on_cpu_and_off_where_flat_cannot_run(tiny_llama, monkeypatch, caplog):
+    from fedtune import config as C
+    from fedtune.fedit.train_speed import TrainingAttention
+
+    assert C.load(None, []).train.packing == "auto"
+    C.load(None, ["train.dpsgd_noise_multiplier=1.0"])  # the default packing does not refuse DP-SGD: it stays off
+    cpu = torch.device("cpu")
+    model = _peft(tiny_llama)
+    with TrainingAttention(model, "auto", cpu) as attention:
+        assert packing.check(model, "auto", cpu, attention) == "flat"
+        assert packing.check(model, "auto", cpu, attention, dpsgd=True) == "off"
+        assert packing.check(model, "auto", cpu, attention, compiled=True) == "off"
+        assert packing.check(model, "auto", torch.device("cuda"), attention) == "off"  # not measured on GPU
+    with TrainingAttention(model, "eager", cpu) as attention:  # an explicit kernel: unpacked, so that it applies
+        assert packing.check(model, "auto", cpu, attention) == "off"
+    with pytest.raises(ConfigError, match="train.attention = 'sdpa' would not apply"):
+        C.load(None, ["train.packing='flat'", "train.attention='sdpa'"])
+
+    leaky_model = _peft(tiny_llama)
+    lm = leaky_model.get_base_model()
+    leaky = _DropsKwargs(lm.get_decoder())  # the row boundaries never reach the attention
+    monkeypatch.setattr(type(lm), "get_decoder", lambda self: leaky)
+    with TrainingAttention(leaky_model, "auto", cpu) as attention, caplog.at_level("WARNING", "fedtune.train"):
+        assert packing.check(leaky_model, "auto", cpu, attention) == "off"
+        assert packing.check(leaky_model, "auto", cpu, attention) == "off"
+        with pytest.raises(ValueError, match="train.packing = 'flat'"):
+            packing.check(leaky_model, "flat", cpu, attention)  # asked for explicitly: refused, not downgraded
+    notes = [r.getMessage() for r in caplog.records if "train.packing = 'auto' trains unpacked" in r.getMessage()]
+    assert len(notes) == 1 and "got no row boundaries" in notes[0]

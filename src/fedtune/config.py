@@ -231,8 +231,11 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"train.dpsgd_noise_multiplier ({t.dpsgd_noise_multiplier}) and train.dpsgd_clip ({t.dpsgd_clip}) must be "
              f"> 0 and train.dpsgd_delta ({t.dpsgd_delta}) in (0, 1)")
         need(cfg.run.algorithm == "fedit", "train.dpsgd_noise_multiplier is sample-level DP for FedIT's local training")
-    need(not (t.packing != "off" and t.dpsgd_noise_multiplier), f"train.packing = '{t.packing}' cannot be combined "
+    need(not (t.packing in ("on", "flat") and t.dpsgd_noise_multiplier), f"train.packing = '{t.packing}' cannot be combined "
          "with train.dpsgd_noise_multiplier > 0 (per-example gradients need one example per row)")
+    need(not (t.packing == "flat" and t.attention != "auto"), f"train.packing = 'flat' computes attention with its "
+         f"own kernel, row by row, so train.attention = '{t.attention}' would not apply; set train.attention = 'auto' "
+         "or train.packing = 'off' (with packing 'auto', an explicit train.attention trains unpacked)")
     need(not (t.packing == "flat" and t.compile != "off"), "train.packing = 'flat' cannot be combined with "
          "train.compile = 'layers' (the flat attention loops over each micro-batch's rows, which a compiled layer "
          "would recompile for); set one of them to 'off'")

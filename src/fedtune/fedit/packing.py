@@ -12,13 +12,12 @@ that does not follow the one before starts a new sequence), for eager attention,
 flash attention alike. The result is the same as the unpacked forward up to float rounding,
 so the gradient does not change; only the shapes do.
 
-Measured on a 2-core CPU with Dolly rows (docs/benchmarks.md), packing was slower than the
-default length grouping: grouping already leaves little padding, and a packed row as wide as
-the longest row of its micro-batch pays attention (eager or SDPA with a mask: every score of
-the block-diagonal square is computed) over the whole width, quadratic in it. So it is off by
-default (`train.packing = "off"`); it is there for rows whose lengths grouping cannot match
-and for kernels that skip the masked blocks (flash attention's variable-length path on GPU,
-which transformers uses for packed position ids).
+Measured on a 2-core CPU with Dolly rows (docs/benchmarks.md), "on" was slower than length
+grouping: grouping already leaves little padding, and a packed row as wide as the longest row
+of its micro-batch pays attention (eager or SDPA with a mask: every score of the
+block-diagonal square is computed) over the whole width, quadratic in it. It is there for
+kernels that skip the masked blocks (flash attention's variable-length path on GPU, which
+transformers uses for packed position ids).
 
 Not every model honours packed position ids (a decoder with its own mask code, an old
 remote-code model); feeding such a model packed rows would let each row see the rows
@@ -30,6 +29,8 @@ is refused with an error that says why.
 `train.packing = "flat"` goes further: the whole micro-batch is one sequence and attention runs
 row by row (fedtune/fedit/flat_attention.py), so neither the linear layers nor the attention
 see padding or another row's tokens; the same probe checks it before the first flat forward.
+On the CPU it beat length grouping (1.4x the tokens/s, docs/benchmarks.md), so the default,
+"auto", is flat on CPU; on GPU (not measured) it is off.
 
 DP-SGD needs one example per row (its per-example gradients): the config refuses packing with
 DP-SGD.
@@ -37,6 +38,7 @@ DP-SGD.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +47,10 @@ from fedtune.data.instructions import Tokenized
 from fedtune.fedit import flat_attention
 from fedtune.fedit.lora import base_lm
 
-SETTINGS = ("off", "on", "flat")
+SETTINGS = ("auto", "off", "on", "flat")
 _PROBE = "_fedtune_packing_probe"
+_AUTO_NOTED = "_fedtune_packing_auto_noted"
+log = logging.getLogger("fedtune.train")
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -163,12 +167,25 @@ def probe(model, device: torch.device, flat=None) -> str | None:
 
 def check(model, setting: str, device: torch.device, attention, *, dpsgd: bool = False,
           compiled: bool = False) -> str:
-    """How this local round packs ("off", "on" or "flat"): `setting` is train.packing,
+    """How this local round packs ("off", "on" or "flat"): `setting` is train.packing ("auto":
+    "flat" on CPU unless DP-SGD, a compiled layer or an explicit train.attention is on, or the
+    model fails the flat probe,
+    which is logged once per model; "off" on GPU, where flat packing is not measured),
     `attention` the round's TrainingAttention (with "on" the probe runs under every attention
     implementation the round may use: it is their mask code that decides; with "flat" under the
     flat attention, which the round then uses throughout). The verdicts are kept on the model."""
     if setting not in SETTINGS:
         raise ValueError(f"train.packing = {setting!r}: expected one of {', '.join(SETTINGS)}")
+    if setting == "auto":  # flat where it was measured faster (CPU) and can run; else unpacked, saying why
+        if device.type != "cpu" or dpsgd or compiled or attention.setting != "auto":
+            return "off"  # an explicit train.attention asks for that kernel, which flat packing replaces
+        try:
+            return check(model, "flat", device, attention)
+        except ValueError as e:
+            if not base_lm(model).__dict__.get(_AUTO_NOTED):
+                base_lm(model).__dict__[_AUTO_NOTED] = True
+                log.warning("train.packing = 'auto' trains unpacked: %s", str(e).replace("; set train.packing = 'off'", ""))
+            return "off"
     if setting == "off":
         return setting
     if dpsgd:

@@ -1,14 +1,15 @@
 """Local LoRA training: one function that reads top to bottom.
 
-Speed on CPU comes from four things: bf16 autocast (AMX), grouping an optimizer batch into
-micro-batches of similar length, padding each micro-batch only to its own longest row (or,
-optionally, packing its rows end to end: `train.packing`, fedtune/fedit/packing.py), and
-computing the LM head and cross-entropy only at positions that carry a label (with the
-prompt masked that is a small share of the sequence), head and loss in one autograd function
-(fedtune/fedit/head_loss.py); from plain ("eager") attention on CPU,
+Speed on CPU comes from: bf16 autocast (AMX); each micro-batch as one padding-free
+sequence with attention computed row by row (`train.packing`, default "auto": flat on CPU;
+fedtune/fedit/packing.py), or else micro-batches grouped by length, each padded only to its own
+longest row; the LM head and cross-entropy only at positions that carry a label (with the prompt
+masked that is a small share of the sequence), head and loss in one autograd function
+(fedtune/fedit/head_loss.py); LoRA dropout masks drawn 16 bits per element instead of by
+`bernoulli_` (fedtune/fedit/fast_dropout.py); plain ("eager") attention on CPU when unpacked,
 whose backward beats SDPA's at these lengths (`train.attention`); and optionally
-(`train.compile`) from torch.compile of the decoder layers, which fuses the element-wise
-work between matmuls (fedtune/fedit/train_speed.py).
+(`train.compile`) torch.compile of the decoder layers, which fuses the element-wise work
+between matmuls (fedtune/fedit/train_speed.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
 from fedtune.fedit import dpsgd, packing
+from fedtune.fedit.fast_dropout import fast_lora_dropout
 from fedtune.fedit.head_loss import head_cross_entropy
 from fedtune.fedit.lora import base_lm
 from fedtune.fedit.train_speed import TrainingAttention, check_supported, compiled_layers
@@ -191,6 +193,7 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
                                compiled=compile_setting != "off")
         collate_rows = {"on": packing.collate_packed, "flat": packing.collate_flat}.get(packed)
         stack.enter_context(compiled_layers(model, compile_setting))  # after the probe: it runs eagerly
+        stack.enter_context(fast_lora_dropout(model, device.type == "cpu" and compile_setting == "off"))
         for step in range(steps):
             lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
             for g in opt.param_groups:
