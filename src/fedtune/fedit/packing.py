@@ -29,7 +29,7 @@ is refused with an error that says why.
 `train.packing = "flat"` goes further: the whole micro-batch is one sequence and attention runs
 row by row (fedtune/fedit/flat_attention.py), so neither the linear layers nor the attention
 see padding or another row's tokens; the same probe checks it before the first flat forward.
-On the CPU it beat length grouping (1.4x the tokens/s, docs/benchmarks.md), so the default,
+On the CPU it beat length grouping (1.19-1.20x the tokens/s, docs/benchmarks.md), so the default,
 "auto", is flat on CPU; on GPU (not measured) it is off.
 
 DP-SGD needs one example per row (its per-example gradients): the config refuses packing with
