@@ -35,6 +35,7 @@ ROWS = {  # name -> overrides on top of the config (and of --set); each adds one
     "improved+search": ["fedbpt.mode='improved'", "fedbpt.search=true"],
     "improved+search+calibrated-fitness": ["fedbpt.mode='improved'", "fedbpt.search=true",
                                            "fedbpt.calibrate_fitness=true"],
+    "generation": GENERATION,  # from the config's own start (e.g. configs/fedbpt_sst2.toml: the search's choice written in)
     "generation+search": [*GENERATION, "fedbpt.search=true"],
     "generation+search+deep": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true"],
     "generation+search+deep+accept": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true", "fedbpt.deep_accept=true"],
