@@ -2,9 +2,10 @@
 
 PEFT applies `nn.Dropout(lora.dropout)` to the input of every LoRA layer: with r = 8 on q/v of
 SmolLM2-135M that is a (tokens x 576) mask drawn twice per layer, 60 times a step. On a CPU,
-`torch.bernoulli_` draws it element by element: profiled on a 2-core AMD EPYC (AVX2), one flat
-micro-batch of 8 Dolly-length rows (1,450 tokens), `F.dropout` took about 10 ms per call and
-`bernoulli_` alone 5.8% of the step (9% on an Intel CPU with AMX, docs/benchmarks.md).
+`torch.bernoulli_` draws it element by element: on a 2-core AMD EPYC (AVX2), one flat
+micro-batch of 8 rows (1,450 tokens), `F.dropout` took 5.7 ms per call (this module 2.0 ms) and
+`bernoulli_` 4.2% of the step (`benchmarks/lora_dropout_step.py`; 9% on an Intel CPU with AMX,
+docs/benchmarks.md).
 
 `FastDropout` draws 64 random bits at a time from torch's generator (`random_` over the whole
 int64 range: about 1 ns per element here) and reads them as four 16-bit uniforms, one per element:
@@ -22,6 +23,7 @@ layer fuses PEFT's own), and puts PEFT's modules back on exit.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -41,9 +43,7 @@ class FastDropout(torch.nn.Module):
         self.scale = _LEVELS / (_LEVELS - self.threshold)
 
     def keep_mask(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
         u = bits.view(torch.int16)[:n].view(shape)  # signed: 0..65535 shifted down by 32768
         return u >= self.threshold - (_LEVELS >> 1)

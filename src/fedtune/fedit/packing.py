@@ -169,8 +169,8 @@ def check(model, setting: str, device: torch.device, attention, *, dpsgd: bool =
           compiled: bool = False) -> str:
     """How this local round packs ("off", "on" or "flat"): `setting` is train.packing ("auto":
     "flat" on CPU unless DP-SGD, a compiled layer or an explicit train.attention is on, or the
-    model fails the flat probe,
-    which is logged once per model; "off" on GPU, where flat packing is not measured),
+    model fails the flat probe, which is logged once per model; "off" on GPU, where flat packing
+    is not measured),
     `attention` the round's TrainingAttention (with "on" the probe runs under every attention
     implementation the round may use: it is their mask code that decides; with "flat" under the
     flat attention, which the round then uses throughout). The verdicts are kept on the model."""
