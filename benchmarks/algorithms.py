@@ -35,6 +35,7 @@ ALGORITHMS = {
     "fedadagrad": ("fedadagrad", ["server.server_lr=0.01"]),
     "fedadam": ("fedadam", ["server.server_lr=0.01"]),
     "fedyogi": ("fedyogi", ["server.server_lr=0.01"]),
+    "fedexp": ("fedexp", []),
     "fedprox": ("fedprox", ["train.prox_mu=0.01"]),
     "scaffold": ("scaffold", []),
     "flexlora_svd": ("flexlora_svd", []),

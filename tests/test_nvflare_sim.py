@@ -111,8 +111,11 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                    # DP-SGD on each site (Opacus per-example gradients), noise too small to see, with
                                    # FedSA-LoRA: each site keeps its own B in its workspace
                                    ["server.aggregation='fedavgm'", "train.dpsgd_noise_multiplier=1e-15",
-                                    "train.dpsgd_clip=1e3", "lora.personal_b=true"]],
-                         ids=["scaffold+fedprox", "flora+hetero-ranks", "fedyogi+secagg+distributed-dp", "dpsgd+fedsa"])
+                                    "train.dpsgd_clip=1e3", "lora.personal_b=true"],
+                                   # FedExP: the server step comes from each update's norm (no state across rounds)
+                                   ["server.aggregation='fedexp'"]],
+                         ids=["scaffold+fedprox", "flora+hetero-ranks", "fedyogi+secagg+distributed-dp", "dpsgd+fedsa",
+                              "fedexp"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):
     """SCAFFOLD's client control variates live on each FLARE site (and in the embedded run's
     folder); FedProx and FedYogi change only the client's loss and the server step."""
@@ -138,7 +141,14 @@ def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engine
         assert dp[1]["clip"] == pytest.approx(dp[0]["next_clip"])  # the adapted clip reached the sites
     sa = A.unpack((emb / "checkpoint" / "strategy.safetensors").read_bytes())
     sb = A.unpack((flr / "checkpoint" / "strategy.safetensors").read_bytes())
-    assert sorted(sa) == sorted(sb) and (sa or "server.lora_aggregation='stack'" in extra)  # c, or m and v
+    stateless = "server.lora_aggregation='stack'" in extra or "server.aggregation='fedexp'" in extra
+    assert sorted(sa) == sorted(sb) and (sa or stateless)  # c, or m and v
+    if "server.aggregation='fedexp'" in extra:  # the same extrapolated step, every round, on both engines
+        erecs = [json.loads(x) for x in (emb / "metrics.jsonl").read_text().splitlines()]
+        for key in ("server_lr", "fedexp_ratio"):  # the step, and the norm ratio it is the floor-1 max of
+            want = [r["aggregate"][key] for r in erecs]
+            assert len(want) == 2 and all(v > 0 for v in want)
+            np.testing.assert_allclose([r["aggregate"][key] for r in recs], want, rtol=1e-6, err_msg=key)
     if "server.lora_aggregation='stack'" in extra:  # FLoRA's state is the stack in the global arrays
         ga = A.unpack((emb / "checkpoint" / "global.safetensors").read_bytes())
         gb = A.unpack((flr / "checkpoint" / "global.safetensors").read_bytes())

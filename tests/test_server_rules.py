@@ -3,6 +3,7 @@ written from its paper: FedOpt (FedAvgM, FedAdagrad, FedAdam, FedYogi; Reddi et 
 Algorithm 2), Krum / Multi-Krum (Blanchard et al. 2017), Bulyan (El Mhamdi et al. 2018)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -174,3 +175,63 @@ def test_distance_rules_need_enough_clients():
     C.load(None, ["server.aggregation='krum'", "server.min_clients=5"])
     with pytest.raises(ConfigError, match="'bulyan' .* needs at least 7 clients per round"):
         C.load(None, ["server.aggregation='bulyan'", "server.min_clients=6"])
+
+
+def _oracle_fedexp(x0, ups, counts, eps):
+    """FedExP, Algorithm 1 of Jhunjhunwala et al. (ICLR 2023), on one flat float64 vector per party."""
+    flat = lambda a: np.concatenate([a[k].astype(np.float64).ravel() for k in SHAPES])  # noqa: E731
+    x, deltas = flat(x0), [flat(u) - flat(x0) for u in ups]
+    p = np.array(counts, dtype=np.float64) / sum(counts)
+    mean = sum(pi * d for pi, d in zip(p, deltas))
+    eta = max(1.0, sum(pi * float(d @ d) for pi, d in zip(p, deltas)) / (2 * (float(mean @ mean) + eps)))
+    new, out, at = x + eta * mean, {}, 0
+    for k, s in SHAPES.items():
+        out[k] = new[at:at + math.prod(s)].reshape(s)
+        at += math.prod(s)
+    return out, eta
+
+
+def test_fedexp_extrapolates_as_the_paper_says():
+    """Diverse updates: the server step grows past FedAvg's by the ratio of the clients' mean squared
+    update norm to twice the squared norm of their mean; the step is reported in the round's metrics."""
+    rng = np.random.default_rng(3)
+    x0 = _arrays(rng)
+    counts = (1, 2, 2, 3, 3, 5)
+    ups = [{k: x0[k] + _arrays(rng, 0.5)[k] for k in SHAPES} for _ in counts]
+    strat = FedAvgStrategy(x0, seed=0, aggregation="fedexp", fedexp_epsilon=1e-3)
+    g, metrics = strat.aggregate_fit(1, x0, [FitRes(f"c{i}", u, n) for i, (u, n) in enumerate(zip(ups, counts))])
+    want, eta = _oracle_fedexp(x0, ups, counts, 1e-3)
+    assert eta > 2.0 and metrics["server_lr"] == pytest.approx(eta, rel=1e-6)  # the mean is float32, as the adapter
+    assert metrics["fedexp_ratio"] == metrics["server_lr"]
+    for k in SHAPES:
+        assert g[k].dtype == np.float32
+        np.testing.assert_allclose(g[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    # a larger epsilon damps the step towards FedAvg's, never below it
+    big = FedAvgStrategy(x0, seed=0, aggregation="fedexp", fedexp_epsilon=1e6)
+    g1, m1 = big.aggregate_fit(1, x0, [FitRes(f"c{i}", u, n) for i, (u, n) in enumerate(zip(ups, counts))])
+    mean = {k: sum(n * u[k].astype(np.float64) for u, n in zip(ups, counts)) / sum(counts) for k in SHAPES}
+    assert m1["server_lr"] == 1.0 and 0 < m1["fedexp_ratio"] < 1e-5
+    for k in SHAPES:
+        np.testing.assert_allclose(g1[k], mean[k], rtol=1e-6, atol=1e-6)
+
+
+def test_fedexp_with_agreeing_clients_is_fedavg():
+    """Identical updates: Σ p_i ||Δ_i||² = ||Δ||², so η = max(1, 1/2) = 1, the plain mean."""
+    rng = np.random.default_rng(5)
+    x0 = _arrays(rng)
+    u = {k: x0[k] + _arrays(rng, 0.2)[k] for k in SHAPES}
+    strat = FedAvgStrategy(x0, seed=0, aggregation="fedexp", fedexp_epsilon=0.0)
+    g, metrics = strat.aggregate_fit(1, x0, [FitRes("a", u, 3), FitRes("b", dict(u), 7)])
+    assert metrics["server_lr"] == 1.0 and metrics["fedexp_ratio"] == pytest.approx(0.5, rel=1e-6)
+    assert all(np.array_equal(g[k], u[k]) for k in SHAPES)
+
+
+def test_fedexp_needs_each_update_so_the_config_refuses_secagg_dp_and_ranks():
+    for extra, what in ((["secagg.enabled=true"], "secagg.enabled"), (["privacy.mode='central'",
+                        "privacy.noise_multiplier=1.0"], "privacy.mode = 'central'"),
+                        (["lora.client_ranks=[4, 8]"], "lora.client_ranks")):
+        with pytest.raises(ConfigError, match=re.escape(what)):
+            C.load(None, ["server.aggregation='fedexp'", *extra])
+    with pytest.raises(ConfigError, match="server.fedexp_epsilon must be >= 0"):
+        C.load(None, ["server.aggregation='fedexp'", "server.fedexp_epsilon=-1.0"])
+    assert C.load(None, ["server.aggregation='fedexp'"]).server.fedexp_epsilon == 1e-3

@@ -257,6 +257,7 @@ def validate(cfg: Config, source: str = "config") -> None:
              f"secagg.threshold = {sa.threshold} exceeds secagg.neighbours = {sa.neighbours}")
     need(cfg.server.clip_norm >= 0, f"server.clip_norm must be >= 0, got {cfg.server.clip_norm}")
     need(cfg.server.max_update_norm >= 0, f"server.max_update_norm must be >= 0, got {cfg.server.max_update_norm}")
+    need(cfg.server.fedexp_epsilon >= 0, f"server.fedexp_epsilon must be >= 0, got {cfg.server.fedexp_epsilon}")
     need(cfg.server.client_timeout >= 0, f"server.client_timeout must be >= 0, got {cfg.server.client_timeout}")
     need(cfg.server.round_retries >= 0, f"server.round_retries must be >= 0, got {cfg.server.round_retries}")
     need(0.0 <= cfg.faults.probability <= 1.0, f"faults.probability must be in [0, 1], got {cfg.faults.probability}")

@@ -72,7 +72,7 @@ class ServerSection:
     clients_per_round: int = opt(0, "if > 0, select exactly this many clients per round (overrides fraction)")
     min_clients: int = opt(1, "a round needs at least this many successful client updates")
     max_update_norm: float = opt(0.0, "reject a client update farther than this (L2) from the global arrays (0 = no bound)")
-    aggregation: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "scaffold", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; scaffold = SCAFFOLD control variates (client state kept on disk, one file per client); fedadagrad / fedadam / fedyogi = adaptive server optimizers on the averaged update (Reddi et al. 2021); median = coordinate-wise median; trimmed_mean = coordinate-wise mean without the trim_fraction largest and smallest values; krum / multi_krum / bulyan = distance-based selection tolerating server.byzantine bad clients (the robust rules ignore example counts)")
+    aggregation: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedexp", "scaffold", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"] = opt("fedavg", "fedavg = example-weighted mean; fedavgm = server momentum; scaffold = SCAFFOLD control variates (client state kept on disk, one file per client); fedadagrad / fedadam / fedyogi = adaptive server optimizers on the averaged update (Reddi et al. 2021); fedexp = FedAvg with a server step chosen each round from the clients' update norms, max(1, mean ||update||^2 / (2 (||mean update||^2 + server.fedexp_epsilon))) (Jhunjhunwala et al. 2023; not with DP, secagg or heterogeneous ranks); median = coordinate-wise median; trimmed_mean = coordinate-wise mean without the trim_fraction largest and smallest values; krum / multi_krum / bulyan = distance-based selection tolerating server.byzantine bad clients (the robust rules ignore example counts)")
     byzantine: int = opt(1, "krum / multi_krum / bulyan: how many Byzantine clients per round to tolerate (f); krum needs at least 2f + 3 updates per round, bulyan 4f + 3")
     krum_select: int = opt(0, "multi_krum: how many lowest-score updates to average (0 = updates - byzantine)")
     trim_fraction: float = opt(0.1, "trimmed_mean: fraction of clients dropped at each end, per coordinate, in [0, 0.5)")
@@ -85,6 +85,7 @@ class ServerSection:
     momentum: float = opt(0.9, "fedavgm: server momentum; fedadagrad / fedadam / fedyogi: beta1")
     beta2: float = opt(0.99, "fedadam / fedyogi: beta2")
     tau: float = opt(1e-3, "fedadagrad / fedadam / fedyogi: adaptivity (epsilon); the second moment starts at tau^2")
+    fedexp_epsilon: float = opt(1e-3, "fedexp: epsilon added to the squared norm of the mean update in the server step's denominator (larger = steps closer to FedAvg's)")
 
 
 @dataclass

@@ -13,6 +13,15 @@ went) and m_{-1} = 0, v_{-1} = τ²:
 FedAvgM (Hsu et al., 2019): m_t = β1 m_{t-1} + Δ_t, x_{t+1} = x_t + η m_t. FedAvg: x_{t+1} =
 the mean (η = 1 and no state: the same as FedAvgM with β1 = 0, η = 1). The update rule is the
 only difference between them; no bias correction, as in the paper.
+
+FedExP (Jhunjhunwala, Wang and Joshi, "FedExP: Speeding Up Federated Averaging via
+Extrapolation", ICLR 2023, Algorithm 1): FedAvg with a server step chosen each round from the
+clients' own updates Δ_i = y_i - x_t (p_i = example shares, Δ_t = Σ p_i Δ_i):
+
+    η_t = max(1, Σ p_i ||Δ_i||² / (2 (||Δ_t||² + ε))),   x_{t+1} = x_t + η_t Δ_t
+
+When the clients' updates point in different directions (heterogeneous data) their mean is
+short against each of them and the step grows; identical updates give η_t = 1 (FedAvg).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import numpy as np
 from fedtune.core.arrays import Arrays
 
 RULES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+FEDEXP = "fedexp"  # needs each client's update norm, so not a rule over the mean alone (no DP, no secagg)
 
 
 def second_moment(rule: str, v: np.ndarray, delta: np.ndarray, beta2: float) -> np.ndarray:
@@ -57,3 +67,22 @@ def step(rule: str, x: Arrays, mean: Arrays, m: Arrays, v: Arrays, *, lr: float,
             upd = m_new[k] / (np.sqrt(v_new[k]) + tau)
         out[k] = (g64 + lr * upd).astype(g.dtype)
     return out, m_new, v_new
+
+
+def squared_distance(x: Arrays, y: Arrays) -> float:
+    """||y - x||² over every named array, in float64."""
+    return float(sum(np.sum((y[k].astype(np.float64) - x[k].astype(np.float64)) ** 2) for k in x))
+
+
+def fedexp_step(x: Arrays, mean: Arrays, mean_sq_update: float, eps: float) -> tuple[Arrays, float, float]:
+    """(next global arrays, η_t, the ratio before the floor of 1) from the global x, the clients'
+    weighted mean and the weighted mean of their squared update norms Σ p_i ||Δ_i||² (FedExP,
+    Algorithm 1)."""
+    if eps < 0 or mean_sq_update < 0:
+        raise ValueError(f"FedExP needs eps >= 0 and a mean squared norm >= 0, got {eps}, {mean_sq_update}")
+    d2 = squared_distance(x, mean)
+    ratio = 0.0 if d2 + eps == 0 else mean_sq_update / (2.0 * (d2 + eps))
+    eta = max(1.0, ratio)
+    out = {k: (g.astype(np.float64) + eta * (mean[k].astype(np.float64) - g.astype(np.float64))).astype(g.dtype)
+           for k, g in x.items()}
+    return out, eta, ratio

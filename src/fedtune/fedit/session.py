@@ -103,6 +103,7 @@ def build_strategy(cfg: Config, initial: Arrays) -> FedAvgStrategy:
                           byzantine=s.byzantine, krum_select=s.krum_select,
                           lora_aggregation=s.lora_aggregation, lora_rank=cfg.lora.r, dp=DPSettings.from_config(cfg.privacy, cfg.run.rounds),
                           trainable=trainable(cfg), client_ranks=cfg.lora.client_ranks,
+                          fedexp_epsilon=s.fedexp_epsilon,
                           secagg=SecAggSettings(cfg.secagg.neighbours, cfg.secagg.threshold) if cfg.secagg.enabled else None)
 
 

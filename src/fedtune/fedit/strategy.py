@@ -1,6 +1,6 @@
 """FedIT server step: FedAvg of LoRA adapters weighted by example counts, optionally
-followed by a server optimizer (FedAvgM, FedAdagrad, FedAdam, FedYogi: core/fedopt.py) on the
-averaged update, or a robust rule (coordinate-wise median, trimmed mean, Krum, Multi-Krum,
+followed by a server optimizer (FedAvgM, FedAdagrad, FedAdam, FedYogi, FedExP's extrapolation:
+core/fedopt.py) on the averaged update, or a robust rule (coordinate-wise median, trimmed mean, Krum, Multi-Krum,
 Bulyan: core/robust.py) in place of the mean. With clip_norm,
 each client's update is first clipped to that L2 distance from the global arrays."""
 
@@ -27,7 +27,7 @@ from fedtune.fedit.scaffold import ScaffoldFold, with_variates
 log = logging.getLogger("fedtune.strategy")
 
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
-AGGREGATIONS = fedopt.RULES + ROBUST + ("scaffold",)
+AGGREGATIONS = fedopt.RULES + (fedopt.FEDEXP,) + ROBUST + ("scaffold",)
 
 
 class FedAvgStrategy(SelectingStrategy):
@@ -37,7 +37,7 @@ class FedAvgStrategy(SelectingStrategy):
                  clip_norm: float = 0.0, trim_fraction: float = 0.1, byzantine: int = 1, krum_select: int = 0,
                  lora_aggregation: str = "separate", lora_rank: int = 0, train_config: dict | None = None,
                  dp: DPSettings | None = None, secagg: SecAggSettings | None = None, trainable=None,
-                 client_ranks: list[int] | None = None):
+                 client_ranks: list[int] | None = None, fedexp_epsilon: float = 1e-3):
         super().__init__(seed, fraction, clients_per_round, max_update_norm)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
@@ -67,6 +67,7 @@ class FedAvgStrategy(SelectingStrategy):
         self._initial = copy(split_stack(initial)[0])  # FLARE's job file holds initial_arrays(), stack included
         self.aggregation = aggregation
         self.server_lr, self.momentum, self.beta2, self.tau = server_lr, momentum, beta2, tau
+        self.fedexp_epsilon = fedexp_epsilon
         self.train_config = dict(train_config or {})
         self.c: Arrays = {}  # SCAFFOLD's server control variate
         self.num_clients = 0
@@ -203,13 +204,15 @@ class FedAvgStrategy(SelectingStrategy):
 
 class MeanFold(OneExchange):
     """One round's mean-based aggregation, fed one client result at a time: clip (when
-    clip_norm is set), add to the running weighted sum, and at the end the server step."""
+    clip_norm is set), add to the running weighted sum, and at the end the server step.
+    FedExP also folds in each update's weighted squared norm (one float per round)."""
 
     def __init__(self, strategy: FedAvgStrategy, global_arrays: Arrays):
         self.strategy = strategy
         self.global_arrays = global_arrays
         self.mean = RunningMean()
         self.clipped: list[str] = []
+        self.sq_sum = 0.0  # FedExP: Σ n_i ||Δ_i||²
 
     def add(self, res: FitRes) -> None:
         update, clip = self.strategy.padded(res.arrays, self.global_arrays), self.strategy.clip_norm  # HetLoRA
@@ -218,9 +221,16 @@ class MeanFold(OneExchange):
             if norm > clip:
                 self.clipped.append(res.client_id)
         self.mean.add(update, res.num_examples)
+        if self.strategy.aggregation == fedopt.FEDEXP:
+            self.sq_sum += res.num_examples * fedopt.squared_distance(self.global_arrays, update)
 
     def result(self) -> tuple[Arrays, dict]:
         metrics = {"clipped": self.clipped} if self.strategy.clip_norm > 0 else {}
+        if self.strategy.aggregation == fedopt.FEDEXP:
+            self.strategy.steps += 1
+            out, eta, ratio = fedopt.fedexp_step(self.global_arrays, self.mean.result(),
+                                                 self.sq_sum / self.mean.total, self.strategy.fedexp_epsilon)
+            return out, {**metrics, "server_lr": eta, "fedexp_ratio": ratio}
         return self.strategy.server_step(self.global_arrays, self.mean.result()), metrics
 
 
