@@ -53,6 +53,18 @@ def test_every_shipped_config_saves_and_loads_back(tmp_path, name):
     assert C.load(tmp_path / "config.toml") == cfg
 
 
+def test_a_list_of_tables_stays_in_its_section(tmp_path):
+    """compare.algorithms whose entries are all tables: tomli-w alone writes them as `[[algorithms]]`
+    sections, outside [compare], and the run folder's config.toml (read by `fedtune compare --resume`)
+    no longer loaded."""
+    entries = ("[{name='fedavgm0.5_lr3', algorithm='fedavgm', set={server={server_lr=3.0, momentum=0.5}}}, "  # too long
+               "{name='fedavg_lr3', algorithm='fedavgm', set={server={server_lr=3.0, momentum=0.0}}}]")  # for one line
+    cfg = C.load(None, [f"compare.algorithms={entries}"])
+    C.save(cfg, tmp_path / "config.toml")
+    assert C.load(tmp_path / "config.toml") == cfg
+    assert cfg.compare.algorithms[0]["set"]["server"]["momentum"] == 0.5
+
+
 def test_overrides_parse_toml_values():
     cfg = C.load(None, ["train.lr=1e-4", "run.rounds=3", "lora.target_modules=['q_proj']", "run.name=x y"])
     assert cfg.train.lr == 1e-4 and cfg.run.rounds == 3 and cfg.lora.target_modules == ["q_proj"]

@@ -360,8 +360,10 @@ def apply_override(raw: dict, item: str) -> None:
 
 def _toml_line(key: str, value: Any) -> str:
     """`key = value` as TOML, written by tomli-w (quoting, escapes, control characters); a
-    table value is written inline so that it stays under its commented key."""
-    if isinstance(value, dict):
+    table value, or a list that holds one (tomli-w would write a list of tables as `[[key]]`
+    sections, outside the section the key belongs to), is written inline so that it stays under
+    its commented key."""
+    if isinstance(value, dict) or (isinstance(value, (list, tuple)) and any(isinstance(v, dict) for v in value)):
         return f"{_toml_key(key)} = {_toml_inline(value)}"
     return tomli_w.dumps({key: value}).rstrip("\n")
 
