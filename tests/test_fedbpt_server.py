@@ -192,6 +192,18 @@ def test_f1_binary_and_macro():
     assert O.f1(logits, labels)[0] == pytest.approx(2 / 6)
 
 
+def test_pair_tasks_report_accuracy_and_f1():
+    """RTE (accuracy) and MRPC (F1) both get accuracy and F1; a one-text task gets no F1."""
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    logits = np.zeros((1, 6, 2))
+    logits[0, [0, 2, 3, 4], 1] = 1.0  # predict 1 on rows 0, 2, 3, 4: tp 2, fp 2, fn 1, right on rows 0, 4, 5
+    rte = O.scores("accuracy", True, logits, labels)
+    assert rte["accuracy"] == pytest.approx(3 / 6) and rte["f1"] == pytest.approx(4 / 7) and rte["score"] == rte["accuracy"]
+    mrpc = O.scores("f1", True, logits, labels)
+    assert mrpc["score"] == mrpc["f1"] == pytest.approx(4 / 7) and mrpc["accuracy"] == pytest.approx(0.5)
+    assert "f1" not in O.scores("accuracy", False, logits, labels) and rte["rows"] == 6
+
+
 def test_rank_weights_follow_hansens_formula():
     """Independent oracle: cma's default positive weights for a population of lam are
     w_i ∝ ln((lam + 1) / 2) - ln(i) for i = 1..mu, mu = lam // 2, normalized to sum 1
@@ -252,3 +264,23 @@ def test_reference_resume_tolerates_last_bit_differences_in_the_replayed_search(
     arrays["es/mean"] = arrays["es/mean"] + 1e-3  # a real mismatch is still refused
     with pytest.raises(FedtuneError, match="did not reproduce"):
         _strategy("reference", d=d, clients=k).load_state(arrays, meta)
+
+
+def test_the_console_table_shows_a_pair_tasks_second_metric():
+    from rich.console import Console
+
+    from fedtune.summary_console import print_summary
+
+    def summary(metric, test):
+        return {"algorithm": "fedbpt", "metric": metric, "mode": "generation", "task": "rte", "rounds": 2,
+                "selected": "best", "seconds": 1.0, **{k: {"round": 0, "dev": {"score": 0.5, "loss": 0.7},
+                                                          "test": dict(test)} for k in ("zero_prompt", "best", "final")}}
+    for metric, test, want in (("accuracy", {"score": 0.625, "accuracy": 0.625, "f1": 0.4, "loss": 0.69}, "test f1"),
+                               ("f1", {"score": 0.4, "accuracy": 0.625, "f1": 0.4, "loss": 0.69}, "test accuracy")):
+        console = Console(record=True, width=200)
+        print_summary(summary(metric, test), console)
+        text = console.export_text()
+        assert want in text and "40.0%" in text and "62.5%" in text, text
+    console = Console(record=True, width=200)  # a one-text task: no second column
+    print_summary(summary("accuracy", {"score": 0.625, "accuracy": 0.625, "loss": 0.69}), console)
+    assert "test f1" not in console.export_text()

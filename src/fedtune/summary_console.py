@@ -58,13 +58,18 @@ def _print_fedbpt(summary: dict, console) -> None:
     metric = summary.get("metric", "accuracy")
     table = Table(title=f"FedBPT ({summary.get('mode')}) on {summary.get('task')}: {metric}, "
                         f"{summary['rounds']} rounds (saved prompt: {summary.get('selected')})")
-    for col in ("prompt", "round", f"dev {metric}", "dev loss", f"test {metric}", "test loss"):
+    keys = ("zero_prompt", "best", "final")
+    other = "accuracy" if metric == "f1" else "f1"  # a pair task reports both (MRPC: F1 first; RTE: accuracy)
+    other = other if any(other in ((summary.get(k) or {}).get("test") or {}) for k in keys) else ""
+    cols = ("prompt", "round", f"dev {metric}", "dev loss", f"test {metric}") + ((f"test {other}",) if other else ())
+    for col in cols + ("test loss",):
         table.add_column(col, justify="left" if col == "prompt" else "right")
-    for name, key in (("zero prompt", "zero_prompt"), ("best by dev", "best"), ("final round", "final")):
+    for name, key in zip(("zero prompt", "best by dev", "final round"), keys):
         r = summary.get(key) or {}
         dev, test = r.get("dev") or {}, r.get("test") or {}
-        table.add_row(name, str(r.get("round", 0)), _fmt(dev.get("score"), pct=True), _fmt(dev.get("loss")),
-                      _fmt(test.get("score"), pct=True), _fmt(test.get("loss")))
+        cells = [name, str(r.get("round", 0)), _fmt(dev.get("score"), pct=True), _fmt(dev.get("loss")),
+                 _fmt(test.get("score"), pct=True)] + ([_fmt(test.get(other), pct=True)] if other else [])
+        table.add_row(*cells, _fmt(test.get("loss")))
     console.print(table)
     comm = summary.get("communication") or {}
     if comm:

@@ -66,6 +66,18 @@ def f1(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.mean(scores, axis=0)
 
 
+def scores(metric_name: str, pair: bool, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """What an evaluation reports for one prompt's logits (1, B, C): accuracy, ce loss, and F1
+    where the task's metric is F1 or the task is a pair task (two text fields: MRPC, RTE), which
+    are reported with both; `score` is the task's own metric."""
+    out = {"metric": metric_name, "accuracy": float(accuracy(logits, labels)[0]),
+           "loss": float(ce_loss(logits, labels)[0]), "rows": int(len(labels))}
+    if metric_name == "f1" or pair:
+        out["f1"] = float(f1(logits, labels)[0])
+    out["score"] = out[metric_name]
+    return out
+
+
 def metric(name: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return f1(logits, labels) if name == "f1" else accuracy(logits, labels)
 

@@ -175,7 +175,7 @@ class FedBPTModel:
                                seed=self.cfg.run.seed, content_free=self.content_free)
 
     def evaluate(self, z: np.ndarray | None, rows: EvalSet) -> dict:
-        """Metric, accuracy and ce loss of one prompt (z None = the zero prompt; (L, d) = a deep
+        """Metric, accuracy, ce loss (and F1 for a pair task) of one prompt (z None = the zero prompt; (L, d) = a deep
         prompt) on a row set."""
         with numpy_blas_single_threaded():
             prompt, deep = (None, None) if z is None else self.prompt_of(z)
@@ -188,12 +188,7 @@ class FedBPTModel:
             cf = self.box.logits(prompt, self.content_free, self.label_ids, deep) \
                 if self.content_free is not None else None
             lg = calibrate(self.calibration, lg, cf)
-        out = {"metric": self.spec.metric, "accuracy": float(O.accuracy(lg, y)[0]), "loss": float(O.ce_loss(lg, y)[0]),
-               "rows": int(len(y))}
-        if self.spec.metric == "f1":
-            out["f1"] = float(O.f1(lg, y)[0])
-        out["score"] = out[self.spec.metric]
-        return out
+        return O.scores(self.spec.metric, len(self.spec.text_columns) > 1, lg, y)
 
     def prompt_of(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(input prompt (1, n, H), deep offsets (1, L-1, n, H) or None) of one prompt z."""
