@@ -98,3 +98,48 @@ def test_a_causal_template_whose_answer_comes_before_the_text_is_refused(caplog)
     with caplog.at_level(logging.WARNING, logger="fedtune.fedbpt"):
         for_model(pair, "causal")
     assert "does not see sentence2" in caplog.text
+
+
+def test_glue_and_snli_release_files_load_under_the_builtin_tasks(tmp_path):
+    # GLUE's RTE TSV holds label words, its MRPC TSV "#1 String" / "Quality" columns after a
+    # byte-order mark, and SNLI's own release sentence1 / sentence2 / gold_label with "-" for no gold label
+    rte = tmp_path / "rte.tsv"
+    rte.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man rests.\tentailment\n"
+                   "1\tA man sleeps.\tA man runs.\tnot_entailment\n")
+    assert [r.label for r in load_examples(_task("task.name='rte'"), str(rte))] == [0, 1]  # BUILTIN's 0 = entailment
+    mrpc = tmp_path / "msr_paraphrase_train.txt"
+    mrpc.write_bytes("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t7\t8\tHe said so.\tHe said it.\n"
+                     "0\t9\t10\tIt rained.\tShe left.\n".encode("utf-8"))
+    rows = load_examples(_task("task.name='mrpc'"), str(mrpc))
+    assert [(r.texts, r.label) for r in rows] == [(("He said so.", "He said it."), 1), (("It rained.", "She left."), 0)]
+    (tmp_path / "notes.txt").write_text("Quality,#1 String\n1,hi\n")
+    with pytest.raises(DataError, match=r"notes.txt: a .txt file is read as tab-separated values"):
+        load_examples(_task("task.name='mrpc'"), str(tmp_path / "notes.txt"))
+    snli = tmp_path / "snli_1.0_dev.jsonl"
+    snli.write_text('{"gold_label": "contradiction", "sentence1": "A dog.", "sentence2": "A cat."}\n'
+                    '{"gold_label": "-", "sentence1": "A dog.", "sentence2": "An animal?"}\n'
+                    '{"gold_label": "neutral", "sentence1": "A dog.", "sentence2": "A big dog."}\n')
+    rows = load_examples(_task("task.name='snli'"), str(snli))
+    assert [(r.texts, r.label) for r in rows] == [(("A dog.", "A cat."), 2), (("A dog.", "A big dog."), 1)]
+
+
+def test_a_label_map_reads_the_files_values_and_an_ambiguous_one_is_refused(tmp_path):
+    f = tmp_path / "qnli.tsv"
+    f.write_text("index\tquestion\tsentence\tlabel\n0\tWho?\tHe did.\tentailment\n1\tWhen?\tBlue.\tnot_entailment\n"
+                 "2\tWhy?\tNo.\tmaybe\n")
+    spec = _task("task.name='custom'", "task.text_columns=['sentence', 'question']",
+                 "task.template='<P> {sentence} Question: {question} Answer: <mask>'",
+                 "task.verbalizer={yes = 'Yes', no = 'No'}", "task.label_map={entailment = 'yes', not_entailment = 'no'}")
+    with pytest.raises(DataError, match=r"qnli.tsv:4: label 'maybe' is not in task.verbalizer or task.label_map"):
+        load_examples(spec, str(f))
+    f.write_text("\n".join(f.read_text().splitlines()[:3]) + "\n")
+    assert [r.label for r in load_examples(spec, str(f))] == [0, 1]
+    # a user's verbalizer keyed by the file's own words is read as it is, not through the built-in map
+    rte = tmp_path / "rte.tsv"
+    rte.write_text("index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n1\tA.\tC.\tnot_entailment\n")
+    spec = _task("task.name='rte'", "task.verbalizer={not_entailment = 'No', entailment = 'Yes'}")
+    assert [r.label for r in load_examples(spec, str(rte))] == [1, 0]
+    with pytest.raises(ConfigError, match=r"task.label_map: '1' is itself a label of task.verbalizer"):
+        _task("task.name='agnews'", "task.label_map={1 = '0'}")
+    with pytest.raises(ConfigError, match=r"task.label_map: 'pos' maps to 'positive', which is not a label"):
+        _task("task.label_map={pos = 'positive'}")

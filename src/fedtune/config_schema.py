@@ -198,6 +198,7 @@ class TaskSection:
     verbalizer: dict = opt({}, "override: label value -> one-token word, e.g. {\"0\" = \"bad\", \"1\" = \"great\"}; its order is the class order")
     metric: str = opt("", "override: 'accuracy' or 'f1' (binary F1 of the second class; macro F1 for more classes)")
     skip_labels: list = opt([], "override: label values dropped when loading (SNLI's -1)")
+    label_map: dict = opt({}, "file label value -> verbalizer label, applied on load, e.g. {entailment = \"0\", not_entailment = \"1\"} ({} = the built-in task's: GLUE's RTE words for rte, SNLI's for snli)")
     k_shot: int = opt(16, "training rows per class, drawn from the training file (0 = all rows left after the dev split)")
     dev_shots: int = opt(100, "dev rows per class, drawn from the training file, disjoint from the training rows; the global prompt is selected on them")
     test_max_rows: int = opt(0, "evaluate the test set on a fixed class-balanced subset of this many rows (0 = all)")

@@ -1,5 +1,5 @@
 """Task files as they come: .csv / .tsv (with a header row, or headerless with the column names
-given in config), .jsonl and .json. A UTF-8 byte-order mark is dropped; header names keep any
+given in config; a tab-separated .txt, as MRPC and SNLI release theirs, reads as .tsv), .jsonl and .json. A UTF-8 byte-order mark is dropped; header names keep any
 character (spaces, '#', punctuation); TSV is read unquoted (GLUE's sentences may start with a
 quote mark) unless it is quoted, which `quoting = "auto"` tells from the header row or from
 rows that only parse as quoted. Every record carries its source as `file:line`, and every
@@ -39,6 +39,11 @@ def read_table(path: Path, fmt: TableFormat = TableFormat()) -> list[tuple[str, 
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
+    if suffix == ".txt":  # MRPC's and SNLI's releases: tab-separated text files
+        if "\t" not in text.split("\n", 1)[0]:
+            raise DataError(f"{path}: a .txt file is read as tab-separated values, and its first line holds no tab; "
+                            "give a .csv, .tsv, .jsonl or .json file")
+        suffix = ".tsv"
     if suffix in (".csv", ".tsv"):
         return _delimited(path, text, "\t" if suffix == ".tsv" else ",", fmt)
     if fmt.columns:
@@ -63,7 +68,7 @@ def read_table(path: Path, fmt: TableFormat = TableFormat()) -> list[tuple[str, 
         if not isinstance(obj, list):
             raise DataError(f"{path}: expected a JSON list of objects")
         return [(f"{path}[{i}]", r) for i, r in enumerate(obj)]
-    raise DataError(f"{path}: expected a .csv, .tsv, .jsonl or .json file (or hub:DATASET[@CONFIG][:SPLIT])")
+    raise DataError(f"{path}: expected a .csv, .tsv (or tab-separated .txt), .jsonl or .json file (or hub:DATASET[@CONFIG][:SPLIT])")
 
 
 def _rows(text: str, delimiter: str, quoted: bool) -> list[tuple[int, list[str]]]:

@@ -40,6 +40,11 @@ class TaskSpec:
     hub: tuple[str, str, str, str] = ("", "", "train", "validation")  # (dataset, config, train split, test split)
     skip_labels: tuple[str, ...] = ()  # label values dropped on load (SNLI's -1: no gold label)
     causal_template: str = ""  # what a causal LM reads instead (the answer after every text field); "" = template
+    # other names of the same columns and labels in the files as their authors release them (GLUE's TSVs,
+    # SNLI's own files): a column is looked up under its aliases when its own name is absent; a label
+    # value found in label_map is read as the label it maps to
+    column_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    label_map: tuple[tuple[str, str], ...] = ()
 
     @property
     def labels(self) -> list[str]:
@@ -52,18 +57,23 @@ class TaskSpec:
     def to_json(self) -> dict:
         return {"name": self.name, "text_columns": list(self.text_columns), "label_column": self.label_column,
                 "template": self.template, "verbalizer": dict(self.verbalizer), "metric": self.metric,
-                "skip_labels": list(self.skip_labels)}
+                "skip_labels": list(self.skip_labels), "label_map": dict(self.label_map)}
 
     @classmethod
     def from_json(cls, d: dict) -> "TaskSpec":
         return cls(d["name"], tuple(d["text_columns"]), d["label_column"], d["template"], dict(d["verbalizer"]),
-                   d.get("metric", "accuracy"), skip_labels=tuple(d.get("skip_labels", ())))
+                   d.get("metric", "accuracy"), skip_labels=tuple(d.get("skip_labels", ())),
+                   label_map=tuple(d.get("label_map", {}).items()))
 
 
 # BBT's templates and verbalizers (txsun1997/Black-Box-Tuning, as used by FedBPT); column names are
 # those of the Hugging Face datasets, so hub ids and exported files load as they are. BBT's templates
 # are for masked LMs, where <mask> may sit anywhere; a causal LM predicts the label word from what
 # precedes it, so where BBT puts the answer before a text field, `causal_template` puts it last.
+# The aliases read GLUE's own TSVs (RTE's and QNLI's label words, MRPC's "#1 String" columns) and SNLI's
+# release files (sentence1 / sentence2 / gold_label) as they come.
+_ENTAIL = (("entailment", "0"), ("not_entailment", "1"))
+_NLI = (("entailment", "0"), ("neutral", "1"), ("contradiction", "2"), ("-", "-1"))
 BUILTIN: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", ("sentence",), "label", "<P> . {sentence} . It was <mask> .",
                      {"0": "bad", "1": "great"}, hub=("glue", "sst2", "train", "validation")),
@@ -74,13 +84,17 @@ BUILTIN: dict[str, TaskSpec] = {
                        hub=("ag_news", "default", "train", "test"), causal_template="<P> . {text} . Topic: <mask> ."),
     "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), "label", "<P> . {sentence1} ? <mask> , {sentence2}",
                      {"0": "No", "1": "Yes"}, metric="f1", hub=("glue", "mrpc", "train", "validation"),
-                     causal_template="<P> . {sentence1} . {sentence2} . Do they mean the same? <mask> ."),
+                     causal_template="<P> . {sentence1} . {sentence2} . Do they mean the same? <mask> .",
+                     column_aliases=(("sentence1", ("#1 String",)), ("sentence2", ("#2 String",)),
+                                     ("label", ("Quality",)))),
     "rte": TaskSpec("rte", ("sentence1", "sentence2"), "label", "<P> . {sentence1} ? <mask> , {sentence2}",
                     {"0": "Yes", "1": "No"}, hub=("glue", "rte", "train", "validation"),
-                    causal_template="<P> . {sentence1} . Question: {sentence2} ? Answer: <mask> ."),
+                    causal_template="<P> . {sentence1} . Question: {sentence2} ? Answer: <mask> .", label_map=_ENTAIL),
     "snli": TaskSpec("snli", ("premise", "hypothesis"), "label", "<P> . {premise} ? <mask> , {hypothesis}",
                      {"0": "Yes", "1": "Maybe", "2": "No"}, hub=("snli", "", "train", "test"), skip_labels=("-1",),
-                     causal_template="<P> . {premise} . Question: {hypothesis} ? Answer: <mask> ."),
+                     causal_template="<P> . {premise} . Question: {hypothesis} ? Answer: <mask> .",
+                     column_aliases=(("premise", ("sentence1",)), ("hypothesis", ("sentence2",)),
+                                     ("label", ("gold_label",))), label_map=_NLI),
     "dbpedia": TaskSpec("dbpedia", ("content",), "label", "<P> [ Category: <mask> ] {content}",
                         {"0": "Company", "1": "Education", "2": "Artist", "3": "Athlete", "4": "Office",
                          "5": "Transportation", "6": "Building", "7": "Natural", "8": "Village", "9": "Animal",
@@ -111,6 +125,14 @@ def task_from_config(t) -> TaskSpec:
         over["template"], over["causal_template"] = t.template, ""
     if t.verbalizer:
         over["verbalizer"] = {str(k): v for k, v in t.verbalizer.items()}
+        # the user's own label values are read as they are, never through the built-in's map
+        verb = over["verbalizer"]
+        over["label_map"] = tuple((k, v) for k, v in spec.label_map
+                                  if k not in verb and (v in verb or v in spec.skip_labels))
+    if t.label_map:
+        over["label_map"] = tuple((str(k), str(v)) for k, v in t.label_map.items())
+    if t.text_columns or t.label_column:  # the user named the columns: no built-in aliases
+        over["column_aliases"] = ()
     if t.metric:
         over["metric"] = t.metric
     if t.skip_labels:
@@ -150,6 +172,13 @@ def check_spec(spec: TaskSpec, where: str = "task") -> None:
     dup = [w for w, n in Counter(spec.verbalizer.values()).items() if n > 1]
     if dup:
         raise ConfigError(f"{where}.verbalizer: word {dup[0]!r} is used for more than one label")
+    for key, label in spec.label_map:
+        if key in spec.verbalizer:
+            raise ConfigError(f"{where}.label_map: {key!r} is itself a label of {where}.verbalizer; a file's label "
+                              f"value must name one label (key the verbalizer by the file's values instead)")
+        if label not in spec.verbalizer and label not in spec.skip_labels:
+            raise ConfigError(f"{where}.label_map: {key!r} maps to {label!r}, which is not a label of "
+                              f"{where}.verbalizer ({', '.join(repr(x) for x in spec.verbalizer)}) or of skip_labels")
     if spec.metric not in ("accuracy", "f1"):
         raise ConfigError(f"{where}.metric = {spec.metric!r} is not 'accuracy' or 'f1'")
 
@@ -232,6 +261,13 @@ def _missing(where: str, kind: str, column: str, rec: dict, key: str) -> DataErr
                      f"set {key}")
 
 
+def _column(rec: dict, name: str, aliases: dict) -> str | None:
+    """The field of this record that holds column `name`: itself, or the first alias present."""
+    if name in rec:
+        return name
+    return next((a for a in aliases.get(name, ()) if a in rec), None)
+
+
 def load_examples(spec: TaskSpec, path: str, fmt: TableFormat = TableFormat()) -> list[Example]:
     """Read a data file into Examples; every label must be one of the verbalizer's."""
     if path.startswith(hub.PREFIX):
@@ -239,25 +275,33 @@ def load_examples(spec: TaskSpec, path: str, fmt: TableFormat = TableFormat()) -
     else:
         records = read_table(Path(path).expanduser(), fmt)
     label_index = {lab: i for i, lab in enumerate(spec.labels)}
+    label_map = dict(spec.label_map)
+    aliases = dict(spec.column_aliases)
     out = []
     for where, rec in records:
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected an object with fields, got {type(rec).__name__}")
-        if spec.label_column not in rec:
+        key = _column(rec, spec.label_column, aliases)
+        if key is None:
             raise _missing(where, "label", spec.label_column, rec, "task.label_column")
-        raw = rec[spec.label_column]
+        raw = rec[key]
         label = str(int(raw)) if isinstance(raw, (int, float)) and not isinstance(raw, bool) and float(raw).is_integer() \
             else str(raw).strip()
+        label = label_map.get(label, label)
         if label in spec.skip_labels:
             continue
         if label not in label_index:
-            raise DataError(f"{where}: label {label!r} is not in task.verbalizer "
-                            f"(labels: {', '.join(repr(x) for x in spec.labels)})")
+            mapped = f" or task.label_map ({', '.join(f'{k!r} -> {v!r}' for k, v in label_map.items())})" \
+                if label_map else ""
+            raise DataError(f"{where}: label {label!r} is not in task.verbalizer{mapped} "
+                            f"(labels: {', '.join(repr(x) for x in spec.labels)}); map the file's label values "
+                            f"with task.label_map or set task.verbalizer with them")
         texts = []
         for c in spec.text_columns:
-            if c not in rec:
+            key = _column(rec, c, aliases)
+            if key is None:
                 raise _missing(where, "text", c, rec, "task.text_columns")
-            v = rec[c]
+            v = rec[key]
             if not isinstance(v, str):
                 raise DataError(f"{where}: field '{c}' must be text, got {type(v).__name__}")
             # GLUE keeps a trailing space; Yelp has literal \n
