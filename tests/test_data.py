@@ -103,3 +103,34 @@ def test_test_rows_repeated_in_training_are_removed_by_normalized_text(tmp_path)
     data = prepare_data(cfg)
     assert data.overlap_removed == 1 and len(data.rows) == 20
     assert all("capital" not in r.instruction for r in data.rows)
+
+
+def test_conversations_in_openai_and_sharegpt_form_become_rows(tmp_path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+                      {"role": "assistant", "content": "6"}], "category": "math"}])
+    rows = load_rows(str(chat))  # detected from the first record
+    assert rows[0] == Row("Capital of France?", "", "Paris", "all", f"{chat}:1")
+    assert rows[1] == Row("and 3+3?", "System: Be brief.\n\nUser: 2+2?\n\nAssistant: 4", "6", "math", f"{chat}:2")
+    share = tmp_path / "share.json"
+    share.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
+    r = load_rows(str(share), "messages")[0]
+    assert (r.instruction, r.input, r.output) == ("hi", "", "hello")
+
+
+def test_a_conversation_that_does_not_end_with_the_assistant_names_the_record(tmp_path):
+    p = write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}]}])
+    with pytest.raises(DataError, match=r"c\.jsonl:2: a conversation must end with a user turn and the assistant's "
+                                        r"reply .* user -> assistant -> user"):
+        load_rows(str(p))
+    q = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                          {"role": "robot", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"q\.jsonl:1: messages\[1\]: 'role' is 'robot'"):
+        load_rows(str(q))
+    with pytest.raises(DataError, match=r"q\.jsonl: unknown data format 'sharegpt'"):
+        load_rows(str(q), "sharegpt")

@@ -45,7 +45,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str = opt("demo:skills", "instruction data: a .json/.jsonl file, a Hugging Face dataset (hub:DATASET[@CONFIG][:SPLIT], split train by default), or demo:skills (generated offline)")
-    format: Literal["auto", "dolly", "alpaca", "columns"] = opt("auto", "record schema; auto detects Dolly (instruction/context/response) or Alpaca (instruction/input/output)")
+    format: Literal["auto", "dolly", "alpaca", "messages", "columns"] = opt("auto", "record schema; auto detects Dolly (instruction/context/response), Alpaca (instruction/input/output) or a conversation (messages: OpenAI/TRL role/content turns, or ShareGPT's conversations: from/value), whose last turn (the assistant's) is the response, the user turn before it the instruction and earlier turns the input")
     columns: dict = opt({}, "with format='columns': map of instruction/input/output/category to your field names")
     test_path: str = opt("", "optional separate held-out test file (same schema); its rows are removed from training")
     template: Literal["alpaca", "chat", "plain"] = opt("alpaca", "prompt template: Shepherd's Alpaca template, the model's chat template, or plain 'instruction\\ninput\\n'")

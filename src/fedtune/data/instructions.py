@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.data import hub
+from fedtune.data import conversations, hub
 from fedtune.errors import DataError
 
 ROLES = ("instruction", "input", "output", "category")
@@ -106,8 +106,9 @@ def _detect_schema(records: list[tuple[str, dict]], path: str) -> dict:
     if "output" in first:
         return SCHEMAS["alpaca"]
     raise DataError(
-        f"{first_where}: cannot tell the schema: expected Dolly fields (instruction, context, response) "
-        f"or Alpaca fields (instruction, input, output); found {', '.join(sorted(first))}. "
+        f"{first_where}: cannot tell the schema: expected Dolly fields (instruction, context, response), "
+        f"Alpaca fields (instruction, input, output) or a conversation (messages or conversations); "
+        f"found {', '.join(sorted(first))}. "
         "Set data.format = 'columns' and data.columns = {instruction = ..., output = ...}"
     )
 
@@ -155,12 +156,19 @@ def load_rows(path: str, fmt: str = "auto", columns: dict | None = None) -> list
             raise DataError(f"{p}: expected a .json or .jsonl file (or hub:DATASET[@CONFIG][:SPLIT], or demo:skills)")
         records = _read_records(p)
         source = str(p)
-    if fmt == "columns":
+    if fmt == "auto" and records and conversations.is_conversation(records[0][1]):
+        fmt = "messages"
+    if fmt == "messages":
+        records = [(where, conversations.flatten(rec, where)) for where, rec in records]
+        mapping = SCHEMAS["alpaca"]
+    elif fmt == "columns":
         mapping = {r: (columns or {}).get(r) for r in ROLES}
     elif fmt == "auto":
         mapping = _detect_schema(records, source)
-    else:
+    elif fmt in SCHEMAS:
         mapping = SCHEMAS[fmt]
+    else:
+        raise DataError(f"{source}: unknown data format {fmt!r} (auto, dolly, alpaca, messages, columns)")
     return rows_from_records(records, mapping, source)
 
 
