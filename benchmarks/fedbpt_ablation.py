@@ -37,6 +37,9 @@ ROWS = {  # name -> overrides on top of the config (and of --set); each adds one
                                            "fedbpt.calibrate_fitness=true"],
     "generation": GENERATION,  # from the config's own start (e.g. configs/fedbpt_sst2.toml: the search's choice written in)
     "generation+search": [*GENERATION, "fedbpt.search=true"],
+    # the input prompt alone with the acceptance test: its CMA-ES mean replaces the prompt only when it scores lower
+    "generation+search+accept": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true", "fedbpt.deep_layers=1",
+                                 "fedbpt.deep_accept=true"],
     "generation+search+deep": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true"],
     "generation+search+deep+accept": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true", "fedbpt.deep_accept=true"],
 }

@@ -215,6 +215,14 @@ def test_a_deep_run_saves_a_prompt_that_classify_reads(tiny_llama, tmp_path):
         C.load(None, [*bpt_task(tmp_path), "fedbpt.deep=true"])
     with pytest.raises(ConfigError, match="fedbpt.deep_accept = true needs fedbpt.deep = true"):
         C.load(None, [*bpt_task(tmp_path), "fedbpt.mode='generation'", "fedbpt.deep_accept=true"])
+    with pytest.raises(ConfigError, match="fedbpt.deep_layers needs fedbpt.deep = true"):
+        C.load(None, [*bpt_task(tmp_path), "fedbpt.mode='generation'", "fedbpt.deep_layers=1"])
+    from fedtune.fedbpt.session import build_strategy
+
+    deep = [*bpt_task(tmp_path), "fedbpt.mode='generation'", "fedbpt.deep=true", f"model.name='{tiny_llama}'"]
+    with pytest.raises(ConfigError, match=r"fedbpt.deep_layers = 99, but .* has 2 layers"):
+        build_strategy(C.load(None, [*deep, "fedbpt.deep_layers=99"]), 2)
+    assert build_strategy(C.load(None, [*deep, "fedbpt.deep_layers=1"]), 2).active(9) == 0
 
 
 class SlopeBox(DeepRowBox):
@@ -235,19 +243,20 @@ def _pooled(zz):
     return total / sum(len(s) for s in SHARDS.values())
 
 
-def _accepting():
+def _accepting(tuned=0):
     return DeepGenerationStrategy(n_layers=LAYERS, rounds_per_layer=2, accept=True, intrinsic_dim=D, sigma0=0.6,
-                                  seed=9, popsize=5, perturb=False)
+                                  seed=9, popsize=5, perturb=False, tuned_layers=tuned)
 
 
-def test_with_acceptance_a_layers_mean_enters_the_prompt_only_when_it_lowers_the_pooled_loss():
-    strat = _accepting()
+@pytest.mark.parametrize("tuned", [0, 1, 2])  # every layer; the input prompt alone; layers 0 and 1
+def test_with_acceptance_a_layers_mean_enters_the_prompt_only_when_it_lowers_the_pooled_loss(tuned):
+    strat = _accepting(tuned)
     state = _sim(strat, _app(SlopeBox()), 9)
     # oracle, from the rule as documented: per-layer CMA-ES on candidates over the accepted prompt; the
     # proposal (accepted prompt, last-told layer at its new mean) replaces it when its pooled loss is lower
     acc, ess, probe, taken = np.zeros((LAYERS, D), np.float32), {}, (0, np.zeros(D, np.float32)), []
     for rnd in range(1, 10):
-        layer = ((rnd - 1) // 2) % LAYERS
+        layer = ((rnd - 1) // 2) % (tuned or LAYERS)
         es = ess[layer] if layer in ess else ess.setdefault(layer, _layer_es(layer))
         x = candidates(np.asarray(es.mean, np.float32), np.asarray(es.stds, np.float32), strat.round_seed(rnd), 5)
         zz = np.repeat(acc[None].astype(np.float64), 5, axis=0)
@@ -264,6 +273,8 @@ def test_with_acceptance_a_layers_mean_enters_the_prompt_only_when_it_lowers_the
             acc[probe[0]] = probe[1]
         probe = (layer, np.asarray(es.mean, np.float32))
     assert np.array_equal(state.global_arrays["layers"], acc)
+    assert [r["aggregate"]["layer"] for r in state.history] == [((r - 1) // 2) % (tuned or LAYERS) for r in range(1, 10)]
+    assert not acc[tuned or LAYERS:].any()  # the layers past deep_layers keep their zero offset
     assert [r["aggregate"]["proposal_accepted"] for r in state.history] == taken
     assert any(taken[1:]) and not all(taken[1:])  # both branches taken (round 1's proposal is the zero prompt)
     # the accepted prompt's pooled loss never rises (no minibatch: the test is on every row)
@@ -272,12 +283,14 @@ def test_with_acceptance_a_layers_mean_enters_the_prompt_only_when_it_lowers_the
     assert losses[-1] == pytest.approx(float(_pooled(acc[None].astype(np.float64))[0]), rel=1e-9)
     # still a few kilobytes down: after a switch, mean + std + the proposal (an accepted one by reference)
     assert max(c["bytes_down"] for r in state.history for c in r["clients"]) < 8 * 1024
-    again = _accepting()
+    again = _accepting(tuned)
     again.load_state(*strat.state())  # resume by replay reproduces the accepted prompt and the proposal
     assert np.array_equal(again.z, strat.z) and again.probe[0] == strat.probe[0]
     assert np.array_equal(again.probe[1], strat.probe[1])
     with pytest.raises(Exception, match="checkpoint was written with fedbpt mode 'generation-deep-accept'"):
         _strategy().load_state(*strat.state())
+    with pytest.raises(Exception, match=r"this run is 'generation-deep-accept', 3 \(3\)" if tuned else r"\(1\), 2"):
+        _accepting(0 if tuned else 1).load_state(*strat.state())
 
 
 def test_with_acceptance_a_client_that_lost_its_copy_is_resynced():

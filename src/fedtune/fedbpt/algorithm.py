@@ -68,6 +68,8 @@ def check_fedbpt(cfg) -> None:
              "fedbpt.separable and fedbpt.minibatch are for 'improved' and 'generation'")
     need(not fb.deep or fb.mode == "generation", "fedbpt.deep = true (deep prompts) runs in fedbpt.mode = 'generation'")
     need(not fb.deep_accept or fb.deep, "fedbpt.deep_accept = true needs fedbpt.deep = true")
+    need(fb.deep_layers >= 0, f"fedbpt.deep_layers must be >= 0 (0 = every layer), got {fb.deep_layers}")
+    need(not fb.deep_layers or fb.deep, "fedbpt.deep_layers needs fedbpt.deep = true")
     need(fb.deep_rounds_per_layer >= 1, f"fedbpt.deep_rounds_per_layer must be >= 1, got {fb.deep_rounds_per_layer}")
     if fb.mode == "generation":
         need(fb.bound == 0, "fedbpt.mode = 'generation' samples from the server's distribution without bounds: "

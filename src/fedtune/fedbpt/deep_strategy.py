@@ -1,6 +1,7 @@
 """Deep prompts in the one-generation mode (`fedbpt.deep = true`): one separable CMA-ES per
 layer, optimized layer by layer as BBTv2 divides and conquers (layer 0, 1, ..., L-1, then again),
-`fedbpt.deep_rounds_per_layer` rounds (generations) at a time; one round is one generation of the
+`fedbpt.deep_rounds_per_layer` rounds (generations) at a time (with `fedbpt.deep_layers` = k, only
+layers 0 .. k-1 take turns and the others keep a zero offset); one round is one generation of the
 active layer's ES across all selected clients, as in `generation.py`.
 
 The whole deep prompt is L x d values (60 KB at d = 500 on a 30-layer model), too much for every
@@ -70,8 +71,9 @@ def probe_of(ins_arrays: Arrays) -> tuple[int, np.ndarray]:
 
 
 class DeepGenerationStrategy(GenerationStrategy):
-    def __init__(self, *, n_layers: int, rounds_per_layer: int, accept: bool = False, **kw):
+    def __init__(self, *, n_layers: int, rounds_per_layer: int, accept: bool = False, tuned_layers: int = 0, **kw):
         self.n_layers, self.rounds_per_layer, self.accept = int(n_layers), int(rounds_per_layer), bool(accept)
+        self.tuned = int(tuned_layers) or self.n_layers  # layers 0 .. tuned-1 take turns; the rest stay zero
         super().__init__(**kw)
         self.mode = "generation-deep-accept" if self.accept else "generation-deep"
 
@@ -89,7 +91,7 @@ class DeepGenerationStrategy(GenerationStrategy):
         return self.popsize + (2 if "deep/accepted" in ins.arrays else 0)
 
     def active(self, rnd: int) -> int:
-        return ((max(rnd, 1) - 1) // self.rounds_per_layer) % self.n_layers
+        return ((max(rnd, 1) - 1) // self.rounds_per_layer) % self.tuned
 
     def _es(self, layer: int):
         import cma
@@ -177,15 +179,16 @@ class DeepGenerationStrategy(GenerationStrategy):
         arrays = {"deep/z": self.z.copy()}
         if self.log:
             arrays["log/fitness"] = np.stack(self.log)
-        return arrays, {"mode": self.mode, "rounds": len(self.log), "layers": self.n_layers,
+        return arrays, {"mode": self.mode, "rounds": len(self.log), "layers": self.n_layers, "tuned_layers": self.tuned,
                         "rounds_per_layer": self.rounds_per_layer, **self.dp.state()}
 
     def load_state(self, arrays: Arrays, meta: dict) -> None:
-        if meta.get("mode") != self.mode or meta.get("layers") != self.n_layers \
+        tuned = meta.get("tuned_layers", meta.get("layers"))  # checkpoints from before deep_layers tuned every layer
+        if meta.get("mode") != self.mode or meta.get("layers") != self.n_layers or tuned != self.tuned \
                 or meta.get("rounds_per_layer") != self.rounds_per_layer:
             raise FedtuneError(f"checkpoint was written with fedbpt mode {meta.get('mode')!r}, {meta.get('layers')} "
-                               f"layers, {meta.get('rounds_per_layer')} rounds per layer; this run is {self.mode!r}, "
-                               f"{self.n_layers}, {self.rounds_per_layer}")
+                               f"layers ({tuned} tuned), {meta.get('rounds_per_layer')} rounds per layer; this run is "
+                               f"{self.mode!r}, {self.n_layers} ({self.tuned}), {self.rounds_per_layer}")
         self._reset()
         self.dp.load_state(meta)
         width = self.popsize + (2 if self.accept else 0)

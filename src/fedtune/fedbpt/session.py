@@ -22,6 +22,7 @@ from fedtune.core.arrays import Arrays
 from fedtune.core.privacy import DPSettings, epsilon_text, privacy_summary
 from fedtune.data import partition as P
 from fedtune.data.instructions import normalize_text
+from fedtune.errors import ConfigError
 from fedtune.fedbpt import objective as O
 from fedtune.fedbpt.blackbox import BlackBoxLM
 from fedtune.fedbpt.encoded import Encoded, numpy_blas_single_threaded
@@ -105,8 +106,11 @@ def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | Generation
     fb, s = cfg.fedbpt, cfg.server
     dp = DPSettings.from_config(cfg.privacy, cfg.run.rounds)
     if fb.mode == "generation" and fb.deep:
-        return DeepGenerationStrategy(n_layers=model_layers(cfg.model), rounds_per_layer=fb.deep_rounds_per_layer,
-                                      accept=fb.deep_accept,
+        n_layers = model_layers(cfg.model)
+        if fb.deep_layers > n_layers:
+            raise ConfigError(f"fedbpt.deep_layers = {fb.deep_layers}, but {cfg.model.name} has {n_layers} layers")
+        return DeepGenerationStrategy(n_layers=n_layers, rounds_per_layer=fb.deep_rounds_per_layer,
+                                      accept=fb.deep_accept, tuned_layers=fb.deep_layers,
                                       intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                                       popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
                                       clients_per_round=s.clients_per_round, dp=dp)
