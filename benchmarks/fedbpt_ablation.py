@@ -38,6 +38,7 @@ ROWS = {  # name -> overrides on top of the config (and of --set); each adds one
     "generation": GENERATION,  # from the config's own start (e.g. configs/fedbpt_sst2.toml: the search's choice written in)
     "generation+search": [*GENERATION, "fedbpt.search=true"],
     # the input prompt alone with the acceptance test: its CMA-ES mean replaces the prompt only when it scores lower
+    "generation+accept": [*GENERATION, "fedbpt.deep=true", "fedbpt.deep_layers=1", "fedbpt.deep_accept=true"],
     "generation+search+accept": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true", "fedbpt.deep_layers=1",
                                  "fedbpt.deep_accept=true"],
     "generation+search+deep": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true"],
