@@ -85,6 +85,7 @@ def test_deep_offsets_match_a_plain_forward_with_the_offset_added_to_the_previou
         np.testing.assert_allclose(got[p], want, rtol=1e-4, atol=1e-5)
     plain = box.logits(prompts, enc, ids)  # no offsets: the hooks are idle, the deep part matters
     np.testing.assert_allclose(box.logits(prompts, enc, ids, np.zeros_like(deep)), plain, rtol=1e-5, atol=1e-6)
+    assert box._hooks.live == [False] * (n_layers - 1)  # all-zero offsets: every hook skipped
     assert np.abs(plain - got).max() > 1e-4  # well above the 1e-5 agreement with the oracle
     with pytest.raises(ValueError, match="deep prompt offsets must have shape"):
         box.logits(prompts, enc, ids, deep[:, :, :2])
@@ -137,6 +138,22 @@ def _layer_es(layer):
     return cma.CMAEvolutionStrategy(np.zeros(D), 0.6, es_options(
         9 + 0x44 * layer, popsize=5, CMA_diagonal=True, CMA_mirrors=0, verbose=-9,
         AdaptSigma=cma.sigma_adaptation.CMAAdaptSigmaCSA))
+
+
+def test_layers_left_at_zero_draw_no_projection_and_the_others_use_their_seeded_std_rule():
+    from fedtune.fedbpt.prompt import PROJECTION_STREAM, projection_std
+
+    proj = DeepProjection(ProjectionSpec(3, D, N_TOK, H, 0.5), [0.7, 2.0])
+    z = np.zeros((2, LAYERS, D), np.float32)
+    z[:, 0] = 1.0
+    first, deep = proj(z)
+    assert not deep.any() and proj._A == {}  # only the input prompt is tuned: no A_l drawn, no product
+    z[1, 2] = np.linspace(-1, 1, D)
+    _, deep = proj(z)
+    a2 = np.random.default_rng([3, PROJECTION_STREAM, 2]).standard_normal((N_TOK * H, D), dtype=np.float32)
+    a2 *= np.float32(projection_std(2.0, D, 1.0, 1.0))  # layer 2 entry std 2.0, BBT's rule (alpha 1, sigma 1)
+    np.testing.assert_allclose(deep[1, 1], (z[1, 2] @ a2.T).reshape(N_TOK, H), rtol=1e-5, atol=1e-6)
+    assert not deep[0].any() and not deep[:, 0].any() and sorted(proj._A) == [2]
 
 
 def test_layer_by_layer_generations_are_per_layer_cma_es_on_the_pooled_rows_bit_for_bit():

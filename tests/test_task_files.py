@@ -143,3 +143,10 @@ def test_a_label_map_reads_the_files_values_and_an_ambiguous_one_is_refused(tmp_
         _task("task.name='agnews'", "task.label_map={1 = '0'}")
     with pytest.raises(ConfigError, match=r"task.label_map: 'pos' maps to 'positive', which is not a label"):
         _task("task.label_map={pos = 'positive'}")
+
+
+def test_own_skip_labels_keep_the_builtin_label_map_valid():
+    # SNLI's built-in map sends "-" to "-1", a skip label; with the user's own skip labels the map keeps
+    # only what still names a label, instead of refusing a map the user never wrote
+    spec = _task("task.name='snli'", "task.skip_labels=['9']")
+    assert dict(spec.label_map) == {"entailment": "0", "neutral": "1", "contradiction": "2"}

@@ -246,6 +246,8 @@ class BlackBoxLM:
             slots = self._slot_base.to(dev)[None] + torch.as_tensor(prompts, device=dev)  # (P, n, H)
             label = torch.as_tensor(label_ids, device=dev)
             self._deep_now = None if deep is None else torch.as_tensor(self._check_deep(deep, p_count), device=dev)
+            if self._deep_now is not None:  # the layers whose offsets are all zero in this call are skipped
+                self._hooks.live = self._deep_now.flatten(2).any(dim=2).any(dim=0).tolist()
             try:
                 if self._sharing_pays(enc, p_count):
                     self._forward_shared(tok_emb, slots, enc, lengths, answer, label, out)

@@ -36,11 +36,14 @@ def transformer_layers(model):
 
 class DeepHooks:
     """Pre-hooks on layers 1..L-1 that add the current forward's offsets at the prompt positions.
-    `now` is (offsets (rows, L-1, n, H), positions (rows, n)) during a deep forward, else None."""
+    `now` is (offsets (rows, L-1, n, H), positions (rows, n)) during a deep forward, else None;
+    `live[l - 1]` says whether layer l's offsets are nonzero in the current call (those that are
+    all zero, e.g. the layers past `fedbpt.deep_layers`, are skipped)."""
 
     def __init__(self, model):
         self.layers = transformer_layers(model)
         self.now = None
+        self.live: list[bool] = []
         for i, layer in enumerate(self.layers):
             if i > 0:
                 layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
@@ -49,7 +52,7 @@ class DeepHooks:
         import torch
 
         def hook(module, args, kwargs):
-            if self.now is None:
+            if self.now is None or not self.live[i - 1]:  # a zero offset changes nothing: skip the copy
                 return None
             add, pos = self.now
             h = args[0] if args else kwargs["hidden_states"]
@@ -82,17 +85,21 @@ class DeepProjection:
     def __init__(self, spec: ProjectionSpec, layer_stds: list[float], first: Projection | None = None):
         self.spec, self.layer_stds = spec, list(layer_stds)
         self.first = first or Projection(spec)  # the input layer's A_0: the caller's, when it has one
-        rows = spec.n_prompt_tokens * spec.hidden_size
-        self.A = []
-        for i, s in enumerate(self.layer_stds, start=1):
-            rng = np.random.default_rng([spec.seed, PROJECTION_STREAM, i])
-            a = rng.standard_normal((rows, spec.intrinsic_dim), dtype=np.float32)
-            a *= np.float32(projection_std(s, spec.intrinsic_dim, spec.alpha, spec.sigma))
-            self.A.append(a)
+        self._A: dict[int, np.ndarray] = {}  # layer -> A_l, drawn when a z row of that layer is first nonzero
+
+    def matrix(self, layer: int) -> np.ndarray:
+        """A_l (l >= 1), (n * H, d), from the seed's stream for layer l with layer l's std rule."""
+        if layer not in self._A:
+            spec = self.spec
+            rng = np.random.default_rng([spec.seed, PROJECTION_STREAM, layer])
+            a = rng.standard_normal((spec.n_prompt_tokens * spec.hidden_size, spec.intrinsic_dim), dtype=np.float32)
+            a *= np.float32(projection_std(self.layer_stds[layer - 1], spec.intrinsic_dim, spec.alpha, spec.sigma))
+            self._A[layer] = a
+        return self._A[layer]
 
     @property
     def layers(self) -> int:
-        return 1 + len(self.A)
+        return 1 + len(self.layer_stds)
 
     def __call__(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = np.asarray(z, dtype=np.float32)
@@ -102,6 +109,8 @@ class DeepProjection:
             raise ValueError(f"deep z has shape {z.shape[1:]}, expected ({self.layers}, {self.spec.intrinsic_dim})")
         n, h = self.spec.n_prompt_tokens, self.spec.hidden_size
         first = self.first(z[:, 0])
-        deep = np.stack([(z[:, i + 1] @ a.T).reshape(len(z), n, h) for i, a in enumerate(self.A)], axis=1) \
-            if self.A else np.zeros((len(z), 0, n, h), dtype=np.float32)
+        deep = np.zeros((len(z), self.layers - 1, n, h), dtype=np.float32)
+        for layer in range(1, self.layers):
+            if z[:, layer].any():  # A_l 0 = 0: layers left at zero (past fedbpt.deep_layers) cost nothing
+                deep[:, layer - 1] = (z[:, layer] @ self.matrix(layer).T).reshape(len(z), n, h)
         return first, deep

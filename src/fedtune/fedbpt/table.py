@@ -1,9 +1,9 @@
 """Task files as they come: .csv / .tsv (with a header row, or headerless with the column names
-given in config; a tab-separated .txt, as MRPC and SNLI release theirs, reads as .tsv), .jsonl and .json. A UTF-8 byte-order mark is dropped; header names keep any
-character (spaces, '#', punctuation); TSV is read unquoted (GLUE's sentences may start with a
-quote mark) unless it is quoted, which `quoting = "auto"` tells from the header row or from
-rows that only parse as quoted. Every record carries its source as `file:line`, and every
-failure names the file and line."""
+given in config; a tab-separated .txt, as MRPC and SNLI release theirs, reads as .tsv), .jsonl
+and .json. A UTF-8 byte-order mark is dropped; header names keep any character (spaces, '#',
+punctuation); TSV is read unquoted (GLUE's sentences may start with a quote mark) unless it is
+quoted, which `quoting = "auto"` tells from the header row or from rows that only parse as quoted.
+Every record carries its source as `file:line`, and every failure names the file and line."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def read_table(path: Path, fmt: TableFormat = TableFormat()) -> list[tuple[str, 
         if not isinstance(obj, list):
             raise DataError(f"{path}: expected a JSON list of objects")
         return [(f"{path}[{i}]", r) for i, r in enumerate(obj)]
-    raise DataError(f"{path}: expected a .csv, .tsv (or tab-separated .txt), .jsonl or .json file (or hub:DATASET[@CONFIG][:SPLIT])")
+    raise DataError(f"{path}: expected a .csv, .tsv (or tab-separated .txt), .jsonl or .json file "
+                    "(or hub:DATASET[@CONFIG][:SPLIT])")
 
 
 def _rows(text: str, delimiter: str, quoted: bool) -> list[tuple[int, list[str]]]:

@@ -70,7 +70,7 @@ class TaskSpec:
 # those of the Hugging Face datasets, so hub ids and exported files load as they are. BBT's templates
 # are for masked LMs, where <mask> may sit anywhere; a causal LM predicts the label word from what
 # precedes it, so where BBT puts the answer before a text field, `causal_template` puts it last.
-# The aliases read GLUE's own TSVs (RTE's and QNLI's label words, MRPC's "#1 String" columns) and SNLI's
+# The aliases read GLUE's own TSVs (RTE's label words, MRPC's "#1 String" columns) and SNLI's
 # release files (sentence1 / sentence2 / gold_label) as they come.
 _ENTAIL = (("entailment", "0"), ("not_entailment", "1"))
 _NLI = (("entailment", "0"), ("neutral", "1"), ("contradiction", "2"), ("-", "-1"))
@@ -125,18 +125,17 @@ def task_from_config(t) -> TaskSpec:
         over["template"], over["causal_template"] = t.template, ""
     if t.verbalizer:
         over["verbalizer"] = {str(k): v for k, v in t.verbalizer.items()}
-        # the user's own label values are read as they are, never through the built-in's map
-        verb = over["verbalizer"]
-        over["label_map"] = tuple((k, v) for k, v in spec.label_map
-                                  if k not in verb and (v in verb or v in spec.skip_labels))
-    if t.label_map:
-        over["label_map"] = tuple((str(k), str(v)) for k, v in t.label_map.items())
     if t.text_columns or t.label_column:  # the user named the columns: no built-in aliases
         over["column_aliases"] = ()
     if t.metric:
         over["metric"] = t.metric
     if t.skip_labels:
         over["skip_labels"] = tuple(str(x) for x in t.skip_labels)
+    if t.label_map:
+        over["label_map"] = tuple((str(k), str(v)) for k, v in t.label_map.items())
+    else:  # the built-in's map, for the labels the task ends up with; the user's own label values read as they are
+        verb, skip = over.get("verbalizer", spec.verbalizer), over.get("skip_labels", spec.skip_labels)
+        over["label_map"] = tuple((k, v) for k, v in spec.label_map if k not in verb and (v in verb or v in skip))
     spec = replace(spec, **over)
     check_spec(spec, "task")
     return spec
