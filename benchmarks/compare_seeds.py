@@ -7,6 +7,13 @@ points below the centralized variant of the same seed. No training: it only read
 
     .venv/bin/python benchmarks/compare_seeds.py runs/cmp_s17 runs/cmp_s17_seed1 \
         --extra "runs/cmp_s17:federated fedavg=runs/demo_s16" --json docs/benchmarks/compare_seeds.json
+
+One seed may be several folders joined by "+" (the same seed run at other settings, such as another
+`train.lr`); `--tag FOLDER=SUFFIX` appends SUFFIX to that folder's variant names. Each variant's gap is
+then measured against the centralized variant of its own folder (the same settings), and also
+against the seed's best centralized variant over its folders (each side at its best setting):
+
+    .venv/bin/python benchmarks/compare_seeds.py runs/cmp_s17+runs/cmp_lr4 --tag "runs/cmp_lr4= @lr4e-3"
 """
 
 from __future__ import annotations
@@ -37,43 +44,90 @@ def read_run(run: Path) -> dict:
     return {m: final[m] for m in METRICS}
 
 
+def read_seed(spec: str, tags: dict[str, str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """One seed: variant name -> metrics over its folders ('+'-joined), and variant -> its folder's centralized."""
+    merged: dict[str, dict] = {}
+    own: dict[str, str] = {}
+    for part in spec.split("+"):
+        tag = tags.get(part, "")
+        for name, metrics in read_folder(Path(part)).items():
+            if name + tag in merged:
+                raise SystemExit(f"{spec}: variant {name + tag!r} is in two of its folders; name them apart with "
+                                 f"--tag {part}=SUFFIX")
+            merged[name + tag] = metrics
+            own[name + tag] = "centralized" + tag
+    return merged, own
+
+
+def gap(seed: dict[str, dict], against: str | None, name: str) -> float | None:
+    if against is None or against not in seed:
+        return None
+    return 100 * (seed[against]["exact_match"] - seed[name]["exact_match"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folders", nargs="+", type=Path, help="compare folders, one per seed")
+    ap.add_argument("folders", nargs="+", help="compare folders, one per seed (A+B: one seed's folders)")
     ap.add_argument("--extra", action="append", default=[],
                     help="FOLDER:VARIANT=RUN_DIR: the variant of that folder's seed, from a `fedtune run` folder")
+    ap.add_argument("--tag", action="append", default=[],
+                    help="FOLDER=SUFFIX: append SUFFIX to the variant names of that folder")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    seeds = {str(f): read_folder(f) for f in args.folders}
+    tags = {}
+    for spec in args.tag:
+        folder, sep, suffix = spec.partition("=")
+        if not sep or not suffix:
+            raise SystemExit(f"--tag {spec!r}: expected FOLDER=SUFFIX")
+        tags[folder] = suffix
+    unknown = set(tags) - {p for f in args.folders for p in f.split("+")}
+    if unknown:
+        raise SystemExit(f"--tag names folders that are not given: {sorted(unknown)}")
+    seeds, own = {}, {}
+    for spec in args.folders:
+        seeds[spec], own[spec] = read_seed(spec, tags)
     for spec in args.extra:
         head, _, run = spec.partition("=")
         folder, _, variant = head.partition(":")
         if folder not in seeds or not variant or not run:
             raise SystemExit(f"--extra {spec!r}: expected FOLDER:VARIANT=RUN_DIR with FOLDER one of {list(seeds)}")
         seeds[folder][variant] = read_run(Path(run))
+        own[folder][variant] = "centralized"
+    best = {}
     for folder, variants in seeds.items():
-        if "centralized" not in variants:
+        central = [n for n in variants if n in own[folder].values()]
+        if not central:
             raise SystemExit(f"{folder}: no centralized variant to measure the gap against")
+        best[folder] = max(central, key=lambda n: variants[n]["exact_match"])
+    merged = any("+" in f for f in seeds)
 
-    names = sorted({n for v in seeds.values() for n in v}, key=lambda n: (n != "centralized", n))
+    names = sorted({n for v in seeds.values() for n in v}, key=lambda n: (not n.startswith("centralized"), n))
     rows = []
-    print(f"{'variant':34s} {'seeds':>5s} {'loss':>8s} {'ROUGE-L':>8s} {'EM':>7s} {'EM per seed':>24s} {'gap':>6s}")
+    head = f"{'variant':34s} {'seeds':>5s} {'loss':>8s} {'ROUGE-L':>8s} {'EM':>7s} {'EM per seed':>24s} {'gap':>6s}"
+    print(head + (f" {'gap to best centralized':>24s}" if merged else ""))
     for name in names:
         runs = {f: v[name] for f, v in seeds.items() if name in v}
         em = [r["exact_match"] for r in runs.values()]
-        gaps = [100 * (seeds[f]["centralized"]["exact_match"] - r["exact_match"]) for f, r in runs.items()]
+        central = all(own[f][name] == name for f in runs)
+        gaps = [gap(seeds[f], own[f][name], name) for f in runs]
+        gaps = None if central or None in gaps else gaps
+        best_gaps = [gap(seeds[f], best[f], name) for f in runs]
         row = {"variant": name, "seeds": list(runs), "per_seed": runs,
                "mean": {m: statistics.fmean(r[m] for r in runs.values()) for m in METRICS},
-               "gap_points_mean": statistics.fmean(gaps) if name != "centralized" else None,
-               "gap_points_per_seed": gaps if name != "centralized" else None}
+               "gap_points_mean": statistics.fmean(gaps) if gaps else None, "gap_points_per_seed": gaps}
+        if merged:
+            row["best_centralized"] = {f: best[f] for f in runs}
+            row["gap_to_best_centralized_mean"] = statistics.fmean(best_gaps)
+            row["gap_to_best_centralized_per_seed"] = best_gaps
         rows.append(row)
         per = " / ".join(f"{100 * e:.1f}" for e in em)
-        gap = f"{row['gap_points_mean']:6.1f}" if name != "centralized" else "      "
+        shown = f"{row['gap_points_mean']:6.1f}" if gaps else "      "
+        extra = f" {row['gap_to_best_centralized_mean']:24.1f}" if merged else ""
         print(f"{name:34s} {len(runs):5d} {row['mean']['loss']:8.4f} {100 * row['mean']['rouge_l']:7.1f}% "
-              f"{100 * row['mean']['exact_match']:6.1f}% {per:>24s} {gap}")
+              f"{100 * row['mean']['exact_match']:6.1f}% {per:>24s} {shown}{extra}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"folders": list(seeds), "extra": args.extra, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"folders": list(seeds), "extra": args.extra, "tags": tags, "rows": rows}, indent=2))
     return 0
 
 
