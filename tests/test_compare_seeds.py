@@ -23,7 +23,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
 
 
-def test_gaps_per_folder_and_to_the_best_centralized_of_a_seed(tmp_path):
+def test_gaps_per_folder_and_to_the_best_centralized_setting(tmp_path):
     a1 = folder(tmp_path / "a1", {"centralized": 0.80, "federated x": 0.60})
     b1 = folder(tmp_path / "b1", {"centralized": 0.70, "federated x": 0.65})   # seed 1 at another setting
     a2 = folder(tmp_path / "a2", {"centralized": 0.90, "federated x": 0.75})
@@ -36,11 +36,12 @@ def test_gaps_per_folder_and_to_the_best_centralized_of_a_seed(tmp_path):
     # against its own folder's centralized: (80-60, 90-75) and (70-65, 95-85)
     assert rows["federated x"]["gap_points_per_seed"] == pytest.approx([20.0, 15.0])
     assert rows["federated x @b"]["gap_points_per_seed"] == pytest.approx([5.0, 10.0])
-    # against the seed's best centralized: seed 1's is a1's (80), seed 2's is b2's (95)
-    assert rows["federated x @b"]["gap_to_best_centralized_per_seed"] == pytest.approx([15.0, 10.0])
-    assert rows["federated x"]["gap_to_best_centralized_per_seed"] == pytest.approx([20.0, 20.0])
+    # against the best centralized setting, one for all seeds: 'centralized' (mean 85) over '@b' (mean 82.5)
+    assert rows["federated x @b"]["best_centralized"] == "centralized"
+    assert rows["federated x @b"]["gap_to_best_centralized_per_seed"] == pytest.approx([15.0, 5.0])
+    assert rows["federated x"]["gap_to_best_centralized_per_seed"] == pytest.approx([20.0, 15.0])
     assert rows["centralized @b"]["gap_points_per_seed"] is None
-    assert rows["centralized @b"]["gap_to_best_centralized_per_seed"] == pytest.approx([10.0, 0.0])
+    assert rows["centralized @b"]["gap_to_best_centralized_per_seed"] == pytest.approx([10.0, -5.0])
 
 
 def test_the_same_variant_in_two_folders_of_a_seed_must_be_tagged(tmp_path):
