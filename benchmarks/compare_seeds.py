@@ -116,11 +116,11 @@ def main() -> int:
         central = all(own[f][name] == name for f in runs)
         gaps = [gap(seeds[f], own[f][name], name) for f in runs]
         gaps = None if central or None in gaps else gaps
-        best_gaps = [gap(seeds[f], best_name, name) for f in runs]
         row = {"variant": name, "seeds": list(runs), "per_seed": runs,
                "mean": {m: statistics.fmean(r[m] for r in runs.values()) for m in METRICS},
                "gap_points_mean": statistics.fmean(gaps) if gaps else None, "gap_points_per_seed": gaps}
         if merged:
+            best_gaps = [gap(seeds[f], best_name, name) for f in runs]
             row["best_centralized"] = best_name
             row["gap_to_best_centralized_mean"] = statistics.fmean(best_gaps)
             row["gap_to_best_centralized_per_seed"] = best_gaps
@@ -131,7 +131,8 @@ def main() -> int:
         print(f"{name:34s} {len(runs):5d} {row['mean']['loss']:8.4f} {100 * row['mean']['rouge_l']:7.1f}% "
               f"{100 * row['mean']['exact_match']:6.1f}% {per:>24s} {shown}{extra}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"folders": list(seeds), "extra": args.extra, "tags": tags, "rows": rows}, indent=2))
+        out = {"folders": list(seeds), "extra": args.extra, "tags": tags, "rows": rows}
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
