@@ -190,8 +190,8 @@ class NvflareSection:
 @dataclass
 class TaskSection:
     name: str = opt("sst2", "FedBPT classification task: a built-in (sst2, yelp, agnews, mrpc, rte, snli, dbpedia) with BBT's template and verbalizer, or 'custom' (then set text_columns, template and verbalizer)")
-    train_path: str = opt("", "training file (.csv, .tsv, .jsonl, .json; header/fields name the columns), or hub:DATASET[@CONFIG]:SPLIT; '' = the built-in task's Hugging Face dataset")
-    test_path: str = opt("", "test file, same format; '' = the built-in task's Hugging Face test split. Never used for selection")
+    train_path: str = opt("", "training file (.csv, .tsv, .jsonl, .json; header/fields name the columns), or hub:DATASET[@CONFIG]:SPLIT; '' = the built-in task's Hugging Face dataset (refused when test_path is a local file)")
+    test_path: str = opt("", "test file, same format, or the training file itself with test_max_rows > 0 (those rows are held out of training); '' = the built-in task's Hugging Face test split (refused when train_path is a local file). Never used for selection")
     text_columns: list = opt([], "override: text columns, each filled into the template as {column}")
     label_column: str = opt("", "override: label column ('' = the task's, 'label' for custom)")
     template: str = opt("", "override: template with {column} fields, the prompt slot <P> (default: at the start) and the answer slot <mask>; for causal LMs the label word is the next token after the text before <mask>")
