@@ -32,7 +32,8 @@ def test_the_same_file_for_train_and_test_needs_rows_held_out(tmp_path):
     path = _tsv(tmp_path)
     with pytest.raises(ConfigError, match="task.test_max_rows = 0"):
         prepare_task(_cfg(f"task.train_path={str(path)!r}", f"task.test_path={str(path)!r}"))
-    data = prepare_task(_cfg(f"task.train_path={str(path)!r}", f"task.test_path={str(path)!r}", "task.test_max_rows=10"))
+    both = (f"task.train_path={str(path)!r}", f"task.test_path={str(path)!r}")
+    data = prepare_task(_cfg(*both, "task.test_max_rows=10"))
     test = {e.texts for e in data.test}
     assert len(test) == 10 and not test & {e.texts for e in data.train + data.dev}
     assert len(data.train) == 8 and len(data.dev) == 4
