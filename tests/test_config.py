@@ -80,6 +80,16 @@ def test_cross_field_checks():
         C.load(None, ["server.fraction=0"])
 
 
+def test_a_batch_smaller_than_the_default_micro_batch_is_one_forward():
+    """batch_size = 4 with the default micro_batch_size (8) was refused as 'not a multiple'."""
+    from fedtune.data.instructions import Tokenized
+    from fedtune.fedit.train import micro_batches
+
+    cfg = C.load(None, ["train.batch_size=4", "train.group_by_length=false"])
+    rows = [Tokenized(list(range(5, 5 + n)), list(range(5, 5 + n))) for n in (7, 9, 11, 13)]
+    assert micro_batches(rows, cfg.train) == [rows]
+
+
 def test_invalid_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         C.load(tmp_path / "nope.toml")

@@ -272,8 +272,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     need(all(isinstance(m, str) for m in cfg.lora.target_modules) and cfg.lora.target_modules,
          "lora.target_modules must be a non-empty list of module names")
     need(cfg.train.batch_size >= 1 and cfg.train.micro_batch_size >= 1, "train.batch_size and train.micro_batch_size must be >= 1")
-    need(cfg.train.batch_size % cfg.train.micro_batch_size == 0,
-         f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batch_size ({cfg.train.micro_batch_size})")
+    need(cfg.train.micro_batch_size >= cfg.train.batch_size or cfg.train.batch_size % cfg.train.micro_batch_size == 0,
+         f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.micro_batch_size ({cfg.train.micro_batch_size})"
+         " (or train.micro_batch_size >= train.batch_size: no accumulation)")
     need(cfg.train.lr > 0, "train.lr must be > 0")
     need(cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0")
     need(cfg.train.micro_batch_overhead_tokens >= 0,
