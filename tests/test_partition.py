@@ -63,3 +63,16 @@ def test_stratified_subset_covers_categories():
     sub = P.stratified_subset(items, CATS, 16)
     assert len(sub) == 16
     assert {CATS[i] for i in sub} == set("abcdefgh")
+
+
+@pytest.mark.parametrize("method", ["shards", "dirichlet"])
+def test_a_split_by_category_of_one_category_data_warns(method, caplog):
+    with caplog.at_level("WARNING", logger="fedtune.data.partition"):
+        parts = P.partition(["all"] * 60, method, 3, 0, min_size=5)
+    assert sum(len(p) for p in parts) == 60
+    assert "every row has the same one ('all')" in caplog.text and "data.columns.category" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedtune.data.partition"):
+        P.partition(["a", "b"] * 30, method, 3, 0, min_size=5)
+        P.partition(["all"] * 60, "iid", 3, 0)
+    assert not caplog.text

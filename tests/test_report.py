@@ -133,3 +133,21 @@ def test_report_for_a_fedbpt_shaped_run(tmp_path):
     assert "held-out dev_accuracy" in text and "dev_score" not in text and "dev_rows" not in text
     assert "![fedbpt_rounds.png](plots/fedbpt_rounds.png)" in text  # a recipe's own plot is kept
     _png_size(run / "plots" / "client_train_loss.png")
+
+
+def test_the_console_table_lists_categories_only_when_there_are_several():
+    from rich.console import Console
+
+    from fedtune.summary_console import print_summary
+
+    def text(final):
+        console = Console(record=True, width=200)
+        print_summary({"algorithm": "fedit", "rounds": 2, "seconds": 1.0, "final": final,
+                       "base": {"loss": 1.5, "exact_match": 0.0}}, console)
+        return console.export_text()
+
+    one = text({"loss": 1.25, "exact_match": 0.5, "exact_match_by_category": {"all": 0.5}})
+    assert one.count("all") == 1 and "1.2500" in one  # before: a second "all" row with no loss
+    two = text({"loss": 1.25, "exact_match": 0.5, "exact_match_by_category": {"qa": 0.25, "math": 0.75},
+                "loss_by_category": {"qa": 1.0, "math": 1.5}})
+    assert "qa" in two and "math" in two and "25.0%" in two and "75.0%" in two and "all" in two

@@ -40,7 +40,7 @@ def print_summary(summary: dict, console) -> None:
             cells.append(_fmt(get(final, key_loss)))
             table.add_row(*cells)
 
-        for c in cats:
+        for c in cats if len(cats) > 1 else ():  # one category: the "all" row says it (no copy of it)
             row(c, "exact_match_by_category", "loss_by_category", lambda d, k: d.get(k, {}).get(c))
         row("[bold]all[/]", "exact_match", "loss", lambda d, k: d.get(k))
         console.print(table)

@@ -7,11 +7,14 @@ serve instruction data (category = Dolly category or demo skill) and classificat
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import numpy as np
 
 from fedtune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def holdout_stratified(categories: list[str], per_category: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +93,10 @@ def partition(categories: list[str], method: str, num_clients: int, seed: int, *
     if n < num_clients:
         raise DataError(f"{n} training rows cannot be split across {num_clients} clients: lower "
                         "partition.num_clients (or partition.test_per_category), or give more data")
+    if method in ("shards", "dirichlet") and len(set(categories)) == 1:
+        log.warning("partition.method = '%s' splits by category, but every row has the same one (%r): the clients "
+                    "get rows of one kind, only their numbers differ. Instruction data: name the category field with "
+                    "data.format = 'columns' and data.columns.category", method, categories[0])
     if method == "iid":
         parts = iid(n, num_clients, seed)
     elif method == "shards":
