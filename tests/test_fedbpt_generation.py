@@ -131,3 +131,25 @@ def test_a_minibatch_is_the_same_rows_for_every_candidate_and_fresh_each_round()
         assert res.arrays["rows"][0] == 3 and res.num_examples == 7
     assert len(seen) == 2 and all(len(r) == 3 for r in seen)  # one forward for all 4 candidates, on 3 rows
     assert seen[0] != seen[1]
+
+
+def test_the_mean_learning_rate_scales_the_first_step_and_reaches_cma():
+    """From a zero mean, one generation moves the mean to mean_lr times the recombination of the
+    best candidates (linearity: the same candidates and fitness at mean_lr 1 give the full step)."""
+    full, strat_full, _ = _run(1)
+    quarter = GenerationStrategy(intrinsic_dim=D, sigma0=0.8, seed=11, popsize=6, perturb=False, mean_lr=0.25)
+    part, strat_part, _ = _run(1, strat=quarter)
+    np.testing.assert_allclose(np.asarray(strat_part.es.mean), 0.25 * np.asarray(strat_full.es.mean), rtol=1e-12)
+    assert np.linalg.norm(strat_full.es.mean) > 1.0  # a real step, not a zero mean both ways
+    assert strat_part.es.opts["CMA_cmean"] == 0.25
+
+
+def test_mean_lr_is_checked_in_config():
+    from fedtune import config as C
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"fedbpt.mean_lr must be in \(0, 1\]"):
+        C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='generation'", "fedbpt.mean_lr=0"])
+    with pytest.raises(ConfigError, match="applies to the one-generation mode"):
+        C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='improved'", "fedbpt.mean_lr=0.5"])
+    assert C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='generation'", "fedbpt.mean_lr=0.5"]).fedbpt.mean_lr == 0.5

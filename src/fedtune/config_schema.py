@@ -219,6 +219,7 @@ class FedBPTSection:
     proj_alpha: float = opt(1.0, "projection: A ~ N(0, std^2), std = proj_alpha * word-embedding std / (sqrt(d) * proj_sigma)")
     proj_sigma: float = opt(1.0, "projection: the sigma in A's std rule")
     sigma0: float = opt(1.0, "initial CMA-ES step size")
+    mean_lr: float = opt(1.0, "generation mode: the learning rate of the global CMA-ES mean (cma's CMA_cmean): each generation the mean moves this fraction of the way to the weighted recombination of the best candidates; below 1 averages out the noise of minibatch fitness (a random walk of the mean when ranks are noise); 1 = standard CMA-ES")
     popsize: int = opt(5, "CMA-ES population size (local ES; generation: the global ES's candidates per round)")
     separable: bool = opt(False, "improved: local CMA-ES with a diagonal covariance (cma's CMA_diagonal; generation mode always is)")
     calibration: Literal["none", "batch", "content_free"] = opt("none", "calibrate the verbalizer's class scores in every evaluation (dev, test, zero prompt): batch = divide by the class probabilities averaged over the rows scored (Zhou et al. 2024); content_free = by those of content-free inputs ('N/A', '[MASK]', '') in the same template (Zhao et al. 2021)")

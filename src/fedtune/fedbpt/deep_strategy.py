@@ -98,7 +98,8 @@ class DeepGenerationStrategy(GenerationStrategy):
 
         if layer not in self.ess:
             self.ess[layer] = cma.CMAEvolutionStrategy(np.zeros(self.d), self.sigma0,
-                                                       inopts=es_settings(self.seed + DEEP_STREAM * layer, self.popsize))
+                                                       inopts=es_settings(self.seed + DEEP_STREAM * layer, self.popsize,
+                                                                          self.mean_lr))
         return self.ess[layer]
 
     def _global_for(self, rnd: int) -> Arrays:

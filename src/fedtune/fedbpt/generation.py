@@ -45,15 +45,15 @@ GEN_STREAM = 0x6E  # seed stream of each round's candidates
 MINIBATCH_STREAM = 0x4D  # seed stream of a client's minibatch, per round
 
 
-def es_settings(seed: int, popsize: int) -> dict:
+def es_settings(seed: int, popsize: int, mean_lr: float = 1.0) -> dict:
     """The global ES's `cma` options. cma may add samples of its own to a generation: two line
     samples for its step-size rule for a diagonal ES (TPA; CSA needs none) and mirrored pairs
     for small populations. The clients score exactly the candidates `candidates` draws, so
-    neither is used."""
+    neither is used. `mean_lr` is cma's learning rate for the mean (`CMA_cmean`, 1 = standard)."""
     import cma
 
     return es_options(seed, popsize=popsize, CMA_diagonal=True, CMA_mirrors=0, verbose=-9,
-                      AdaptSigma=cma.sigma_adaptation.CMAAdaptSigmaCSA)
+                      AdaptSigma=cma.sigma_adaptation.CMAAdaptSigmaCSA, CMA_cmean=float(mean_lr))
 
 
 def candidates(mean: np.ndarray, std: np.ndarray, seed: int, popsize: int) -> np.ndarray:
@@ -104,9 +104,11 @@ def dp_fitness(results: list[FitRes], ledger: DPLedger, rnd: int) -> tuple[np.nd
 
 class GenerationStrategy(SelectingStrategy):
     def __init__(self, *, intrinsic_dim: int, sigma0: float, seed: int, popsize: int, perturb: bool,
-                 fraction: float = 1.0, clients_per_round: int = 0, dp: DPSettings | None = None):
+                 fraction: float = 1.0, clients_per_round: int = 0, dp: DPSettings | None = None,
+                 mean_lr: float = 1.0):
         super().__init__(seed, fraction, clients_per_round)
         self.d, self.sigma0, self.popsize, self.perturb = intrinsic_dim, float(sigma0), popsize, perturb
+        self.mean_lr = float(mean_lr)
         if dp is not None and dp.mode != "central":
             raise ValueError("the one-generation mode with DP: central DP")
         self.dp = DPLedger(dp)
@@ -131,7 +133,7 @@ class GenerationStrategy(SelectingStrategy):
     def _reset(self) -> None:
         import cma
 
-        self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), self.sigma0, inopts=es_settings(self.seed, self.popsize))
+        self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), self.sigma0, inopts=es_settings(self.seed, self.popsize, self.mean_lr))
         self.log: list[np.ndarray] = []  # each round's fitness values, what a resume replays
 
     def _global(self) -> Arrays:

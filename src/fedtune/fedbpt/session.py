@@ -130,11 +130,11 @@ def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | Generation
                                       accept=fb.deep_accept, tuned_layers=fb.deep_layers,
                                       intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                                       popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
-                                      clients_per_round=s.clients_per_round, dp=dp)
+                                      clients_per_round=s.clients_per_round, dp=dp, mean_lr=fb.mean_lr)
     if fb.mode == "generation":
         return GenerationStrategy(intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
                                   popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
-                                  clients_per_round=s.clients_per_round, dp=dp)
+                                  clients_per_round=s.clients_per_round, dp=dp, mean_lr=fb.mean_lr)
     fixes = Fixes(fb.distinct_seeds, fb.weight_by_size, fb.sigma_decay, fb.sigma_min, fb.prompt_norm_max,
                   fb.select_on_dev)
     return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
