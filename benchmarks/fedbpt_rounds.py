@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 
@@ -35,10 +36,9 @@ def read_run(folder: Path) -> dict:
             sys.exit(f"error: {metrics}, line {n}: no eval.dev_loss (the run evaluated no dev split that round)")
         rounds.append({"round": rec["round"], "dev_loss": ev["dev_loss"], "dev_accuracy": ev["dev_accuracy"],
                        "sigma": rec.get("aggregate", {}).get("sigma")})
-    cfg = (folder / "config.toml").read_text() if (folder / "config.toml").is_file() else ""
-    sigma0 = next((ln.split("=")[1].strip() for ln in cfg.splitlines() if ln.startswith("sigma0 ")), None)
+    fb = tomllib.loads((folder / "config.toml").read_text()).get("fedbpt", {}) if (folder / "config.toml").is_file() else {}
     zero, best, final = s["zero_prompt"], s["best"], s["final"]
-    return {"folder": str(folder), "sigma0": sigma0, "rounds": rounds,
+    return {"folder": str(folder), "sigma0": fb.get("sigma0"), "mean_lr": fb.get("mean_lr", 1.0), "rounds": rounds,
             "zero_prompt": {"dev_loss": zero["dev"]["loss"], "dev_accuracy": zero["dev"]["accuracy"],
                             "test_loss": zero["test"]["loss"], "test_accuracy": zero["test"]["accuracy"]},
             "best": {"round": best["round"], "test_loss": best["test"]["loss"],
@@ -48,13 +48,13 @@ def read_run(folder: Path) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | sigma0 | dev loss: round 0 -> each round | dev loss, last - round 0 | lowest dev loss (round) "
-             "| test loss zero / best / final | test accuracy zero / best (round) / final |", "|---|---:|---|---:|---|---|---|"]
+    lines = ["| run | sigma0 | mean_lr | dev loss: round 0 -> each round | dev loss, last - round 0 | lowest dev loss (round) "
+             "| test loss zero / best / final | test accuracy zero / best (round) / final |", "|---|---:|---:|---|---:|---|---|---|"]
     for r in runs:
         z, b, f = r["zero_prompt"], r["best"], r["final"]
         path = " ".join(f"{x['dev_loss']:.3f}" for x in r["rounds"])
         low = min(r["rounds"], key=lambda x: x["dev_loss"])
-        lines.append(f"| {r['folder']} | {r['sigma0']} | {z['dev_loss']:.3f} -> {path} "
+        lines.append(f"| {r['folder']} | {r['sigma0']} | {r['mean_lr']} | {z['dev_loss']:.3f} -> {path} "
                      f"| {r['rounds'][-1]['dev_loss'] - z['dev_loss']:+.3f} | {low['dev_loss']:.3f} ({low['round']}) "
                      f"| {z['test_loss']:.3f} / {b['test_loss']:.3f} / {f['test_loss']:.3f} "
                      f"| {100 * z['test_accuracy']:.1f}% / {100 * b['test_accuracy']:.1f}% ({b['round']}) / "

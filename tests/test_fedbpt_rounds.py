@@ -27,10 +27,10 @@ def test_trajectory_and_the_change_from_the_zero_prompt(tmp_path):
     folder = run_folder(tmp_path / "r", [0.48, 0.46, 0.44])
     out = subprocess.run([sys.executable, str(SCRIPT), str(folder), "--json", str(tmp_path / "t.json")],
                          capture_output=True, text=True, check=True).stdout
-    assert "0.500 -> 0.480 0.460 0.440" in out and "| -0.060 | 0.440 (3) |" in out  # 0.44 - 0.50, by hand
+    assert "| 0.3 | 1.0 | 0.500 -> 0.480 0.460 0.440" in out and "| -0.060 | 0.440 (3) |" in out  # 0.44 - 0.50, by hand
     assert "80.0% / 85.0% (2) / 83.0%" in out
     saved = json.loads((tmp_path / "t.json").read_text())["runs"][0]
-    assert saved["sigma0"] == "0.3" and [r["round"] for r in saved["rounds"]] == [1, 2, 3]
+    assert saved["sigma0"] == 0.3 and saved["mean_lr"] == 1.0 and [r["round"] for r in saved["rounds"]] == [1, 2, 3]
 
 
 def test_a_round_without_a_dev_split_is_named_by_file_and_line(tmp_path):
