@@ -152,4 +152,7 @@ def test_mean_lr_is_checked_in_config():
         C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='generation'", "fedbpt.mean_lr=0"])
     with pytest.raises(ConfigError, match="applies to the one-generation mode"):
         C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='improved'", "fedbpt.mean_lr=0.5"])
-    assert C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='generation'", "fedbpt.mean_lr=0.5"]).fedbpt.mean_lr == 0.5
+    from fedtune.fedbpt.session import build_strategy
+
+    cfg = C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='generation'", "fedbpt.mean_lr=0.5"])
+    assert build_strategy(cfg, 3).es.opts["CMA_cmean"] == 0.5  # the config reaches the server's cma
