@@ -15,30 +15,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
+
+from fedtune import config as C
+from fedtune.reporting import read_metrics
 
 
 def read_run(folder: Path) -> dict:
     """The trajectory of one run folder; a clear error naming the file that is missing or short."""
     metrics, summary = folder / "metrics.jsonl", folder / "summary.json"
-    for f in (metrics, summary):
+    for f in (metrics, summary, folder / "config.toml"):
         if not f.is_file():
-            sys.exit(f"error: {f} not found (a finished FedBPT run folder holds metrics.jsonl and summary.json)")
+            sys.exit(f"error: {f} not found (a finished FedBPT run folder holds metrics.jsonl, summary.json and "
+                     "config.toml)")
     s = json.loads(summary.read_text())
     if s.get("algorithm") != "fedbpt":
         sys.exit(f"error: {summary}: algorithm is {s.get('algorithm')!r}, not 'fedbpt'")
     rounds = []
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        rec = json.loads(line)
+    for n, rec in enumerate(read_metrics(folder), 1):  # fedtune writes one record a line
         ev = rec.get("eval", {})
         if "dev_loss" not in ev:
             sys.exit(f"error: {metrics}, line {n}: no eval.dev_loss (the run evaluated no dev split that round)")
         rounds.append({"round": rec["round"], "dev_loss": ev["dev_loss"], "dev_accuracy": ev["dev_accuracy"],
-                       "sigma": rec.get("aggregate", {}).get("sigma")})
-    fb = tomllib.loads((folder / "config.toml").read_text()).get("fedbpt", {}) if (folder / "config.toml").is_file() else {}
+                       "sigma": rec.get("aggregate", {}).get("sigma"),
+                       "mean_norm": rec.get("aggregate", {}).get("mean_norm")})
+    fb = C.load(folder / "config.toml").fedbpt  # the run's settings, with the documented defaults filled in
     zero, best, final = s["zero_prompt"], s["best"], s["final"]
-    return {"folder": str(folder), "sigma0": fb.get("sigma0"), "mean_lr": fb.get("mean_lr", 1.0), "rounds": rounds,
+    return {"folder": str(folder), "sigma0": fb.sigma0, "mean_lr": fb.mean_lr, "rounds": rounds,
             "zero_prompt": {"dev_loss": zero["dev"]["loss"], "dev_accuracy": zero["dev"]["accuracy"],
                             "test_loss": zero["test"]["loss"], "test_accuracy": zero["test"]["accuracy"]},
             "best": {"round": best["round"], "test_loss": best["test"]["loss"],
@@ -47,9 +50,14 @@ def read_run(folder: Path) -> dict:
                       "test_accuracy": final["test"]["accuracy"]}}
 
 
+def norm(rnd: dict) -> str:
+    return "-" if rnd["mean_norm"] is None else f"{rnd['mean_norm']:.1f}"
+
+
 def table(runs: list[dict]) -> str:
-    lines = ["| run | sigma0 | mean_lr | dev loss: round 0 -> each round | dev loss, last - round 0 | lowest dev loss (round) "
-             "| test loss zero / best / final | test accuracy zero / best (round) / final |", "|---|---:|---:|---|---:|---|---|---|"]
+    lines = ["| run | sigma0 | mean_lr | dev loss: round 0 -> each round | dev loss, last - round 0 "
+             "| lowest dev loss (round) | test loss zero / best / final | test accuracy zero / best (round) / final "
+             "| mean's norm, round 1 -> last |", "|---|---:|---:|---|---:|---|---|---|---|"]
     for r in runs:
         z, b, f = r["zero_prompt"], r["best"], r["final"]
         path = " ".join(f"{x['dev_loss']:.3f}" for x in r["rounds"])
@@ -58,7 +66,7 @@ def table(runs: list[dict]) -> str:
                      f"| {r['rounds'][-1]['dev_loss'] - z['dev_loss']:+.3f} | {low['dev_loss']:.3f} ({low['round']}) "
                      f"| {z['test_loss']:.3f} / {b['test_loss']:.3f} / {f['test_loss']:.3f} "
                      f"| {100 * z['test_accuracy']:.1f}% / {100 * b['test_accuracy']:.1f}% ({b['round']}) / "
-                     f"{100 * f['test_accuracy']:.1f}% |")
+                     f"{100 * f['test_accuracy']:.1f}% | {norm(r['rounds'][0])} -> {norm(r['rounds'][-1])} |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedtune.core.arrays import Arrays
 from fedtune.core.strategy import FitIns, FitRes
+from fedtune.data import hub
 from fedtune.errors import ConfigError
 
 
@@ -81,6 +82,17 @@ def check_fedbpt(cfg) -> None:
     need(t.k_shot >= 0, f"task.k_shot must be >= 0, got {t.k_shot}")
     need(t.dev_shots >= 1, f"task.dev_shots must be >= 1 (the dev split selects the global prompt), got {t.dev_shots}")
     need(t.test_max_rows >= 0, f"task.test_max_rows must be >= 0, got {t.test_max_rows}")
+    # an unset path is the built-in task's Hugging Face split: never beside a local file of the other kind
+    for given, unset in (("train_path", "test_path"), ("test_path", "train_path")):
+        value = getattr(t, given)
+        hint = (" (the training file itself holds task.test_max_rows rows out of it for testing)"
+                if unset == "test_path" else "")
+        need(not value or getattr(t, unset) or value.startswith(hub.PREFIX),
+             f"task.{unset} is not set while task.{given} = {value!r} is a file; set task.{unset}{hint}; an unset "
+             f"path means task '{t.name}''s Hugging Face split")
+    need(not t.train_path or t.train_path != t.test_path or t.test_max_rows > 0,
+         f"task.test_path is task.train_path ({t.train_path!r}) with task.test_max_rows = 0: every row would be a "
+         "test row and none left to train on; set task.test_max_rows to the rows to hold out")
 
 
 class FedBPTAlgorithm:

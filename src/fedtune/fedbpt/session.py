@@ -20,7 +20,6 @@ from fedtune.config import Config
 from fedtune.core import atomic
 from fedtune.core.arrays import Arrays
 from fedtune.core.privacy import DPSettings, epsilon_text, privacy_summary
-from fedtune.data import hub
 from fedtune.data import partition as P
 from fedtune.data.instructions import normalize_text
 from fedtune.errors import ConfigError
@@ -58,28 +57,12 @@ class TaskData:
         return {cid: [self.train[i] for i in p] for cid, p in zip(self.client_ids(), self.parts)}
 
 
-def task_paths(t, spec: TaskSpec) -> tuple[str, str]:
-    """The training and test files; an unset one is the built-in task's Hugging Face split, which
-    is refused beside a local file of the other kind (a local train file with SST-2's hub test set
-    is never what was meant)."""
-    for given, unset in (("train_path", "test_path"), ("test_path", "train_path")):
-        value = getattr(t, given)
-        if value and not getattr(t, unset) and not value.startswith(hub.PREFIX):
-            hint = (" (the training file itself holds task.test_max_rows rows out of it for testing)"
-                    if unset == "test_path" else "")
-            raise ConfigError(f"task.{unset} is not set while task.{given} = {value!r} is a file; set task.{unset}"
-                              f"{hint}; an unset path means task '{spec.name}''s Hugging Face split")
-    if t.train_path and t.train_path == t.test_path and not t.test_max_rows:
-        raise ConfigError(f"task.test_path is task.train_path ({t.train_path!r}) with task.test_max_rows = 0: every row "
-                          "would be a test row and none left to train on; set task.test_max_rows to the rows to hold out")
-    return t.train_path or hub_path(spec, "train"), t.test_path or hub_path(spec, "test")
-
-
 def prepare_task(cfg: Config) -> TaskData:
     """Read the task's files, draw k-shot train and dev splits, split train across clients."""
     t, pc, seed = cfg.task, cfg.partition, cfg.run.seed
     spec = task_from_config(t)
-    train_path, test_path = task_paths(t, spec)
+    train_path = t.train_path or hub_path(spec, "train")  # a local file beside an unset path: refused at config load
+    test_path = t.test_path or hub_path(spec, "test")
     fmt = TableFormat.from_task(t)
     test = load_examples(spec, test_path, fmt)
     if t.test_max_rows:
