@@ -133,7 +133,8 @@ class GenerationStrategy(SelectingStrategy):
     def _reset(self) -> None:
         import cma
 
-        self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), self.sigma0, inopts=es_settings(self.seed, self.popsize, self.mean_lr))
+        self.es = cma.CMAEvolutionStrategy(np.zeros(self.d), self.sigma0,
+                                           inopts=es_settings(self.seed, self.popsize, self.mean_lr))
         self.log: list[np.ndarray] = []  # each round's fitness values, what a resume replays
 
     def _global(self) -> Arrays:
