@@ -36,7 +36,7 @@ class FedITSite:
         self.inner = FedITClientApp(slots, {settings.site: tokenized}, cfg.train,
                                     seed=cfg.run.seed, pad_id=lm.tokenizer.pad_token_id, device=lm.device,
                                     amp=lm.autocast, state_store=store, freeze_a=cfg.lora.freeze_a,
-                                    personal_b=cfg.lora.personal_b)
+                                    personal_b=cfg.lora.personal_b, rounds=cfg.run.rounds)
         self.app = wrap_client(self.inner, cfg)
 
     def fit(self, client_id: str, ins: FitIns, index: int) -> FitRes:

@@ -24,7 +24,7 @@ from fedtune.fedit.train import local_steps, train_local
 class FedITClientApp:
     def __init__(self, slot: AdapterSlot | dict[int, AdapterSlot], data: dict[str, list[Tokenized]], train_cfg, *, seed: int, pad_id: int,
                  device, amp, progress_factory=None, state_store: ClientStateStore | None = None,
-                 freeze_a: bool = False, personal_b: bool = False):
+                 freeze_a: bool = False, personal_b: bool = False, rounds: int = 0):
         self.slots = slot if isinstance(slot, dict) else {slot.rank: slot}  # by LoRA rank (heterogeneous ranks)
         self.slot = self.slots[max(self.slots)]
         self.data = data
@@ -36,6 +36,7 @@ class FedITClientApp:
         self.progress_factory = progress_factory  # (client_id, total_steps) -> callback(step, loss) with .close()
         self.client_index = {cid: i for i, cid in enumerate(sorted(data))}
         self.state_store = state_store  # where SCAFFOLD's client control variates live between rounds
+        self.rounds = rounds  # run.rounds: where a round sits in a schedule that spans the run (train.schedule_span)
         self.freeze_a = freeze_a  # FFA-LoRA: A stays at its shared initial value; only B trains
         self.personal_b = personal_b  # FedSA-LoRA: A is shared, each client keeps its own B (in state_store)
         if personal_b and state_store is None:
@@ -68,7 +69,8 @@ class FedITClientApp:
             with applied(self.slot.model, stack, self.slot.adapter, self.device):
                 stats = train_local(self.slot.model, params, rows, self.train_cfg,
                                     seed=derive_seed(self.seed, rnd, self.client_index[client_id]), pad_id=self.pad_id,
-                                    device=self.device, amp=self.amp, progress=bar, correction=correction)
+                                    device=self.device, amp=self.amp, progress=bar, correction=correction,
+                                    run_position=(rnd, self.rounds))
         finally:
             for p in frozen:
                 p.requires_grad_(True)

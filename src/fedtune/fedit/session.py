@@ -186,7 +186,7 @@ class FedITSession:
                              cfg.train if train_cfg is None else train_cfg, seed=cfg.run.seed,
                              pad_id=self.lm.tokenizer.pad_token_id, device=self.lm.device, amp=self.lm.autocast,
                              progress_factory=_bar_factory(self.progress), state_store=store,
-                             freeze_a=cfg.lora.freeze_a, personal_b=cfg.lora.personal_b)
+                             freeze_a=cfg.lora.freeze_a, personal_b=cfg.lora.personal_b, rounds=cfg.run.rounds)
         return wrap_client(app, cfg)
 
     def describe(self, engine: str) -> str:

@@ -120,6 +120,19 @@ def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> flo
     return peak * max(0.0, 1.0 - progress)
 
 
+def schedule(steps: int, span: str, run_position: tuple[int, int] | None) -> tuple[int, int]:
+    """(offset, total): this round's local step s runs at step offset + s of a schedule `total`
+    steps long. span "round": (0, steps), every round from the top; "run": the run as one
+    training of `rounds` rounds of `steps` steps each, so round r starts at (r - 1) x steps."""
+    if span == "round":
+        return 0, steps
+    rnd, rounds = run_position or (0, 0)
+    if not 1 <= rnd <= rounds:
+        raise ValueError(f"train.schedule_span = 'run' needs the round (1..run.rounds) and run.rounds; "
+                         f"got round {rnd} of {rounds}")
+    return (rnd - 1) * steps, rounds * steps
+
+
 def proximal_term(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's proximal term mu/2 * sum ||w - w0||^2 (its gradient is mu * (w - w0))."""
     return 0.5 * mu * sum(torch.sum((p.float() - a.float()) ** 2) for p, a in zip(params, anchor))
@@ -132,12 +145,14 @@ def local_steps(n_examples: int, cfg) -> int:
 
 
 def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], cfg, *, seed: int, pad_id: int,
-                device: torch.device, amp, progress=None, correction: list[torch.Tensor] | None = None) -> TrainStats:
+                device: torch.device, amp, progress=None, correction: list[torch.Tensor] | None = None,
+                run_position: tuple[int, int] | None = None) -> TrainStats:
     """Train the trainable `params` of `model` on `data` for one local round.
 
     `cfg` is the [train] config section; `seed` fixes the data order; `amp` is a callable
     returning the autocast context; `progress` (optional) is called with (step, loss);
-    `correction` (SCAFFOLD: c - c_i, one tensor per parameter) moves the parameters by -lr (c - c_i)
+    `run_position` = (round, rounds) places this round in the run when cfg.schedule_span is
+    "run" (see `schedule`); `correction` (SCAFFOLD: c - c_i, one tensor per parameter) moves the parameters by -lr (c - c_i)
     after every optimizer step: SCAFFOLD's local step y <- y - lr (g + c - c_i) with the
     correction kept out of the optimizer, so that AdamW does not rescale it (added to the gradient
     it came out of Adam's normalization at the size of a whole step, and the control variates,
@@ -146,6 +161,7 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
     """
     t_start = time.perf_counter()
     steps = local_steps(len(data), cfg)
+    offset, total = schedule(steps, getattr(cfg, "schedule_span", "round"), run_position)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
 
@@ -195,7 +211,7 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
         stack.enter_context(compiled_layers(model, compile_setting))  # after the probe: it runs eagerly
         stack.enter_context(fast_lora_dropout(model, device.type == "cpu" and compile_setting == "off"))
         for step in range(steps):
-            lr = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.scheduler)
+            lr = lr_at(offset + step, total, cfg.lr, cfg.warmup_steps, cfg.scheduler)
             for g in opt.param_groups:
                 g["lr"] = lr
             lr_sum += lr
