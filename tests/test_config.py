@@ -155,3 +155,12 @@ def test_resume_accepts_rounds_and_refuses_keys_that_would_mix_two_runs():
     for key in ("run.seed=7", "partition.num_clients=3", "server.aggregation='fedadam'", "model.name='x'"):
         with pytest.raises(ConfigError, match=rf"--resume: {key.split('=')[0]} cannot change in a resumed run"):
             for_resume(saved, [key], "run/config.toml")
+
+
+def test_resume_keeps_the_rounds_when_the_schedule_spans_the_run():
+    """With train.schedule_span = 'run' the rounds already trained followed a schedule as long as
+    the old run: a longer run would not end where an uninterrupted one does."""
+    saved = C.load(None, ["train.schedule_span='run'"])
+    assert for_resume(saved, ["eval.generate=false"], "run/config.toml").run.rounds == saved.run.rounds
+    with pytest.raises(ConfigError, match=r"run\.rounds \(with train\.schedule_span = 'run'"):
+        for_resume(saved, ["run.rounds=12"], "run/config.toml")

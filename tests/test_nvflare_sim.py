@@ -112,8 +112,9 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                    # FedSA-LoRA: each site keeps its own B in its workspace
                                    ["server.aggregation='fedavgm'", "train.dpsgd_noise_multiplier=1e-15",
                                     "train.dpsgd_clip=1e3", "lora.personal_b=true"],
-                                   # FedExP: the server step comes from each update's norm (no state across rounds)
-                                   ["server.aggregation='fedexp'"]],
+                                   # FedExP: the server step comes from each update's norm (no state across rounds);
+                                   # the learning rate decays over the run, which each site places by run.rounds
+                                   ["server.aggregation='fedexp'", "train.schedule_span='run'"]],
                          ids=["scaffold+fedprox", "flora+hetero-ranks", "fedyogi+secagg+distributed-dp", "dpsgd+fedsa",
                               "fedexp"])
 def test_client_state_and_server_optimizers_give_the_same_adapter_on_both_engines(tiny_llama, tmp_path, extra):

@@ -33,6 +33,9 @@ def for_resume(saved: Config, overrides: list[str], source: str, allowed: tuple[
     merged = from_dict(raw, f"{source} with --set")
     changed = changed_keys(saved.to_dict(), merged.to_dict())
     refused = [k for k in changed if not _resumable(k, allowed)]
+    if "run.rounds" in changed and merged.train.schedule_span == "run":  # the schedule's length is the run's
+        refused.append("run.rounds (with train.schedule_span = 'run', the rounds already trained followed a "
+                       "schedule of the old length)")
     if refused:
         raise ConfigError(f"--resume: {', '.join(refused)} cannot change in a resumed run (it would mix two runs); "
                           f"keys that may change: {', '.join(allowed)}. Start a new run instead")
