@@ -60,6 +60,26 @@ def make_tiny_llama(path: Path, seed: int = 0, hidden: int = 32) -> Path:
     return path
 
 
+def tiny_lora_trainer(model_path: Path, n_rows: int, train_overrides: list[str]):
+    """A rank-4 LoRA slot (q/v, no dropout) on the tiny model at `model_path`, its tokenizer,
+    `n_rows` copies of one short row, and the [train] section with `train_overrides`:
+    (slot, tokenizer, rows, train config)."""
+    from transformers import AutoModelForCausalLM
+
+    from fedtune import config as C
+    from fedtune.data.instructions import PromptFormatter, Row, tokenize_rows
+    from fedtune.fedit.lora import AdapterSlot, attach_lora
+    from fedtune.models import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    base.requires_grad_(False)
+    slot = AdapterSlot(attach_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"]))
+    tok = load_tokenizer(model_path)
+    rows = tokenize_rows([Row("say hi", "", "hi there good", "x")] * n_rows, PromptFormatter("plain", tok), 64, False,
+                         "error")
+    return slot, tok, rows, C.load(None, train_overrides).train
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_lora_trainer
+
 from fedtune.core.client_state import ClientStateStore
 from fedtune.core.strategy import FitIns, FitRes
 from fedtune.fedit.scaffold import VARIATE_PREFIX, split_variates, with_variates
@@ -53,21 +55,12 @@ def test_client_state_store_reads_only_earlier_rounds_and_keeps_two(tmp_path):
 
 
 def test_client_update_correction_and_variate_on_a_tiny_llama(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from fedtune import config as C
-    from fedtune.data.instructions import PromptFormatter, Row, tokenize_rows
     from fedtune.fedit.client import FedITClientApp
-    from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter
-    from fedtune.models import load_tokenizer
+    from fedtune.fedit.lora import init_adapter
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    base.requires_grad_(False)
-    slot = AdapterSlot(attach_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"]))
-    tok = load_tokenizer(tiny_llama)
-    rows = tokenize_rows([Row("say hi", "", "hi there good", "x")] * 8, PromptFormatter("plain", tok), 64, False, "error")
-    train = C.load(None, ["train.max_steps=3", "train.batch_size=4", "train.micro_batch_size=4", "train.lr=0.01",
-                          "train.scheduler='constant'", "train.max_grad_norm=0"]).train
+    slot, tok, rows, train = tiny_lora_trainer(tiny_llama, 8, [
+        "train.max_steps=3", "train.batch_size=4", "train.micro_batch_size=4", "train.lr=0.01",
+        "train.scheduler='constant'", "train.max_grad_norm=0"])
     store = ClientStateStore(tmp_path / "state")
     app = FedITClientApp(slot, {"c0": rows}, train, seed=0, pad_id=tok.pad_token_id, device=torch.device("cpu"),
                          amp=lambda: torch.autocast("cpu", enabled=False), state_store=store)
@@ -96,21 +89,12 @@ def test_correction_is_a_parameter_step_outside_adamw(tiny_llama):
     one step without it, minus lr x correction (the first step's gradient does not depend on it)."""
     from contextlib import nullcontext
 
-    from transformers import AutoModelForCausalLM
-
-    from fedtune import config as C
-    from fedtune.data.instructions import PromptFormatter, Row, tokenize_rows
-    from fedtune.fedit.lora import AdapterSlot, attach_lora, init_adapter
+    from fedtune.fedit.lora import init_adapter
     from fedtune.fedit.train import train_local
-    from fedtune.models import load_tokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    base.requires_grad_(False)
-    slot = AdapterSlot(attach_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"]))
-    tok = load_tokenizer(tiny_llama)
-    rows = tokenize_rows([Row("say hi", "", "hi there good", "x")] * 4, PromptFormatter("plain", tok), 64, False, "error")
-    train = C.load(None, ["train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4", "train.lr=0.01",
-                          "train.scheduler='constant'"]).train
+    slot, tok, rows, train = tiny_lora_trainer(tiny_llama, 4, [
+        "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4", "train.lr=0.01",
+        "train.scheduler='constant'"])
     x = init_adapter(slot.shapes(), seed=1)
     rng = np.random.default_rng(0)
     corr = {k: rng.normal(0, 3.0, v.shape).astype(np.float32) for k, v in x.items()}

@@ -9,25 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_lora_trainer
+
 from fedtune.core.strategy import FitIns
 
 
 def _setup(tiny_llama, overrides):
-    from transformers import AutoModelForCausalLM
-
-    from fedtune import config as C
-    from fedtune.data.instructions import PromptFormatter, Row, tokenize_rows
-    from fedtune.fedit.lora import AdapterSlot, attach_lora
-    from fedtune.models import load_tokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    base.requires_grad_(False)
-    slot = AdapterSlot(attach_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"]))
-    tok = load_tokenizer(tiny_llama)
-    rows = tokenize_rows([Row("say hi", "", "hi there good", "x")] * 4, PromptFormatter("plain", tok), 64, False, "error")
-    train = C.load(None, ["train.max_steps=4", "train.batch_size=4", "train.micro_batch_size=4", "train.lr=0.01",
-                          *overrides]).train
-    return slot, tok, rows, train
+    return tiny_lora_trainer(tiny_llama, 4, ["train.max_steps=4", "train.batch_size=4", "train.micro_batch_size=4",
+                                             "train.lr=0.01", *overrides])
 
 
 def _lr_sum(tiny_llama, overrides, run_position):
