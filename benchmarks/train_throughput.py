@@ -21,7 +21,10 @@ The bf16 Trainer (`TrainingArguments(bf16=True)`: torch's bf16 autocast over the
 by default everywhere: even on an AVX2-only CPU, where a bf16 `torch.mm` is emulated at a small
 fraction of fp32 speed, the autocast Trainer measured faster than the fp32 one (oneDNN's bf16
 linear layers there; docs/benchmarks.md). `--trainer-bf16 never` leaves it out; `auto` runs it
-only where bf16 matmuls are native (CUDA, AMX, AVX512-BF16).
+only where bf16 matmuls are native (CUDA, AMX, AVX512-BF16). With `--fedtune-dtype bfloat16`
+(fedtune's frozen base weights in bf16) a fourth side runs too, `trainer_bf16w`: the Trainer with
+`bf16=True` over a model loaded in bf16 (`from_pretrained(dtype=torch.bfloat16)`; PEFT keeps the
+LoRA weights in fp32), so each fedtune side also meets a Trainer with the same weights.
 
 MFU: model FLOPs per second over the peak of a matmul measured in this same run (torch.mm on
 large square matrices, before and after the training blocks; the max), in bf16 and in fp32; the
@@ -225,6 +228,13 @@ def main(argv=None) -> int:
                                        task_type="CAUSAL_LM"))
     hf_slot = AdapterSlot(hf)
     hf_slot.set(slot.get())  # identical starting adapter
+    hf_w = None  # the Trainer over bf16 weights, beside fedtune's bf16 weights
+    if args.fedtune_dtype == "bfloat16" and with_bf16:
+        hf_w = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.bfloat16).to(dev)
+        hf_w = get_peft_model(hf_w, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                               target_modules=list(cfg.lora.target_modules), bias="none",
+                                               task_type="CAUSAL_LM"))
+        AdapterSlot(hf_w).set(slot.get())
 
     if Path(args.data).is_file():
         rows = load_rows(args.data)
@@ -253,7 +263,8 @@ def main(argv=None) -> int:
         sides = {"fedtune": [], **({"fedtune_compiled": []} if args.fedtune_compile == "both" else {}),
                  **({"fedtune_packed": []} if args.fedtune_packing in ("both", "all") else {}),
                  **({"fedtune_flat": []} if args.fedtune_packing in ("all", "off+flat") else {}),
-                 "trainer": [], **({"trainer_bf16": []} if with_bf16 else {})}
+                 "trainer": [], **({"trainer_bf16": []} if with_bf16 else {}),
+                 **({"trainer_bf16w": []} if hf_w is not None else {})}
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.reps):
                 st = fedtune_block(peft_model, list(slot.params.values()), data, cfg.train, lm.tokenizer.pad_token_id,
@@ -278,6 +289,11 @@ def main(argv=None) -> int:
                     st = trainer_block(hf, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size, args.steps,
                                        cfg.train.lr, Path(tmp) / f"b{rep}", bf16=True, use_cpu=dev.type == "cpu")
                     sides["trainer_bf16"].append(timed(st, batches, shape))
+                if hf_w is not None:
+                    st = trainer_block(hf_w, lm.tokenizer, hf_rows, args.batch_size, args.micro_batch_size,
+                                       args.steps, cfg.train.lr, Path(tmp) / f"w{rep}", bf16=True,
+                                       use_cpu=dev.type == "cpu")
+                    sides["trainer_bf16w"].append(timed(st, batches, shape))
                 f = max(v[-1][1] / v[-1][0] for n, v in sides.items() if n.startswith("fedtune"))
                 line = " · ".join(f"{name} {v[-1][1] / v[-1][0]:8.1f} tokens/s" for name, v in sides.items())
                 print(f"  [{mode}] block {rep + 1}: {line} · fastest fedtune / strongest Trainer "
@@ -322,9 +338,10 @@ def main(argv=None) -> int:
     print(f"\nmatmul peak (torch.mm, this run): bf16 {bf16_peak / 1e9:.1f} GFLOP/s · fp32 {fp32_peak / 1e9:.1f} GFLOP/s;"
           f" MFU below is against {results['peak_dtype']}")
     first = next(iter(results["modes"].values()))
-    cols = [n for n in ("trainer", "trainer_bf16") if n in first]
+    cols = [n for n in ("trainer", "trainer_bf16", "trainer_bf16w") if n in first]
     ours = [n for n in ("fedtune", "fedtune_packed", "fedtune_flat", "fedtune_compiled") if n in first]
-    label = {"trainer": "Trainer fp32", "trainer_bf16": "Trainer bf16", "fedtune": "fedtune",
+    label = {"trainer": "Trainer fp32", "trainer_bf16": "Trainer bf16",
+             "trainer_bf16w": "Trainer bf16 wts", "fedtune": "fedtune",
              "fedtune_compiled": "fedtune compiled", "fedtune_packed": "fedtune packed",
              "fedtune_flat": "fedtune flat"}
     print(f"{'mode':8} {'side':17} {'tokens/s':>9} {'MFU':>6} " + " ".join(f"{'vs ' + label[c]:>17}" for c in cols)

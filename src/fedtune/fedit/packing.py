@@ -159,7 +159,9 @@ def probe(model, device: torch.device, flat=None) -> str | None:
         lm.train(was_training)
     second = slice(len(a), None)  # the second sequence: what leaks from the first shows here
     err = float((packed[second].float() - alone[second].float()).norm() / alone[second].float().norm().clamp_min(1e-12))
-    if err > 2e-2:
+    # A leak moves the second row's hidden states by tens of percent (72% on SmolLM2-135M); rounding
+    # alone moves them by up to 2.4% with bf16 weights over 30 layers, about 1e-6 in float32.
+    if err > (2e-2 if alone.dtype == torch.float32 else 0.1):
         return (f"{type(lm).__name__} does not keep packed rows apart (the second of two packed sequences differs "
                 f"from the same sequence alone by {err:.1%}): its attention mask ignores position_ids")
     return None
