@@ -21,8 +21,8 @@ The bf16 Trainer (`TrainingArguments(bf16=True)`: torch's bf16 autocast over the
 by default everywhere: even on an AVX2-only CPU, where a bf16 `torch.mm` is emulated at a small
 fraction of fp32 speed, the autocast Trainer measured faster than the fp32 one (oneDNN's bf16
 linear layers there; docs/benchmarks.md). `--trainer-bf16 never` leaves it out; `auto` runs it
-only where bf16 matmuls are native (CUDA, AMX, AVX512-BF16). With `--fedtune-dtype bfloat16`
-(fedtune's frozen base weights in bf16) a fourth side runs too, `trainer_bf16w`: the Trainer with
+only where bf16 matmuls are native (CUDA, AMX, AVX512-BF16). Where fedtune's frozen base
+weights are bf16 (`model.dtype = "auto"`, the default, on such hardware) a fourth side runs too, `trainer_bf16w`: the Trainer with
 `bf16=True` over a model loaded in bf16 (`from_pretrained(dtype=torch.bfloat16)`; PEFT keeps the
 LoRA weights in fp32), so each fedtune side also meets a Trainer with the same weights.
 
@@ -168,8 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="masked,inputs",
                     help="masked = loss on the response only (fedtune's default); inputs = train_on_inputs (Shepherd's)")
     ap.add_argument("--data", default=str(DOLLY), help="Dolly jsonl (default ../shared/data/dolly15k); else demo:skills")
-    ap.add_argument("--fedtune-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="model.dtype of fedtune's frozen base weights (fedtune's default: float32)")
+    ap.add_argument("--fedtune-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="model.dtype of fedtune's frozen base weights (fedtune's default: auto, bfloat16 where bf16 "
+                         "matmuls are native)")
     ap.add_argument("--fedtune-compile", default="both", choices=["off", "layers", "both"],
                     help="train.compile of fedtune's side; both = two fedtune sides, as shipped (off) and compiled "
                          "(the one-time compile falls in block 1's warm-up step and is reported separately)")
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     hf_slot = AdapterSlot(hf)
     hf_slot.set(slot.get())  # identical starting adapter
     hf_w = None  # the Trainer over bf16 weights, beside fedtune's bf16 weights
-    if args.fedtune_dtype == "bfloat16" and with_bf16:
+    if next(lm.model.parameters()).dtype == torch.bfloat16 and with_bf16:
         hf_w = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.bfloat16).to(dev)
         hf_w = get_peft_model(hf_w, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                target_modules=list(cfg.lora.target_modules), bias="none",
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     fmt = PromptFormatter("alpaca", lm.tokenizer)
     n_rows = args.steps * args.batch_size
     print(f"load average at start: {os.getloadavg()}")
-    print(f"model {cfg.model.name} ({lm.path}, fedtune weights {args.fedtune_dtype}) · LoRA r={cfg.lora.r} on {cfg.lora.target_modules} · "
+    print(f"model {cfg.model.name} ({lm.path}, fedtune weights {next(lm.model.parameters()).dtype}) · LoRA r={cfg.lora.r} on {cfg.lora.target_modules} · "
           f"batch {args.batch_size} (micro {args.micro_batch_size}) · cutoff {args.cutoff_len} · {args.steps} steps x "
           f"{args.reps} blocks per side · data {source} · torch threads {torch.get_num_threads()}")
     results = {"peak_bf16_flops": None, "modes": {}, "trainer_bf16_skipped": bf16_note or None}

@@ -48,6 +48,18 @@ def test_model_dtype_auto_takes_bf16_only_where_it_is_native(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)  # an AVX2-only CPU emulates bf16
     assert models.weight_dtype("auto", cpu) == torch.float32
     assert models.weight_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit setting is kept
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.weight_dtype("auto", cpu, "off") == torch.float32  # float32 compute asked for: float32 weights
+    assert models.weight_dtype("auto", cpu, "fp16") == torch.float32
+    assert models.weight_dtype("auto", cpu, "bf16") == torch.bfloat16
+    assert models.weight_dtype("float32", cpu, "bf16") == torch.float32
+
+
+def test_model_dtype_defaults_to_auto():
+    """The frozen base weights follow the hardware by default (bf16 where it is native)."""
+    from fedtune import config as C
+
+    assert C.load(None, []).model.dtype == "auto"
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])

@@ -37,7 +37,7 @@ class ModelSection:
     name: str = opt("smollm2-135m", "'smollm2-135m' (embedded, offline), a Hugging Face id, a local folder, or a .gguf file")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto picks cuda when available, else cpu")
     quantization: Literal["none", "nf4", "int8"] = opt("none", "QLoRA: load the frozen base weights quantized by bitsandbytes (pip install 'fedtune[qlora]'): nf4 = 4-bit NormalFloat with double quantization, computing in bf16 where bf16 is native (else float32); int8 = LLM.int8(); the LoRA adapter stays in float32 on top. Causal LMs; CUDA, or CPU with bitsandbytes' CPU backend")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt("float32", "dtype of the frozen base weights; auto = bfloat16 where bf16 matmuls are native (CUDA with bf16, CPUs with AMX or AVX512-BF16), float32 elsewhere")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt("auto", "dtype of the frozen base weights; auto = bfloat16 where bf16 matmuls are native (CUDA with bf16, CPUs with AMX or AVX512-BF16) and model.autocast computes in bf16, float32 elsewhere; LoRA weights stay float32")
     autocast: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "mixed precision for compute; auto = bf16 on CPUs with AMX/AVX512-BF16 and on CUDA with bf16 support")
     trust_remote_code: bool = opt(False, "passed to transformers when loading a Hugging Face model")
 

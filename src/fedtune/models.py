@@ -248,12 +248,15 @@ def bnb_config(quant: str, device: torch.device):
                               bnb_4bit_compute_dtype=compute)
 
 
-def weight_dtype(setting: str, device: torch.device) -> torch.dtype:
+def weight_dtype(setting: str, device: torch.device, autocast_setting: str = "auto") -> torch.dtype:
     """model.dtype: 'auto' = bf16 weights where bf16 matmuls are native (CUDA with bf16, CPUs with
-    AMX or AVX512-BF16), float32 elsewhere: on an AVX2-only CPU bf16 weights ran the FedBPT black
-    box 5x slower than float32 (docs/fedbpt.md, "Speed on a shared CPU")."""
+    AMX or AVX512-BF16) and model.autocast computes in bf16 there, float32 elsewhere: on an
+    AVX2-only CPU bf16 weights ran the FedBPT black box 5x slower than float32 (docs/fedbpt.md,
+    "Speed on a shared CPU"), and `model.autocast = "off"` asks for float32 compute."""
     if setting != "auto":
         return _DTYPES[setting]
+    if autocast_dtype(autocast_setting, device) != torch.bfloat16:
+        return torch.float32
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
@@ -291,7 +294,7 @@ def load_causal_lm(cfg_model) -> LoadedModel:
     extra = {"quantization_config": bnb_config(quant, device), "device_map": {"": device}} if quant != "none" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=weight_dtype(cfg_model.dtype, device), trust_remote_code=cfg_model.trust_remote_code, **extra
+            path, dtype=weight_dtype(cfg_model.dtype, device, cfg_model.autocast), trust_remote_code=cfg_model.trust_remote_code, **extra
         )
         tok = load_tokenizer(path, cfg_model.trust_remote_code)
     except OSError as e:

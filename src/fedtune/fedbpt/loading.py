@@ -45,7 +45,7 @@ def load_blackbox(model_cfg, fb) -> BlackBoxLM:
         raise ConfigError(f"model.quantization = '{model_cfg.quantization}' is for causal LMs; '{model_cfg.name}' is "
                           f"a masked LM")
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, dtype=weight_dtype(model_cfg.dtype, device),
+        model = AutoModelForMaskedLM.from_pretrained(path, dtype=weight_dtype(model_cfg.dtype, device, model_cfg.autocast),
                                                      trust_remote_code=model_cfg.trust_remote_code)
         tok = load_tokenizer(path, model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:

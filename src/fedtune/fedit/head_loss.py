@@ -6,13 +6,17 @@ builds a fourth (the one-hot of the targets, filled with zeros first) before the
 gradient. On SmolLM2-135M (vocabulary 49,152) that element-wise work took about as long as the
 head's matmul itself (profiled: 17.5% of a training step for head and loss together).
 
-Here the forward computes the fp32 logits once and turns them in place into exp(logit - max);
-the loss of a row is max + log(sum) - logit[target]. The backward reuses that tensor in place
-as the softmax (times the incoming gradient), subtracts the gradient at the targets, and runs
-the one matmul that gives the hidden states' gradient. The head's weight gets no gradient: the
-fused path is taken only for a frozen, bias-free `nn.Linear` head (what LoRA training has),
-and the plain path otherwise. Because the backward consumes its saved tensor, a second backward
-through the same graph raises instead of returning a wrong gradient.
+Here the forward runs the head over a chunk of rows at a time (16 MiB of fp32 logits, 85
+rows for that vocabulary), computes each row's loss, max + log(sum exp(logit - max)) -
+logit[target], turns the chunk in place into the softmax minus the one-hot (the gradient of the
+loss at the logits) and multiplies it by the head's weight: the gradient of each row's loss
+with respect to its hidden state, kept (rows x hidden, fp32). The backward only scales those
+rows by the incoming gradient (the head is frozen, so the hidden states' gradient is all there
+is). No rows x vocab tensor outlives its chunk, and a chunk's element-wise work runs in cache:
+a training step of SmolLM2-135M with bf16 weights on an AVX512-BF16 CPU took 3.19 s against
+3.42 s when the whole (870 x 49,152) logits were kept for the backward (median of 4 pairs,
+alternating). The head's weight gets no gradient: the fused path is taken only for a frozen,
+bias-free `nn.Linear` head (what LoRA training has), and the plain path otherwise.
 """
 
 from __future__ import annotations
@@ -21,38 +25,46 @@ import torch
 import torch.nn.functional as F
 
 
+_CHUNK_ELEMENTS = 1 << 22  # fp32 logits of one chunk of rows: 16 MiB, so a chunk's element-wise work stays in cache
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows of the head computed at a time: 85 for SmolLM2's 49,152 tokens, 16 for a 262k vocabulary."""
+    return max(16, _CHUNK_ELEMENTS // vocab)
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, scale):
-        logits = F.linear(h, weight)  # under autocast: in its compute dtype (bf16), like the head itself
-        compute_dtype = logits.dtype
-        z = logits.float()
-        del logits
-        if scale != 1.0:
-            z.mul_(scale)
-        picked = z.gather(1, target[:, None]).squeeze(1)
-        top = z.amax(dim=1)
-        z.sub_(top[:, None]).exp_()  # z is now exp(logit - max)
-        total = z.sum(dim=1)
-        loss = top + total.log() - picked
-        ctx.save_for_backward(z, total, target, weight)
-        ctx.scale, ctx.compute_dtype, ctx.h_dtype, ctx.used = scale, compute_dtype, h.dtype, False
+    def forward(ctx, h, weight, target, scale, rows):
+        n, vocab = h.shape[0], weight.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=h.device)
+        grad = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # d loss_i / d h_i, row by row
+        for i in range(0, n, rows):
+            logits = F.linear(h[i:i + rows], weight)  # under autocast: in its compute dtype (bf16), like the head itself
+            compute_dtype = logits.dtype
+            z = logits.float()
+            del logits
+            if scale != 1.0:
+                z.mul_(scale)
+            t = target[i:i + rows]
+            picked = z.gather(1, t[:, None]).squeeze(1)
+            top = z.amax(dim=1)
+            z.sub_(top[:, None]).exp_()  # exp(logit - max)
+            total = z.sum(dim=1)
+            loss[i:i + rows] = top + total.log() - picked
+            z.div_(total[:, None])  # the softmax
+            z[torch.arange(z.shape[0], device=z.device), t] -= 1.0  # minus the one-hot: d loss / d logits
+            if scale != 1.0:
+                z.mul_(scale)
+            grad[i:i + rows] = z.to(compute_dtype) @ weight.to(compute_dtype)
+        ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.used:
-            raise RuntimeError("head_cross_entropy's backward ran twice over the same graph (retain_graph=True): "
-                               "its saved softmax is consumed in place by the first backward")
-        ctx.used = True
-        z, total, target, weight = ctx.saved_tensors
-        g = grad_loss.float()
-        z.mul_((g / total)[:, None])  # softmax * grad
-        z[torch.arange(z.shape[0], device=z.device), target] -= g
-        if ctx.scale != 1.0:
-            z.mul_(ctx.scale)
-        grad_h = z.to(ctx.compute_dtype) @ weight.to(ctx.compute_dtype)
-        return grad_h.to(ctx.h_dtype), None, None, None
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss.float()[:, None]).to(ctx.h_dtype), None, None, None, None
 
 
 def fusable(head: torch.nn.Module) -> bool:
@@ -73,7 +85,7 @@ def head_cross_entropy(head: torch.nn.Module, h: torch.Tensor, target: torch.Ten
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return F.cross_entropy(logits, target, reduction=reduction)
-    loss = _HeadCrossEntropy.apply(h, head.weight, target, float(scale))
+    loss = _HeadCrossEntropy.apply(h, head.weight, target, float(scale), chunk_rows(head.weight.shape[0]))
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.mean()

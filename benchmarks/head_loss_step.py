@@ -1,0 +1,115 @@
+"""The fused LM head + loss (fedtune/fedit/head_loss.py) in one flat-packed training step of the
+embedded model: row chunks with the hidden states' gradient computed in the forward (as shipped)
+against the previous form, which kept the whole (labelled rows x vocabulary) fp32 softmax for
+the backward (reproduced below as `whole_logits`). The figures behind head_loss.py's docstring.
+
+Run:  .venv/bin/python benchmarks/head_loss_step.py [--dtype bfloat16] [--reps 4]
+8 rows of 45-335 random tokens (1,450 in all, 870 labelled), one micro-batch, flat packing, the
+default config's LoRA, fedtune's fast LoRA dropout and autocast; the two forms alternate, one
+warm-up step then 2 timed steps each per rep; prints seconds per step and the medians, and
+checks that both give the same loss.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fedtune import config as C
+from fedtune.data.instructions import Tokenized
+from fedtune.fedit import flat_attention, head_loss, packing
+from fedtune.fedit import train as train_mod
+from fedtune.fedit.fast_dropout import fast_lora_dropout
+from fedtune.fedit.lora import attach_lora
+from fedtune.fedit.train import causal_lm_loss, padded_width
+from fedtune.models import load_causal_lm
+
+LENGTHS = (45, 90, 120, 160, 180, 220, 300, 335)
+
+
+class _WholeLogits(torch.autograd.Function):
+    """The previous form: the fp32 softmax of all rows kept for the backward, consumed there."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target):
+        logits = F.linear(h, weight)
+        ctx.compute_dtype = logits.dtype
+        z = logits.float()
+        del logits
+        picked = z.gather(1, target[:, None]).squeeze(1)
+        top = z.amax(dim=1)
+        z.sub_(top[:, None]).exp_()
+        total = z.sum(dim=1)
+        ctx.save_for_backward(z, total, target, weight)
+        ctx.h_dtype = h.dtype
+        return top + total.log() - picked
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z, total, target, weight = ctx.saved_tensors
+        g = grad_loss.float()
+        z.mul_((g / total)[:, None])
+        z[torch.arange(z.shape[0]), target] -= g
+        return (z.to(ctx.compute_dtype) @ weight.to(ctx.compute_dtype)).to(ctx.h_dtype), None, None
+
+
+def whole_logits(head, h, target, *, scale=1.0, softcap=None, reduction="mean"):
+    assert scale == 1.0 and not softcap and head_loss.fusable(head)
+    loss = _WholeLogits.apply(h, head.weight, target)
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "auto"], help="model.dtype")
+    ap.add_argument("--reps", type=int, default=4)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = C.load(None, [f"model.dtype='{args.dtype}'"])
+    lm = load_causal_lm(cfg.model)
+    model = attach_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in LENGTHS:
+        ids = torch.randint(0, 40000, (n,), generator=g).tolist()
+        rows.append(Tokenized(ids, [-100] * (n * 4 // 10) + ids[n * 4 // 10:]))
+    p = packing.collate_flat(rows, 0, torch.device("cpu"), padded_width)
+    lm.model.set_attn_implementation(flat_attention.register())
+    labelled = int((p.labels != -100).sum())
+    forms = {"chunked (shipped)": head_loss.head_cross_entropy, "whole logits (before)": whole_logits}
+
+    def loss_with(fn):
+        train_mod.head_cross_entropy = fn
+        with lm.autocast():
+            return causal_lm_loss(model, p.ids, None, p.labels, "sum", p.position_ids, p.decoder_kwargs) / labelled
+
+    with torch.no_grad():
+        model.eval()
+        with torch.enable_grad():  # the fused path needs hidden states that require grad
+            a, b = (float(loss_with(fn).detach()) for fn in forms.values())
+    print(f"weights {next(lm.model.parameters()).dtype}, {p.tokens} tokens, {labelled} labelled; "
+          f"loss chunked {a:.5f}, whole {b:.5f}")
+    model.train()
+    times = {k: [] for k in forms}
+    with fast_lora_dropout(model, True):
+        for rep in range(args.reps):
+            for name, fn in forms.items():
+                for i in range(3):  # one warm-up, two timed
+                    if i == 1:
+                        t0 = time.perf_counter()
+                    loss_with(fn).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                times[name].append((time.perf_counter() - t0) / 2)
+                print(f"rep {rep + 1}: {name}: {times[name][-1]:.3f} s per step", flush=True)
+    train_mod.head_cross_entropy = head_loss.head_cross_entropy
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("medians: " + " · ".join(f"{k} {v:.3f} s" for k, v in med.items())
+          + f" · whole / chunked {med['whole logits (before)'] / med['chunked (shipped)']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
