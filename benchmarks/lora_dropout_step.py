@@ -18,34 +18,16 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fedtune import config as C
-from fedtune.data.instructions import Tokenized
-from fedtune.fedit import flat_attention, packing
+import flat_step  # benchmarks/flat_step.py: the model and the flat batch
 from fedtune.fedit.fast_dropout import FastDropout, fast_lora_dropout
-from fedtune.fedit.lora import attach_lora
-from fedtune.fedit.train import causal_lm_loss, padded_width
-from fedtune.models import load_causal_lm
-
-LENGTHS = (45, 90, 120, 160, 180, 220, 300, 335)
+from fedtune.fedit.train import causal_lm_loss
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    cfg = C.load(None, [])
-    lm = load_causal_lm(cfg.model)
-    model = attach_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n in LENGTHS:
-        ids = torch.randint(0, 40000, (n,), generator=g).tolist()
-        rows.append(Tokenized(ids, [-100] * (n * 4 // 10) + ids[n * 4 // 10:]))
-    p = packing.collate_flat(rows, 0, torch.device("cpu"), padded_width)
-    lm.model.set_attn_implementation(flat_attention.register())
-    labelled = int((p.labels != -100).sum())
+    cfg, lm, model, opt, p, labelled = flat_step.setup()
 
     x = torch.randn(p.tokens, lm.model.config.hidden_size)
     for name, fn in (("F.dropout", lambda: torch.nn.functional.dropout(x, cfg.lora.dropout, True)),

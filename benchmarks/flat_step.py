@@ -1,0 +1,31 @@
+"""The one flat-packed training step that benchmarks/lora_dropout_step.py and
+benchmarks/head_loss_step.py time: the embedded model with the default config's LoRA, and 8 rows
+of 45-335 random tokens (1,450 in all; 40% of each row unlabelled) laid out as one micro-batch."""
+
+import torch
+
+from fedtune import config as C
+from fedtune.data.instructions import Tokenized
+from fedtune.fedit import flat_attention, packing
+from fedtune.fedit.lora import attach_lora
+from fedtune.fedit.train import padded_width
+from fedtune.models import load_causal_lm
+
+LENGTHS = (45, 90, 120, 160, 180, 220, 300, 335)
+
+
+def setup(overrides=()):
+    """(cfg, loaded model, PEFT model, AdamW over the LoRA weights, flat batch, labelled positions)."""
+    torch.manual_seed(0)
+    cfg = C.load(None, list(overrides))
+    lm = load_causal_lm(cfg.model)
+    model = attach_lora(lm.model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in LENGTHS:
+        ids = torch.randint(0, 40000, (n,), generator=g).tolist()
+        rows.append(Tokenized(ids, [-100] * (n * 4 // 10) + ids[n * 4 // 10:]))
+    batch = packing.collate_flat(rows, 0, torch.device("cpu"), padded_width)
+    lm.model.set_attn_implementation(flat_attention.register())
+    return cfg, lm, model, opt, batch, int((batch.labels != -100).sum())
