@@ -94,3 +94,27 @@ def test_bad_reduction_is_refused():
     head, h, target = _setup()
     with pytest.raises(ValueError, match="reduction"):
         head_cross_entropy(head, h.requires_grad_(True), target, reduction="avg")
+
+
+def test_under_autocast_a_float32_head_weight_is_cast_once_not_per_chunk(monkeypatch):
+    """Autocast does not cache casts of frozen weights: casting per chunk would convert the whole
+    (vocab x hidden) head every chunk, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    head, h, target = _setup(seed=5)
+    monkeypatch.setattr(head_loss, "_CHUNK_ELEMENTS", 16 * 301)  # 3 chunks
+
+    class CountHeadCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_) and \
+                    getattr(out, "shape", None) == head.weight.shape:
+                CountHeadCasts.casts += 1
+            return out
+
+    a = h.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), CountHeadCasts():
+        head_cross_entropy(head, a, target, reduction="sum").backward()
+    assert CountHeadCasts.casts == 1

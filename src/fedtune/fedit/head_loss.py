@@ -36,12 +36,15 @@ def chunk_rows(vocab: int) -> int:
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, target, scale, rows):
-        n, vocab = h.shape[0], weight.shape[0]
+        n, dev = h.shape[0], h.device.type
+        # the compute dtype of the head itself: autocast's (bf16) where it is on. The frozen weight is
+        # cast once here; autocast would cast it again for every chunk (it caches only trainable leaves)
+        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        w, hc = weight.to(compute_dtype), h.to(compute_dtype)
         loss = torch.empty(n, dtype=torch.float32, device=h.device)
         grad = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # d loss_i / d h_i, row by row
         for i in range(0, n, rows):
-            logits = F.linear(h[i:i + rows], weight)  # under autocast: in its compute dtype (bf16), like the head itself
-            compute_dtype = logits.dtype
+            logits = hc[i:i + rows] @ w.t()
             z = logits.float()
             del logits
             if scale != 1.0:
@@ -56,7 +59,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             z[torch.arange(z.shape[0], device=z.device), t] -= 1.0  # minus the one-hot: d loss / d logits
             if scale != 1.0:
                 z.mul_(scale)
-            grad[i:i + rows] = z.to(compute_dtype) @ weight.to(compute_dtype)
+            grad[i:i + rows] = z.to(compute_dtype) @ w
         ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
         return loss
