@@ -222,20 +222,19 @@ def main(argv=None) -> int:
     slot = AdapterSlot(peft_model)
     shape = model_shape(peft_model)
 
-    # The Trainer's model: the same weights (the cached safetensors folder), fp32, the same LoRA.
-    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).to(dev)  # the Trainer side: fp32 weights
-    hf = get_peft_model(hf, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                       target_modules=list(cfg.lora.target_modules), bias="none",
-                                       task_type="CAUSAL_LM"))
-    hf_slot = AdapterSlot(hf)
-    hf_slot.set(slot.get())  # identical starting adapter
-    hf_w = None  # the Trainer over bf16 weights, beside fedtune's bf16 weights
-    if next(lm.model.parameters()).dtype == torch.bfloat16 and with_bf16:
-        hf_w = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.bfloat16).to(dev)
-        hf_w = get_peft_model(hf_w, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                               target_modules=list(cfg.lora.target_modules), bias="none",
-                                               task_type="CAUSAL_LM"))
-        AdapterSlot(hf_w).set(slot.get())
+    def trainer_model(dtype):
+        """The Trainer's model: the same weights (the cached safetensors folder) in `dtype`, the same
+        LoRA, the same starting adapter as fedtune's."""
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(lm.path, dtype=dtype).to(dev),
+                           LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                      target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM"))
+        AdapterSlot(m).set(slot.get())
+        return m
+
+    fedtune_weights = next(lm.model.parameters()).dtype
+    hf = trainer_model(torch.float32)  # the Trainer side: fp32 weights
+    # the Trainer over bf16 weights, beside fedtune's bf16 weights
+    hf_w = trainer_model(torch.bfloat16) if fedtune_weights == torch.bfloat16 and with_bf16 else None
 
     if Path(args.data).is_file():
         rows = load_rows(args.data)
@@ -248,7 +247,7 @@ def main(argv=None) -> int:
     fmt = PromptFormatter("alpaca", lm.tokenizer)
     n_rows = args.steps * args.batch_size
     print(f"load average at start: {os.getloadavg()}")
-    print(f"model {cfg.model.name} ({lm.path}, fedtune weights {next(lm.model.parameters()).dtype}) · LoRA r={cfg.lora.r} on {cfg.lora.target_modules} · "
+    print(f"model {cfg.model.name} ({lm.path}, fedtune weights {fedtune_weights}) · LoRA r={cfg.lora.r} on {cfg.lora.target_modules} · "
           f"batch {args.batch_size} (micro {args.micro_batch_size}) · cutoff {args.cutoff_len} · {args.steps} steps x "
           f"{args.reps} blocks per side · data {source} · torch threads {torch.get_num_threads()}")
     results = {"peak_bf16_flops": None, "modes": {}, "trainer_bf16_skipped": bf16_note or None}
