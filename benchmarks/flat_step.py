@@ -29,3 +29,23 @@ def setup(overrides=()):
     batch = packing.collate_flat(rows, 0, torch.device("cpu"), padded_width)
     lm.model.set_attn_implementation(flat_attention.register())
     return cfg, lm, model, opt, batch, int((batch.labels != -100).sum())
+
+
+def alternate(forms: dict, step_with, reps: int) -> dict:
+    """Seconds per step of each form, alternating: per rep and form, `step_with(form)` once as a
+    warm-up and twice timed. Prints each and the medians; returns {name: median seconds}."""
+    import statistics
+    import time
+
+    times = {k: [] for k in forms}
+    for rep in range(reps):
+        for name, form in forms.items():
+            for i in range(3):
+                if i == 1:
+                    t0 = time.perf_counter()
+                step_with(form)
+            times[name].append((time.perf_counter() - t0) / 2)
+            print(f"rep {rep + 1}: {name}: {times[name][-1]:.3f} s per step", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("medians: " + " · ".join(f"{k} {v:.3f} s" for k, v in med.items()))
+    return med

@@ -11,9 +11,6 @@ checks that both give the same loss.
 """
 
 import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -76,22 +73,16 @@ def main() -> None:
     print(f"weights {next(lm.model.parameters()).dtype}, {p.tokens} tokens, {labelled} labelled; "
           f"loss chunked {a:.5f}, whole {b:.5f}")
     model.train()
-    times = {k: [] for k in forms}
+
+    def step_with(fn):
+        loss_with(fn).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     with fast_lora_dropout(model, True):
-        for rep in range(args.reps):
-            for name, fn in forms.items():
-                for i in range(3):  # one warm-up, two timed
-                    if i == 1:
-                        t0 = time.perf_counter()
-                    loss_with(fn).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                times[name].append((time.perf_counter() - t0) / 2)
-                print(f"rep {rep + 1}: {name}: {times[name][-1]:.3f} s per step", flush=True)
+        med = flat_step.alternate(forms, step_with, args.reps)
     train_mod.head_cross_entropy = head_loss.head_cross_entropy
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print("medians: " + " · ".join(f"{k} {v:.3f} s" for k, v in med.items())
-          + f" · whole / chunked {med['whole logits (before)'] / med['chunked (shipped)']:.3f}x")
+    print(f"whole / chunked {med['whole logits (before)'] / med['chunked (shipped)']:.3f}x")
 
 
 if __name__ == "__main__":
