@@ -33,7 +33,9 @@ def setup(overrides=()):
 
 def alternate(forms: dict, step_with, reps: int) -> dict:
     """Seconds per step of each form, alternating: per rep and form, `step_with(form)` once as a
-    warm-up and twice timed. Prints each and the medians; returns {name: median seconds}."""
+    warm-up and twice timed. Prints each, the medians, and the median over reps of each form's
+    time over the first form's in the same rep (robust to the machine's speed drifting between
+    reps); returns {name: median seconds}."""
     import statistics
     import time
 
@@ -48,4 +50,8 @@ def alternate(forms: dict, step_with, reps: int) -> dict:
             print(f"rep {rep + 1}: {name}: {times[name][-1]:.3f} s per step", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print("medians: " + " · ".join(f"{k} {v:.3f} s" for k, v in med.items()))
+    first = next(iter(times))
+    for k in list(times)[1:]:
+        ratio = statistics.median(a / b for a, b in zip(times[first], times[k]))
+        print(f"{first} / {k}, median of the per-rep ratios: {ratio:.3f}x")
     return med

@@ -106,3 +106,41 @@ def test_train_local_uses_it_on_cpu_and_restores_peft_modules(tiny_llama, monkey
     assert calls  # the LoRA layers drew their masks through FastDropout
     assert any(not np.allclose(slot.get()[k], start[k]) for k in start)
     assert all(type(m) is torch.nn.Dropout for n, m in model.named_modules() if n.endswith("lora_dropout.default"))
+
+
+def test_train_local_under_autocast_feeds_lora_its_input_uncast_and_trains_the_same(tiny_llama, monkeypatch):
+    """bf16 base weights, fp32 LoRA weights, bf16 autocast: PEFT would cast each LoRA layer's input
+    to fp32 (and autocast back to bf16 for the matmul). train_local turns that cast off for the
+    round: the dropout sees the bf16 input, the trained adapter is bit for bit the same, and
+    PEFT's setting is back afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    from fedtune import config as C
+    from fedtune.data.instructions import Tokenized
+    from fedtune.fedit import train as train_mod
+
+    rng = np.random.default_rng(0)
+    data = [Tokenized(ids := rng.integers(5, 200, n).tolist(), [-100] * (n // 2) + ids[n // 2:])
+            for n in (9, 14, 21, 12)]
+    cfg = C.load(None, ["train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=2", "train.lr=1e-2"])
+    seen, trained = {}, {}
+    forward = FastDropout.forward
+    for cast in ("off (shipped)", "on (PEFT's)"):
+        if cast == "on (PEFT's)":
+            monkeypatch.setattr(train_mod, "disable_input_dtype_casting", lambda model, active: nullcontext())
+        monkeypatch.setattr(FastDropout, "forward", lambda self, x: seen.setdefault(cast, set()).add(x.dtype)
+                            or forward(self, x))
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+        base.requires_grad_(False)
+        torch.manual_seed(0)  # the same LoRA init and dropout masks both times
+        model = attach_lora(base, 4, 8, 0.1, ["q_proj", "v_proj"])
+        slot = AdapterSlot(model)
+        assert {p.dtype for p in slot.params.values()} == {torch.float32}
+        train_mod.train_local(model, list(slot.params.values()), data, cfg.train, seed=0, pad_id=0,
+                              device=torch.device("cpu"), amp=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        trained[cast] = slot.get()
+        layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert layers and all(m.cast_input_dtype_enabled for m in layers)  # PEFT's setting back
+    assert seen == {"off (shipped)": {torch.bfloat16}, "on (PEFT's)": {torch.float32}}
+    for k, v in trained["on (PEFT's)"].items():
+        np.testing.assert_array_equal(trained["off (shipped)"][k], v)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
@@ -210,6 +211,11 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
         collate_rows = {"on": packing.collate_packed, "flat": packing.collate_flat}.get(packed)
         stack.enter_context(compiled_layers(model, compile_setting))  # after the probe: it runs eagerly
         stack.enter_context(fast_lora_dropout(model, device.type == "cpu" and compile_setting == "off"))
+        # PEFT casts each LoRA layer's input to the LoRA weights' dtype (fp32), and autocast casts it
+        # back for lora_A's matmul: two copies of the input forward and two of its gradient backward,
+        # with the dropout in between on fp32. Under autocast the LoRA matmuls run in its dtype either
+        # way, so the cast changes nothing but the time (DP-SGD keeps it: Opacus reads those inputs)
+        stack.enter_context(disable_input_dtype_casting(model, active=isinstance(ctx, torch.autocast) and sigma == 0))
         for step in range(steps):
             lr = lr_at(offset + step, total, cfg.lr, cfg.warmup_steps, cfg.scheduler)
             for g in opt.param_groups:
