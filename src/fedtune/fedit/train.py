@@ -6,7 +6,9 @@ fedtune/fedit/packing.py), or else micro-batches grouped by length, each padded 
 longest row; the LM head and cross-entropy only at positions that carry a label (with the prompt
 masked that is a small share of the sequence), head and loss in one autograd function
 (fedtune/fedit/head_loss.py); LoRA dropout masks drawn 16 bits per element instead of by
-`bernoulli_` (fedtune/fedit/fast_dropout.py); plain ("eager") attention on CPU when unpacked,
+`bernoulli_` (fedtune/fedit/fast_dropout.py); Llama-style RMSNorm with its frozen weight in
+fewer passes (fedtune/fedit/fast_norm.py); the LoRA inputs left in autocast's dtype (PEFT would
+cast them to fp32 and autocast back); plain ("eager") attention on CPU when unpacked,
 whose backward beats SDPA's at these lengths (`train.attention`); and optionally
 (`train.compile`) torch.compile of the decoder layers, which fuses the element-wise work
 between matmuls (fedtune/fedit/train_speed.py).
@@ -27,6 +29,7 @@ from fedtune.core.batching import plan_forwards
 from fedtune.data.instructions import Tokenized
 from fedtune.fedit import dpsgd, packing
 from fedtune.fedit.fast_dropout import fast_lora_dropout
+from fedtune.fedit.fast_norm import fast_rms_norm
 from fedtune.fedit.head_loss import head_cross_entropy
 from fedtune.fedit.lora import base_lm
 from fedtune.fedit.train_speed import TrainingAttention, check_supported, compiled_layers
@@ -211,6 +214,7 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
         collate_rows = {"on": packing.collate_packed, "flat": packing.collate_flat}.get(packed)
         stack.enter_context(compiled_layers(model, compile_setting))  # after the probe: it runs eagerly
         stack.enter_context(fast_lora_dropout(model, device.type == "cpu" and compile_setting == "off"))
+        stack.enter_context(fast_rms_norm(model, device.type == "cpu" and compile_setting == "off"))
         # PEFT casts each LoRA layer's input to the LoRA weights' dtype (fp32), and autocast casts it
         # back for lora_A's matmul: two copies of the input forward and two of its gradient backward,
         # with the dropout in between on fp32. Under autocast the LoRA matmuls run in its dtype either
