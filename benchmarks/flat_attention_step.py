@@ -19,8 +19,6 @@ from transformers import AttentionInterface
 
 import flat_step  # benchmarks/flat_step.py: the model and the flat batch
 from fedtune.fedit import flat_attention
-from fedtune.fedit.fast_dropout import fast_lora_dropout
-from fedtune.fedit.train import causal_lm_loss
 
 
 def sliced_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
@@ -53,27 +51,13 @@ def main() -> None:
     args = ap.parse_args()
     cfg, lm, model, opt, p, labelled = flat_step.setup()
     forms = {"sliced (before)": sliced_attention, "split (shipped)": flat_attention.flat_attention_forward}
-    lora = [x for x in model.parameters() if x.requires_grad]
 
     def step_with(fn, update=True):
         AttentionInterface.register(flat_attention.FLAT_ATTENTION, fn)
-        with lm.autocast():
-            loss = causal_lm_loss(model, p.ids, None, p.labels, "sum", p.position_ids, p.decoder_kwargs) / labelled
-        loss.backward()
-        if update:
-            opt.step()
-        grads = [x.grad.clone() for x in lora]
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach()), grads
+        return flat_step.step(lm, model, opt, p, labelled, update)
 
-    model.eval()  # no dropout: both forms see the same computation
-    (lb, gb), (la, ga) = (step_with(fn, update=False) for fn in forms.values())
-    diff = max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(ga, gb))
-    print(f"weights {next(lm.model.parameters()).dtype}, {p.tokens} tokens, {labelled} labelled; loss split {la:.5f}, "
-          f"sliced {lb:.5f}; LoRA gradients differ by at most {diff:.2e} of their largest entry")
-    model.train()
-    with fast_lora_dropout(model, True):
-        flat_step.alternate(forms, step_with, args.reps)
+    print(f"weights {next(lm.model.parameters()).dtype}, {p.tokens} tokens, {labelled} labelled")
+    flat_step.ab(forms, step_with, model, args.reps)
     AttentionInterface.register(flat_attention.FLAT_ATTENTION, flat_attention.flat_attention_forward)
 
 

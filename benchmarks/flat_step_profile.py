@@ -13,14 +13,12 @@ then one profiled.
 import argparse
 import time
 
-import torch
 from peft.helpers import disable_input_dtype_casting
 from torch.profiler import ProfilerActivity, profile
 
 import flat_step  # benchmarks/flat_step.py: the model and the flat batch
 from fedtune.fedit.fast_dropout import fast_lora_dropout
 from fedtune.fedit.fast_norm import fast_rms_norm
-from fedtune.fedit.train import causal_lm_loss
 
 
 def main() -> None:
@@ -30,11 +28,7 @@ def main() -> None:
     cfg, lm, model, opt, p, labelled = flat_step.setup()
 
     def step():
-        with lm.autocast():
-            loss = causal_lm_loss(model, p.ids, None, p.labels, "sum", p.position_ids, p.decoder_kwargs) / labelled
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        flat_step.step(lm, model, opt, p, labelled)
 
     model.train()
     with fast_lora_dropout(model), fast_rms_norm(model), disable_input_dtype_casting(model):

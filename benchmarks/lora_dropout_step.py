@@ -20,7 +20,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import flat_step  # benchmarks/flat_step.py: the model and the flat batch
 from fedtune.fedit.fast_dropout import FastDropout, fast_lora_dropout
-from fedtune.fedit.train import causal_lm_loss
 
 
 def main() -> None:
@@ -40,11 +39,7 @@ def main() -> None:
         print(f"{name} on {tuple(x.shape)}: {1e3 * statistics.median(times[1:]):.2f} ms per call (median of 20)")
 
     def step():
-        with lm.autocast():
-            loss = causal_lm_loss(model, p.ids, None, p.labels, "sum", p.position_ids, p.decoder_kwargs) / labelled
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        flat_step.step(lm, model, opt, p, labelled)
 
     model.train()
     step()

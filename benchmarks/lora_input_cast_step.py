@@ -13,12 +13,9 @@ seconds per step, the medians and the speed-up (before / shipped), and checks th
 
 import argparse
 
-import torch
 from peft.helpers import disable_input_dtype_casting
 
 import flat_step  # benchmarks/flat_step.py: the model and the flat batch
-from fedtune.fedit.fast_dropout import fast_lora_dropout
-from fedtune.fedit.train import causal_lm_loss
 
 
 def main() -> None:
@@ -27,26 +24,14 @@ def main() -> None:
     args = ap.parse_args()
     cfg, lm, model, opt, p, labelled = flat_step.setup()
     forms = {"PEFT's cast (before)": False, "uncast (shipped)": True}
-    lora = [x for x in model.parameters() if x.requires_grad]
 
     def step_with(uncast, update=True):
-        with disable_input_dtype_casting(model, active=uncast), lm.autocast():
-            loss = causal_lm_loss(model, p.ids, None, p.labels, "sum", p.position_ids, p.decoder_kwargs) / labelled
-        loss.backward()
-        if update:
-            opt.step()
-        grads = [x.grad.clone() for x in lora]
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach()), grads
+        with disable_input_dtype_casting(model, active=uncast):
+            return flat_step.step(lm, model, opt, p, labelled, update)
 
-    model.eval()  # no dropout: both see the same computation
-    (lb, gb), (la, ga) = (step_with(u, update=False) for u in forms.values())
-    same = all(torch.equal(x, y) for x, y in zip(ga, gb))
-    print(f"weights {next(lm.model.parameters()).dtype}, LoRA {lora[0].dtype}, {p.tokens} tokens; loss uncast {la:.5f}, "
-          f"cast {lb:.5f}; LoRA gradients {'identical' if same else 'DIFFER'}")
-    model.train()
-    with fast_lora_dropout(model, True):
-        flat_step.alternate(forms, step_with, args.reps)
+    lora = next(x for x in model.parameters() if x.requires_grad)
+    print(f"weights {next(lm.model.parameters()).dtype}, LoRA {lora.dtype}, {p.tokens} tokens, {labelled} labelled")
+    flat_step.ab(forms, step_with, model, args.reps)
 
 
 if __name__ == "__main__":
