@@ -213,8 +213,9 @@ def train_local(model, params: list[torch.nn.Parameter], data: list[Tokenized], 
                                compiled=compile_setting != "off")
         collate_rows = {"on": packing.collate_packed, "flat": packing.collate_flat}.get(packed)
         stack.enter_context(compiled_layers(model, compile_setting))  # after the probe: it runs eagerly
-        stack.enter_context(fast_lora_dropout(model, device.type == "cpu" and compile_setting == "off"))
-        stack.enter_context(fast_rms_norm(model, device.type == "cpu" and compile_setting == "off"))
+        eager_cpu = device.type == "cpu" and compile_setting == "off"  # a compiled layer fuses these itself
+        stack.enter_context(fast_lora_dropout(model, eager_cpu))
+        stack.enter_context(fast_rms_norm(model, eager_cpu))
         # PEFT casts each LoRA layer's input to the LoRA weights' dtype (fp32), and autocast casts it
         # back for lora_A's matmul: two copies of the input forward and two of its gradient backward,
         # with the dropout in between on fp32. Under autocast the LoRA matmuls run in its dtype either
