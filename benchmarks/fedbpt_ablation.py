@@ -98,7 +98,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_fedbpt_ablation"))
     ap.add_argument("--json", default="")
     ap.add_argument("--search-from", default="", help="search.json of an earlier run of the same task, seed and "
-                    "data settings: its choice is reused instead of searching again (first seed only)")
+                    "data settings: its choice is reused instead of searching again; comma-separated, one per seed "
+                    "of --seeds in order (fewer files than seeds: the later seeds search)")
     args = ap.parse_args()
     from fedtune import config as C
 
@@ -119,7 +120,10 @@ def main() -> int:
         config = str(shutil.copyfile(config, Path(args.work) / "base_config.toml"))
     rows = []
     seeds = [int(s) for s in args.seeds.split(",")]
-    searched = {seeds[0]: Path(args.search_from)} if args.search_from else {}
+    files = [Path(f) for f in args.search_from.split(",") if f]
+    if len(files) > len(seeds):
+        ap.error(f"--search-from names {len(files)} files for {len(seeds)} seeds")
+    searched = dict(zip(seeds, files))
     for name in names:
         for seed in seeds:
             rows.append(run_row(config, name, args.overrides, seed, Path(args.work), args.popsize, searched))

@@ -104,9 +104,13 @@ def test_fedit_same_global_adapter_on_embedded_and_flare_simulator(tiny_llama, t
                                    ["server.lora_aggregation='stack'", "lora.r=4", "lora.client_ranks=[2, 4]"],
                                    # FedYogi over secure aggregation with distributed DP: noise too small to see and
                                    # a clip that never binds give the same adapter, and the clients' clip and noise
-                                   # shares travel in FLARE's round config (one FLARE start for the three)
+                                   # shares travel in FLARE's round config (one FLARE start for the three). The noise
+                                   # (std 1e-17, from the OS, different in each run) vanishes when a client's update is
+                                   # cast to float32; at noise_multiplier 1e-12 (std 1e-9) it did not, and two runs of
+                                   # one engine differed by ~3e-7 after round 2's AdamW (1.1e-5 once: Adam divides a
+                                   # gradient near zero by its own size), which made this comparison flaky
                                    ["server.aggregation='fedyogi'", "server.server_lr=0.05", "secagg.enabled=true",
-                                    "secagg.threshold=2", "privacy.mode='distributed'", "privacy.noise_multiplier=1e-12",
+                                    "secagg.threshold=2", "privacy.mode='distributed'", "privacy.noise_multiplier=1e-20",
                                     "privacy.clip=1e3", "privacy.adaptive_clip=true"],
                                    # DP-SGD on each site (Opacus per-example gradients), noise too small to see, with
                                    # FedSA-LoRA: each site keeps its own B in its workspace
@@ -337,13 +341,13 @@ def _bpt_task(tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("extra", [["fedbpt.search=true", "task.word_candidates={0 = ['was', 'the'], 1 = ['the', 'was']}",
-                                    "privacy.mode='central'", "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"],
+                                    "privacy.mode='central'", "privacy.noise_multiplier=1e-20", "privacy.clip=1e4"],
                                    # one generation per round, deep prompts layer by layer with acceptance (each site keeps
                                    # its copy), central DP on the clients' per-candidate loss vectors
                                    ["fedbpt.mode='generation'", "fedbpt.popsize=6", "fedbpt.minibatch=3", "fedbpt.deep=true",
                                     "fedbpt.deep_rounds_per_layer=1", "fedbpt.deep_accept=true", "privacy.mode='central'",
-                                    "privacy.noise_multiplier=1e-12", "privacy.clip=1e4"]],
-                         ids=["search+central-dp", "generation-deep+central-dp"])  # DP: noise too small to see, a clip that never binds
+                                    "privacy.noise_multiplier=1e-20", "privacy.clip=1e4"]],
+                         ids=["search+central-dp", "generation-deep+central-dp"])  # DP: noise too small to see (see the FedYogi case), a clip that never binds
 def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp_path, extra):
     from fedtune.engines import nvflare
     from fedtune import runner
