@@ -30,15 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 GENERATION = ["fedbpt.mode='generation'", "fedbpt.minibatch=4", "fedbpt.select_on_dev=true"]
 ROWS = {  # name -> overrides on top of the config (and of --set); each adds one lever to the row above it
-    "reference": ["fedbpt.mode='reference'"],
-    "improved": ["fedbpt.mode='improved'"],
+    "reference": ["fedbpt.mode='reference'", "fedbpt.search=false"],
+    "improved": ["fedbpt.mode='improved'", "fedbpt.search=false"],
     "improved+search": ["fedbpt.mode='improved'", "fedbpt.search=true"],
     "improved+search+calibrated-fitness": ["fedbpt.mode='improved'", "fedbpt.search=true",
                                            "fedbpt.calibrate_fitness=true"],
-    "generation": GENERATION,  # from the config's own start (e.g. configs/fedbpt_sst2.toml: the search's choice written in)
+    "generation": [*GENERATION, "fedbpt.search=false"],  # from the config's own start (e.g. configs/fedbpt_sst2.toml: the search's choice written in)
     "generation+search": [*GENERATION, "fedbpt.search=true"],
     # the input prompt alone with the acceptance test: its CMA-ES mean replaces the prompt only when it scores lower
-    "generation+accept": [*GENERATION, "fedbpt.deep=true", "fedbpt.deep_layers=1", "fedbpt.deep_accept=true"],
+    "generation+accept": [*GENERATION, "fedbpt.search=false", "fedbpt.deep=true", "fedbpt.deep_layers=1", "fedbpt.deep_accept=true"],
     "generation+search+accept": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true", "fedbpt.deep_layers=1",
                                  "fedbpt.deep_accept=true"],
     "generation+search+deep": [*GENERATION, "fedbpt.search=true", "fedbpt.deep=true"],

@@ -14,6 +14,18 @@ prompt: the black box's forward now runs through the adapter).
 
 `--search-from` takes a search.json (a run's `fedbpt.search` choice) so that both sides start
 from the same template and words; without it the config's own are used.
+
+`--method` picks what is trained with gradients, the model's weights staying frozen otherwise:
+- `lora`: the adapter above (the white-box ceiling of tuning the model);
+- `subspace`: FedBPT's own prompt z (d = fedbpt.intrinsic_dim) through the run's fixed random
+  projection A, prompt = A z added at the placeholder slots, as the black box does: the best any
+  optimizer can do in the space CMA-ES searches, on the same rows (FedBPT's ceiling);
+- `soft`: the prompt embeddings themselves (n_prompt_tokens x hidden, no projection): prompt tuning
+  (Lester et al. 2021), what the prompt slots can do at all.
+The prompt methods are scored through `FedBPTModel.evaluate_prompt`, the same path as a FedBPT prompt.
+
+    .venv/bin/python benchmarks/fedbpt_lora_upper_bound.py --config configs/fedbpt_sst2.toml --set task.k_shot=200 \
+        --method subspace --lr 0.01 --epochs 10 --eval-every 1
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2_bbt.toml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--search-from", default="")
+    ap.add_argument("--method", choices=["lora", "subspace", "soft"], default="lora")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--epochs", type=int, default=20)
@@ -68,19 +81,37 @@ def main() -> int:
           f"{zero['dev']['score']:.3f}, test {zero['test']['score']:.3f}", flush=True)
 
     model = box._model  # noqa: SLF001 (the white-box side may touch the weights: that is the point)
-    peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "v_proj"], bias="none"))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    n, width = box.n_prompt_tokens, box.hidden_size
+    if args.method == "lora":
+        peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "v_proj"], bias="none"))
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+    else:  # the weights frozen; only the prompt learns
+        model.requires_grad_(False)
+        size = cfg.fedbpt.intrinsic_dim if args.method == "subspace" else n * width
+        params = [torch.zeros(size, requires_grad=True)]
+    proj = torch.as_tensor(m.projection.A) if args.method == "subspace" else None
+
+    def prompt():  # (n, H) offsets at the slots, or None (LoRA: the zero prompt)
+        if args.method == "lora":
+            return None
+        return (proj @ params[0] if proj is not None else params[0]).reshape(n, width)
+
+    def score(rows):
+        if args.method == "lora":
+            return m.evaluate(None, rows)
+        with torch.no_grad():
+            return m.evaluate_prompt(prompt().numpy()[None], rows)
+
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     train = m.shard(data.train)
     enc, y = train.enc, torch.as_tensor(train.labels)
     label = torch.as_tensor(m.label_ids)
     emb = model.get_input_embeddings()
-    n = box.n_prompt_tokens
     rng = np.random.default_rng(cfg.run.seed)
     history, best = [], None
     for epoch in range(1, args.epochs + 1):
-        model.train()
+        model.train(args.method == "lora")  # the prompt methods: the frozen model as the black box runs it
         losses = []
         for idx in np.array_split(rng.permutation(len(y)), max(1, len(y) // args.batch_size)):
             ids = torch.as_tensor(enc.input_ids[idx])
@@ -88,7 +119,9 @@ def main() -> int:
             with box._autocast():  # noqa: SLF001 (the same precision as the black box's forwards)
                 x = emb(ids).float()
                 slot = torch.as_tensor(enc.slot_start[idx])[:, None] + torch.arange(n)
-                x[torch.arange(len(idx))[:, None], slot] = box._slot_base  # noqa: SLF001 (the zero prompt)
+                p = prompt()
+                base = box._slot_base  # noqa: SLF001 (the placeholder slots' embeddings)
+                x[torch.arange(len(idx))[:, None], slot] = base if p is None else base + p
                 hidden = box._body(box._input_dtype(x), mask)  # noqa: SLF001
                 last = hidden[torch.arange(len(idx)), torch.as_tensor(enc.answer_pos[idx])]
                 logits = box._verbalize(last, label).float()  # noqa: SLF001
@@ -100,23 +133,23 @@ def main() -> int:
         model.eval()
         rec = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            rec["dev"] = m.evaluate(None, dev)
+            rec["dev"] = score(dev)
             if best is None or rec["dev"]["score"] > best["dev"]["score"]:
-                rec["test"] = m.evaluate(None, test)  # only for a new best (and the last epoch)
+                rec["test"] = score(test)  # only for a new best (and the last epoch)
                 best = rec
             print(f"epoch {epoch}: train loss {rec['train_loss']:.4f} · dev {rec['dev']['score']:.3f}"
                   + (f" · test {rec['test']['score']:.3f}" if "test" in rec else ""), flush=True)
         history.append(rec)
     final = history[-1]
     if "test" not in final:
-        final["test"] = m.evaluate(None, test)
+        final["test"] = score(test)
     report = {"command": " ".join(sys.argv), "template": m.spec.template, "words": m.spec.words,
               "calibration": cfg.fedbpt.calibration, "train_rows": len(data.train), "dev_rows": len(data.dev),
-              "test_rows": len(data.test), "rank": args.rank, "lr": args.lr, "epochs": args.epochs,
+              "test_rows": len(data.test), "method": args.method, "rank": args.rank, "lr": args.lr, "epochs": args.epochs,
               "zero_prompt": zero, "best_epoch": best["epoch"], "best": {"dev": best["dev"], "test": best["test"]},
               "final": {"dev": final["dev"], "test": final["test"]}, "history": history,
               "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"LoRA upper bound: zero prompt test {zero['test']['score']:.3f} · best-by-dev (epoch {best['epoch']}) "
+    print(f"{args.method} upper bound: zero prompt test {zero['test']['score']:.3f} · best-by-dev (epoch {best['epoch']}) "
           f"test {best['test']['score']:.3f} · final test {final['test']['score']:.3f} · {report['seconds']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

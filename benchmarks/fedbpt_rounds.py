@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from fedtune import config as C
+from fedtune.fedbpt.es import initial_sigma
 from fedtune.reporting import read_metrics
 
 
@@ -41,7 +42,7 @@ def read_run(folder: Path) -> dict:
                        "mean_norm": rec.get("aggregate", {}).get("mean_norm")})
     fb = C.load(folder / "config.toml").fedbpt  # the run's settings, with the documented defaults filled in
     zero, best, final = s["zero_prompt"], s["best"], s["final"]
-    return {"folder": str(folder), "sigma0": fb.sigma0, "mean_lr": fb.mean_lr, "rounds": rounds,
+    return {"folder": str(folder), "sigma0": initial_sigma(fb), "mean_lr": fb.mean_lr, "rounds": rounds,
             "zero_prompt": {"dev_loss": zero["dev"]["loss"], "dev_accuracy": zero["dev"]["accuracy"],
                             "test_loss": zero["test"]["loss"], "test_accuracy": zero["test"]["accuracy"]},
             "best": {"round": best["round"], "test_loss": best["test"]["loss"],

@@ -127,4 +127,5 @@ def bpt_task(tmp_path) -> list[str]:
             f"task.test_path={json.dumps(str(test))}", "task.text_columns=['sentence']",
             "task.template='<P> . {sentence} . It was <mask> .'", "task.verbalizer={0 = 'was', 1 = 'the'}",
             "task.k_shot=6", "task.dev_shots=2", "partition.method='iid'", "fedbpt.intrinsic_dim=8",
-            "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2", "fedbpt.max_seq_len=32"]
+            "fedbpt.n_prompt_tokens=4", "fedbpt.popsize=4", "fedbpt.local_iter=2", "fedbpt.max_seq_len=32",
+            "fedbpt.search=false"]  # the task's own start (the tests that search set it true)

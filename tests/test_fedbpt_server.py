@@ -284,3 +284,21 @@ def test_the_console_table_shows_a_pair_tasks_second_metric():
     console = Console(record=True, width=200)  # a one-text task: no second column
     print_summary(summary("accuracy", {"score": 0.625, "accuracy": 0.625, "loss": 0.69}), console)
     assert "test f1" not in console.export_text()
+
+
+@pytest.mark.parametrize("mode,explicit,want", [("reference", None, 1.0), ("improved", None, 0.3),
+                                                ("generation", None, 0.3), ("reference", 0.5, 0.5),
+                                                ("improved", 1.0, 1.0)])
+def test_the_servers_first_step_is_the_modes_default_unless_set(mode, explicit, want):
+    """fedbpt.sigma0 left at 0: FedBPT's 1.0 in reference mode, 0.3 in the others; a set value wins.
+    The search is on by default (a config that holds a search's choice sets it false)."""
+    from fedtune import config as C
+    from fedtune.fedbpt.session import build_strategy
+
+    cfg = C.load(None, ["run.algorithm='fedbpt'", f"fedbpt.mode='{mode}'", "fedbpt.intrinsic_dim=6",
+                        *([f"fedbpt.sigma0={explicit}"] if explicit is not None else [])])
+    assert cfg.fedbpt.search is True
+    strat = build_strategy(cfg, num_clients=10)
+    assert strat.sigma0 == want
+    if mode != "generation":  # the step the first round sends
+        assert strat.es.sigma == want if mode == "reference" else strat.sigma == want

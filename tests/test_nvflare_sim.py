@@ -354,8 +354,8 @@ def test_fedbpt_same_prompt_mean_on_embedded_and_flare_simulator(tiny_llama, tmp
 
     ids = ["client_000", "client_001", "client_002"]
     overrides = _tiny(tiny_llama, "server.min_clients=3", "server.round_retries=3", "faults.probability=0.5",
-                      f"faults.seed={_fault_seed(ids, 3)}", "faults.kinds=['raise', 'disappear']",
-                      *extra) + _bpt_task(tmp_path)
+                      f"faults.seed={_fault_seed(ids, 3)}", "faults.kinds=['raise', 'disappear']") \
+        + _bpt_task(tmp_path) + list(extra)  # the case's own settings last (the task's start has search off)
     emb, flr = tmp_path / "embedded", tmp_path / "flare"
     emb.mkdir(), flr.mkdir()
     se = runner.run(C.load(None, overrides), emb)

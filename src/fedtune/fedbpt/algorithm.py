@@ -49,7 +49,7 @@ def check_fedbpt(cfg) -> None:
     need(fb.n_prompt_tokens >= 1, f"fedbpt.n_prompt_tokens must be >= 1, got {fb.n_prompt_tokens}")
     need(fb.popsize >= 2, f"fedbpt.popsize must be >= 2, got {fb.popsize}")
     need(fb.local_iter >= 1, f"fedbpt.local_iter must be >= 1, got {fb.local_iter}")
-    need(fb.sigma0 > 0, f"fedbpt.sigma0 must be > 0, got {fb.sigma0}")
+    need(fb.sigma0 >= 0, f"fedbpt.sigma0 must be > 0 (or 0: the mode's default), got {fb.sigma0}")
     need(0.0 < fb.mean_lr <= 1.0, f"fedbpt.mean_lr must be in (0, 1], got {fb.mean_lr}")
     need(fb.mean_lr == 1.0 or fb.mode == "generation",
          f"fedbpt.mean_lr = {fb.mean_lr} applies to the one-generation mode's global CMA-ES; "

@@ -26,6 +26,7 @@ from fedtune.errors import ConfigError
 from fedtune.fedbpt import objective as O
 from fedtune.fedbpt.blackbox import BlackBoxLM
 from fedtune.fedbpt.encoded import Encoded, numpy_blas_single_threaded
+from fedtune.fedbpt.es import initial_sigma
 from fedtune.fedbpt.loading import load_blackbox
 from fedtune.fedbpt.calibration import calibrate, content_free_texts
 from fedtune.fedbpt.client import FedBPTClientApp, LocalSettings, Shard
@@ -111,16 +112,16 @@ def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | Generation
             raise ConfigError(f"fedbpt.deep_layers = {fb.deep_layers}, but {cfg.model.name} has {n_layers} layers")
         return DeepGenerationStrategy(n_layers=n_layers, rounds_per_layer=fb.deep_rounds_per_layer,
                                       accept=fb.deep_accept, tuned_layers=fb.deep_layers,
-                                      intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
+                                      intrinsic_dim=fb.intrinsic_dim, sigma0=initial_sigma(fb), seed=cfg.run.seed,
                                       popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
                                       clients_per_round=s.clients_per_round, dp=dp, mean_lr=fb.mean_lr)
     if fb.mode == "generation":
-        return GenerationStrategy(intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
+        return GenerationStrategy(intrinsic_dim=fb.intrinsic_dim, sigma0=initial_sigma(fb), seed=cfg.run.seed,
                                   popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
                                   clients_per_round=s.clients_per_round, dp=dp, mean_lr=fb.mean_lr)
     fixes = Fixes(fb.distinct_seeds, fb.weight_by_size, fb.sigma_decay, fb.sigma_min, fb.prompt_norm_max,
                   fb.select_on_dev)
-    return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=fb.sigma0, seed=cfg.run.seed,
+    return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=initial_sigma(fb), seed=cfg.run.seed,
                           rounds=cfg.run.rounds, num_clients=num_clients, popsize=fb.popsize,
                           local_iter=fb.local_iter, fixes=fixes, fraction=s.fraction,
                           clients_per_round=s.clients_per_round, bound=fb.bound, max_update_norm=s.max_update_norm,
@@ -183,6 +184,10 @@ class FedBPTModel:
         prompt) on a row set."""
         with numpy_blas_single_threaded():
             prompt, deep = (None, None) if z is None else self.prompt_of(z)
+        return self.evaluate_prompt(prompt, rows, deep)
+
+    def evaluate_prompt(self, prompt: np.ndarray | None, rows: EvalSet, deep: np.ndarray | None = None) -> dict:
+        """`evaluate` of prompt embeddings (1, n, H) themselves (None = the zero prompt), however they were made."""
         logits, labels = [], []
         for enc, y in rows.batches:
             logits.append(self.box.logits(prompt, enc, self.label_ids, deep)[0])
