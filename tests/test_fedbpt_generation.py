@@ -150,8 +150,8 @@ def test_mean_lr_is_checked_in_config():
 
     with pytest.raises(ConfigError, match=r"fedbpt.mean_lr must be in \(0, 1\]"):
         C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='generation'", "fedbpt.mean_lr=0"])
-    with pytest.raises(ConfigError, match="applies to the one-generation mode"):
-        C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='improved'", "fedbpt.mean_lr=0.5"])
+    with pytest.raises(ConfigError, match="reference mode keeps FedBPT's step"):
+        C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='reference'", "fedbpt.mean_lr=0.5"])
     from fedtune.fedbpt.session import build_strategy
 
     cfg = C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='generation'", "fedbpt.mean_lr=0.5"])

@@ -91,6 +91,36 @@ def test_improved_step_oracle():
     assert improved_step(means, fit, sizes, 0.7, Fixes(sigma_decay=1.0))[1] == 0.7
 
 
+def test_improved_mean_lr_steps_part_of_the_way_from_the_last_global_mean():
+    """Oracle: z_new = z_prev + lr * (sum_k n_k z_k / sum_k n_k - z_prev), then the norm ball; the
+    config key reaches the strategy, and two rounds through aggregate_fit follow the formula."""
+    from fedtune import config as C
+    from fedtune.fedbpt.session import build_strategy
+
+    rng = np.random.default_rng(5)
+    means, prev = rng.standard_normal((3, 20)), rng.standard_normal(20)
+    fit, sizes = np.array([0.3, 0.1, 0.2]), np.array([2.0, 5.0, 3.0])
+    mean, _, _ = improved_step(means, fit, sizes, 1.0, Fixes(prompt_norm_max=0.0, mean_lr=0.25), prev)
+    np.testing.assert_allclose(mean, prev + 0.25 * ((sizes[0] * means[0] + sizes[1] * means[1] + sizes[2] * means[2])
+                                                    / 10.0 - prev), atol=1e-12)
+    with pytest.raises(ValueError, match="previous global mean"):
+        improved_step(means, fit, sizes, 1.0, Fixes(mean_lr=0.5))
+    cfg = C.load(None, ["run.algorithm='fedbpt'", "fedbpt.mode='improved'", "fedbpt.mean_lr=0.5",
+                        "fedbpt.intrinsic_dim=20", "fedbpt.prompt_norm_max=0.0"])
+    s = build_strategy(cfg, 3)
+    assert s.fixes.mean_lr == 0.5
+    z = np.zeros(20)
+    g = s.initial_arrays()
+    for rnd in (1, 2):
+        locals_ = [g["mean"] + rng.standard_normal(20).astype(np.float32) for _ in range(3)]
+        res = [FitRes(f"c{i}", {"mean": m, "fitness": np.array([0.5]), "sigmas": np.array([0.3])}, n)
+               for i, (m, n) in enumerate(zip(locals_, (1, 1, 2)))]
+        g, _ = s.aggregate_fit(rnd, g, res)
+        avg = (np.float64(locals_[0]) + locals_[1] + 2.0 * np.float64(locals_[2])) / 4.0
+        z = z + 0.5 * (avg - z)
+        np.testing.assert_allclose(s.mean, z, rtol=1e-12, atol=1e-12)
+
+
 def test_seeds_same_for_all_in_reference_distinct_in_improved():
     ids = [f"client_{i:03d}" for i in range(5)]
     ref = _strategy("reference", clients=5)

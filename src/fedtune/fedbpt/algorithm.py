@@ -51,9 +51,10 @@ def check_fedbpt(cfg) -> None:
     need(fb.local_iter >= 1, f"fedbpt.local_iter must be >= 1, got {fb.local_iter}")
     need(fb.sigma0 >= 0, f"fedbpt.sigma0 must be > 0 (or 0: the mode's default), got {fb.sigma0}")
     need(0.0 < fb.mean_lr <= 1.0, f"fedbpt.mean_lr must be in (0, 1], got {fb.mean_lr}")
-    need(fb.mean_lr == 1.0 or fb.mode == "generation",
-         f"fedbpt.mean_lr = {fb.mean_lr} applies to the one-generation mode's global CMA-ES; "
-         f"fedbpt.mode = '{fb.mode}' (set fedbpt.mode = 'generation', or leave fedbpt.mean_lr = 1)")
+    need(fb.mean_lr == 1.0 or fb.mode != "reference",
+         f"fedbpt.mean_lr = {fb.mean_lr} applies to the improved mode's server step and the one-generation mode's "
+         "global CMA-ES; reference mode keeps FedBPT's step (set fedbpt.mode = 'improved' or 'generation', "
+         "or leave fedbpt.mean_lr = 1)")
     need(fb.proj_alpha > 0 and fb.proj_sigma > 0, "fedbpt.proj_alpha and fedbpt.proj_sigma must be > 0")
     need(0.0 < fb.perturb_rate <= 1.0, f"fedbpt.perturb_rate must be in (0, 1], got {fb.perturb_rate}")
     need(not (fb.perturb and fb.loss == "perf"),

@@ -120,7 +120,7 @@ def build_strategy(cfg: Config, num_clients: int) -> FedBPTStrategy | Generation
                                   popsize=fb.popsize, perturb=fb.perturb, fraction=s.fraction,
                                   clients_per_round=s.clients_per_round, dp=dp, mean_lr=fb.mean_lr)
     fixes = Fixes(fb.distinct_seeds, fb.weight_by_size, fb.sigma_decay, fb.sigma_min, fb.prompt_norm_max,
-                  fb.select_on_dev)
+                  fb.select_on_dev, fb.mean_lr)
     return FedBPTStrategy(mode=fb.mode, intrinsic_dim=fb.intrinsic_dim, sigma0=initial_sigma(fb), seed=cfg.run.seed,
                           rounds=cfg.run.rounds, num_clients=num_clients, popsize=fb.popsize,
                           local_iter=fb.local_iter, fixes=fixes, fraction=s.fraction,

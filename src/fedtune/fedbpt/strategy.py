@@ -16,6 +16,8 @@ covariance matrix crosses the wire (clients start from it, as `_copy_light` does
   (sigma_decay = 1 keeps it at sigma0: no annealing);
 - `prompt_norm_max`: the global z is scaled back into a ball of radius
   prompt_norm_max * sqrt(d) (0 = off);
+- `mean_lr`: the server's step: the global z moves this fraction of the way from where it was to
+  the clients' weighted mean (1 = the mean itself, FedBPT's step);
 - `select_on_dev` is applied by the recipe: the prompt kept is the best by dev metric.
 
 The server's state is plain arrays and JSON (`state`/`load_state`); the reference mode's
@@ -52,6 +54,7 @@ class Fixes:
     sigma_min: float = 0.05
     prompt_norm_max: float = 1.0
     select_on_dev: bool = True
+    mean_lr: float = 1.0
 
     @classmethod
     def none(cls) -> "Fixes":
@@ -79,20 +82,27 @@ def local_mu(popsize: int) -> int:
 
 
 def improved_step(means: np.ndarray, fitness: np.ndarray, sizes: np.ndarray, sigma: float, fixes: Fixes,
-                  ) -> tuple[np.ndarray, float, np.ndarray]:
-    """The improved server step as a pure function: (new mean, next sigma, weights)."""
+                  prev: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray]:
+    """The improved server step as a pure function: (new mean, next sigma, weights). `prev` is the
+    global mean the clients started from (needed when fixes.mean_lr < 1)."""
     k, d = means.shape
     if fixes.weight_by_size:
         w = sizes.astype(np.float64) / float(np.sum(sizes))
     else:
         w = np.zeros(k)
         w[np.argsort(fitness, kind="stable")] = rank_weights(k)
-    mean, sigma = project_and_anneal(w @ means.astype(np.float64), sigma, fixes)
+    mean, sigma = project_and_anneal(w @ means.astype(np.float64), sigma, fixes, prev)
     return mean, sigma, w
 
 
-def project_and_anneal(mean: np.ndarray, sigma: float, fixes: Fixes) -> tuple[np.ndarray, float]:
-    """The improved step after the new mean: back into the prompt-norm ball, sigma annealed."""
+def project_and_anneal(mean: np.ndarray, sigma: float, fixes: Fixes, prev: np.ndarray | None = None,
+                       ) -> tuple[np.ndarray, float]:
+    """The improved step after the clients' mean: a `mean_lr` step from `prev` towards it, back
+    into the prompt-norm ball, sigma annealed."""
+    if fixes.mean_lr != 1.0:
+        if prev is None:
+            raise ValueError("fixes.mean_lr < 1 needs the previous global mean")
+        mean = prev + fixes.mean_lr * (mean - prev)
     if fixes.prompt_norm_max > 0:
         radius = fixes.prompt_norm_max * math.sqrt(mean.shape[0])
         norm = float(np.linalg.norm(mean))
@@ -190,7 +200,7 @@ class FedBPTStrategy(SelectingStrategy):
 
     def server_step(self, global_arrays: Arrays, avg: Arrays) -> Arrays:
         """The improved step from a mean of the client means computed elsewhere (central DP)."""
-        self.mean, self.sigma = project_and_anneal(avg["mean"].astype(np.float64), self.sigma, self.fixes)
+        self.mean, self.sigma = project_and_anneal(avg["mean"].astype(np.float64), self.sigma, self.fixes, self.mean)
         self.steps += 1
         return self._global()
 
@@ -213,7 +223,7 @@ class FedBPTStrategy(SelectingStrategy):
             metrics = {"global_sigma": global_sigma}
         else:
             sizes = np.array([r.num_examples for r in results], dtype=np.float64)
-            self.mean, self.sigma, w = improved_step(means, fitness, sizes, self.sigma, self.fixes)
+            self.mean, self.sigma, w = improved_step(means, fitness, sizes, self.sigma, self.fixes, self.mean)
             self.steps += 1
             metrics = {"weights": [round(float(x), 4) for x in w]}
         out = self._global()
