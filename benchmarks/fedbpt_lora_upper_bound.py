@@ -1,7 +1,8 @@
 """The white-box ceiling for a FedBPT task: LoRA fine-tuning of the same model on the same shots.
 
 FedBPT sees the model only through forwards. This script asks what the same model reaches when
-its weights may be trained: a LoRA adapter (PEFT, r = --rank on q_proj/v_proj) trained
+its weights may be trained: a LoRA adapter (PEFT, r = --rank on --target-modules, by default
+q_proj/v_proj; `all-linear` is PEFT's every linear layer but the LM head) trained
 centrally on the union of the clients' k-shot rows that a `fedtune run` of the config draws
 (same seed, same template, label words and calibration), with the FedBPT loss (cross-entropy
 over the verbalizer's logits at the answer position), AdamW, --epochs passes. Every --eval-every
@@ -49,6 +50,8 @@ def main() -> int:
     ap.add_argument("--search-from", default="")
     ap.add_argument("--method", choices=["lora", "subspace", "soft"], default="lora")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--target-modules", default="q_proj,v_proj",
+                    help="LoRA's target modules, comma-separated, or all-linear (default q_proj,v_proj)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -83,8 +86,9 @@ def main() -> int:
     model = box._model  # noqa: SLF001 (the white-box side may touch the weights: that is the point)
     n, width = box.n_prompt_tokens, box.hidden_size
     if args.method == "lora":
+        targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
         peft_model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                                      target_modules=["q_proj", "v_proj"], bias="none"))
+                                                      target_modules=targets, bias="none"))
         params = [p for p in peft_model.parameters() if p.requires_grad]
     else:  # the weights frozen; only the prompt learns
         model.requires_grad_(False)
@@ -145,7 +149,8 @@ def main() -> int:
         final["test"] = score(test)
     report = {"command": " ".join(sys.argv), "template": m.spec.template, "words": m.spec.words,
               "calibration": cfg.fedbpt.calibration, "train_rows": len(data.train), "dev_rows": len(data.dev),
-              "test_rows": len(data.test), "method": args.method, "rank": args.rank, "lr": args.lr, "epochs": args.epochs,
+              "test_rows": len(data.test), "method": args.method, "rank": args.rank,
+              "target_modules": args.target_modules if args.method == "lora" else None, "lr": args.lr, "epochs": args.epochs,
               "zero_prompt": zero, "best_epoch": best["epoch"], "best": {"dev": best["dev"], "test": best["test"]},
               "final": {"dev": final["dev"], "test": final["test"]}, "history": history,
               "seconds": round(time.perf_counter() - t0, 1)}

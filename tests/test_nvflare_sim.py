@@ -341,6 +341,7 @@ def _bpt_task(tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("extra", [["fedbpt.search=true", "task.word_candidates={0 = ['was', 'the'], 1 = ['the', 'was']}",
+                                    "fedbpt.mean_lr=0.5",  # improved mode's server step: half way to the clients' mean
                                     "privacy.mode='central'", "privacy.noise_multiplier=1e-20", "privacy.clip=1e4"],
                                    # one generation per round, deep prompts layer by layer with acceptance (each site keeps
                                    # its copy), central DP on the clients' per-candidate loss vectors
