@@ -150,7 +150,8 @@ def main() -> int:
     report = {"command": " ".join(sys.argv), "template": m.spec.template, "words": m.spec.words,
               "calibration": cfg.fedbpt.calibration, "train_rows": len(data.train), "dev_rows": len(data.dev),
               "test_rows": len(data.test), "method": args.method, "rank": args.rank,
-              "target_modules": args.target_modules if args.method == "lora" else None, "lr": args.lr, "epochs": args.epochs,
+              "target_modules": args.target_modules if args.method == "lora" else None,
+              "trainable_parameters": sum(int(p.numel()) for p in params), "lr": args.lr, "epochs": args.epochs,
               "zero_prompt": zero, "best_epoch": best["epoch"], "best": {"dev": best["dev"], "test": best["test"]},
               "final": {"dev": final["dev"], "test": final["test"]}, "history": history,
               "seconds": round(time.perf_counter() - t0, 1)}
