@@ -22,7 +22,12 @@ from the same template and words; without it the config's own are used.
   projection A, prompt = A z added at the placeholder slots, as the black box does: the best any
   optimizer can do in the space CMA-ES searches, on the same rows (FedBPT's ceiling);
 - `soft`: the prompt embeddings themselves (n_prompt_tokens x hidden, no projection): prompt tuning
-  (Lester et al. 2021), what the prompt slots can do at all.
+  (Lester et al. 2021), what the prompt slots can do at all;
+- `deep-subspace`: deep FedBPT's search space (`fedbpt.deep`, BBTv2): one z_l (d) per layer, z_0
+  through A_0 at the input slots as above, z_l through that layer's own fixed A_l added to the
+  hidden states at the prompt positions entering layer l (`fedtune.fedbpt.deep.DeepProjection`),
+  every layer trained at once: deep FedBPT's ceiling;
+- `deep-soft`: the per-layer offsets themselves, no projection (prefix-style deep prompt tuning).
 The prompt methods are scored through `FedBPTModel.evaluate_prompt`, the same path as a FedBPT prompt.
 
     .venv/bin/python benchmarks/fedbpt_lora_upper_bound.py --config configs/fedbpt_sst2.toml --set task.k_shot=200 \
@@ -48,7 +53,7 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "fedbpt_sst2_bbt.toml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--search-from", default="")
-    ap.add_argument("--method", choices=["lora", "subspace", "soft"], default="lora")
+    ap.add_argument("--method", choices=["lora", "subspace", "soft", "deep-subspace", "deep-soft"], default="lora")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--target-modules", default="q_proj,v_proj",
                     help="LoRA's target modules, comma-separated, or all-linear (default q_proj,v_proj)")
@@ -63,6 +68,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
 
     from fedtune import config as C
+    from fedtune.fedbpt.deep import DeepProjection, transformer_layers
     from fedtune.fedbpt.session import FedBPTModel, encode_eval, prepare_task
     from fedbpt_ablation import chosen
 
@@ -92,20 +98,35 @@ def main() -> int:
         params = [p for p in peft_model.parameters() if p.requires_grad]
     else:  # the weights frozen; only the prompt learns
         model.requires_grad_(False)
-        size = cfg.fedbpt.intrinsic_dim if args.method == "subspace" else n * width
-        params = [torch.zeros(size, requires_grad=True)]
-    proj = torch.as_tensor(m.projection.A) if args.method == "subspace" else None
+        size = cfg.fedbpt.intrinsic_dim if args.method.endswith("subspace") else n * width
+        layers = len(transformer_layers(model)) if args.method.startswith("deep") else 1
+        params = [torch.zeros(layers, size, requires_grad=True)]
+    proj = torch.as_tensor(m.projection.A) if args.method.endswith("subspace") else None
+    deep_mats = []  # A_1 .. A_{L-1} (deep-subspace)
+    if args.method.startswith("deep"):
+        box._check_deep(np.zeros((1, layers - 1, n, width), np.float32), 1)  # noqa: SLF001 (installs the layer hooks)
+        if args.method == "deep-subspace":
+            deep_proj = DeepProjection(m.proj_spec, box.layer_stds(), m.projection)
+            deep_mats = [torch.as_tensor(deep_proj.matrix(layer)) for layer in range(1, layers)]
 
     def prompt():  # (n, H) offsets at the slots, or None (LoRA: the zero prompt)
         if args.method == "lora":
             return None
-        return (proj @ params[0] if proj is not None else params[0]).reshape(n, width)
+        return (proj @ params[0][0] if proj is not None else params[0][0]).reshape(n, width)
+
+    def deep_offsets():  # (L-1, n, H) offsets at the prompt positions entering layers 1..L-1, or None
+        if not args.method.startswith("deep"):
+            return None
+        z = params[0][1:]
+        rows = [a @ zl for a, zl in zip(deep_mats, z)] if deep_mats else list(z)
+        return torch.stack(rows).reshape(layers - 1, n, width)
 
     def score(rows):
         if args.method == "lora":
             return m.evaluate(None, rows)
         with torch.no_grad():
-            return m.evaluate_prompt(prompt().numpy()[None], rows)
+            d = deep_offsets()
+            return m.evaluate_prompt(prompt().numpy()[None], rows, None if d is None else d.numpy()[None])
 
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     train = m.shard(data.train)
@@ -126,9 +147,15 @@ def main() -> int:
                 p = prompt()
                 base = box._slot_base  # noqa: SLF001 (the placeholder slots' embeddings)
                 x[torch.arange(len(idx))[:, None], slot] = base if p is None else base + p
+                d = deep_offsets()
+                if d is not None:  # the layer hooks add them at the prompt positions, as in the black box
+                    box._hooks.live = [True] * (layers - 1)  # noqa: SLF001
+                    box._hooks.now = (d[None].expand(len(idx), *d.shape), slot)  # noqa: SLF001
                 hidden = box._body(box._input_dtype(x), mask)  # noqa: SLF001
                 last = hidden[torch.arange(len(idx)), torch.as_tensor(enc.answer_pos[idx])]
                 logits = box._verbalize(last, label).float()  # noqa: SLF001
+                if d is not None:
+                    box._hooks.now = None  # noqa: SLF001
             loss = torch.nn.functional.cross_entropy(logits, y[idx])
             opt.zero_grad()
             loss.backward()
