@@ -248,7 +248,8 @@ class FedBPTSection:
     sigma_decay: float = opt(0.9, "improved: sigma is multiplied by this each round down to sigma_min (1.0 = no annealing)")
     sigma_min: float = opt(0.05, "improved: floor of the annealed sigma")
     prompt_norm_max: float = opt(1.0, "improved: scale the global z back to norm <= prompt_norm_max * sqrt(d) (0 = off; 1 = entries of A z at word-embedding scale)")
-    select_on_dev: bool = opt(True, "improved and generation: keep the best global prompt by dev metric (false: the final round's); both are reported on the test set")
+    select_on_dev: bool = opt(True, "improved and generation: keep the best global prompt on the dev split (false: the final round's); both are reported on the test set")
+    select_by: Literal["metric", "loss"] = opt("metric", "fedbpt.select_on_dev: what makes a round's prompt the best so far on the dev split: metric = the task's metric (ties: the lower loss); loss = the lower dev cross-entropy (a few hundred dev rows move the loss smoothly, the accuracy in steps of one row)")
 
 
 @dataclass

@@ -2,9 +2,9 @@
 evaluation, best-by-dev prompt selection (kept in the checkpoint), and the saved prompts.
 
 Each round the driver records the global prompt's dev metric and loss (metrics.jsonl);
-the session keeps the best prompt by dev metric (round 0, the zero prompt, included). At
-the end it reports the test metric of the zero prompt, the best-by-dev prompt and the
-final-round prompt, and saves the selected global prompt (best-by-dev, or the final one
+the session keeps the best prompt on dev (by metric, or by loss with fedbpt.select_by; round 0,
+the zero prompt, included). At the end it reports the test metric of the zero prompt, the
+best-by-dev prompt and the final-round prompt, and saves the selected global prompt (best-by-dev, or the final one
 when fedbpt.select_on_dev is off) under <run>/prompt, reusable by `fedtune classify`.
 """
 
@@ -143,9 +143,14 @@ def prompt_z(arrays: Arrays) -> np.ndarray:
     return np.asarray(arrays["layers"] if "layers" in arrays else arrays["mean"], dtype=np.float32)
 
 
-def better(a: dict, b: dict | None) -> bool:
-    """Dev result a beats b: higher metric, then lower loss (ties keep the earlier round)."""
-    return b is None or (a["score"], -a["loss"]) > (b["score"], -b["loss"])
+def better(a: dict, b: dict | None, by: str = "metric") -> bool:
+    """Dev result a beats b: by = metric: higher metric, then lower loss; by = loss: lower loss, then higher
+    metric (ties keep the earlier round)."""
+    if b is None:
+        return True
+    if by == "loss":
+        return (-a["loss"], a["score"]) > (-b["loss"], b["score"])
+    return (a["score"], -a["loss"]) > (b["score"], -b["loss"])
 
 
 class FedBPTModel:
@@ -279,7 +284,7 @@ class FedBPTSession:
         dev = {k[4:]: v for k, v in record.get("eval", {}).items()}
         if self.cfg.run.save_every_round:
             self.model.save(z, self.run_dir / "rounds" / f"round_{rnd:03d}", rnd, dev or None)
-        if dev and better(dev, self.best["dev"]):
+        if dev and better(dev, self.best["dev"], self.cfg.fedbpt.select_by):
             self.best = {"round": rnd, "dev": dev, "z": z.copy()}
 
     def round_line(self, record: dict) -> str:
