@@ -4,8 +4,9 @@ evaluation, best-by-dev prompt selection (kept in the checkpoint), and the saved
 Each round the driver records the global prompt's dev metric and loss (metrics.jsonl);
 the session keeps the best prompt on dev (by metric, or by loss with fedbpt.select_by; round 0,
 the zero prompt, included). At the end it reports the test metric of the zero prompt, the
-best-by-dev prompt and the final-round prompt, and saves the selected global prompt (best-by-dev, or the final one
-when fedbpt.select_on_dev is off) under <run>/prompt, reusable by `fedtune classify`.
+best-by-dev prompt and the final-round prompt, and saves the selected global prompt
+(best-by-dev, or the final one when fedbpt.select_on_dev is off) under <run>/prompt,
+reusable by `fedtune classify`.
 """
 
 from __future__ import annotations
